@@ -1,0 +1,478 @@
+// Fused SAE encoders: pre = (x - b_dec) @ W_enc + b_enc, reduced to a sparse code without ever
+// materialising the [N, d_sae] pre-activations.
+//
+// Tiling: rows in chunks, d_sae in column blocks of kColBlock. Each tile's matmul goes through
+// at::mm_out (MKL) into a small reused buffer; b_enc is added inside the scan that consumes the
+// tile (saves a pass over the tile). Two ways to spend the cores, picked by row count:
+//   * many rows: at::parallel_for over row chunks, each worker runs single-threaded GEMMs on its
+//     own tile and scans it while it is still hot in cache -- no barrier between GEMM and scan;
+//   * few rows: one multi-threaded GEMM per tile, then at::parallel_for over rows for the scan.
+// bf16/fp16 inputs are upcast per block (x rows / W columns) into fp32 buffers before the GEMM.
+#include "kernels.h"
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace sparsekern {
+namespace {
+
+// Tile shape. 2048 columns keeps each GEMM call large enough for MKL to run near peak while
+// a worker's tile (kRowChunk x kColBlock fp32 = 2 MiB) stays in L2/L3 for the scan.
+constexpr int64_t kColBlock = 2048;
+constexpr int64_t kRowChunk = 256;      // rows per worker chunk (parallel-over-rows mode)
+constexpr int64_t kRowChunkMT = 1024;   // rows per tile when the GEMM itself is multi-threaded
+
+int64_t env_or(const char* name, int64_t dflt) {
+  const char* s = std::getenv(name);
+  return s ? std::atoll(s) : dflt;
+}
+
+template <typename acc_t>
+struct Cand {
+  acc_t v;
+  int32_t i;
+};
+
+// Total order (value desc, index asc). NaN ranks above every number, as in
+// torch.sort(descending=True); keeping this a strict weak order keeps nth_element in bounds.
+template <typename acc_t>
+inline bool better(const Cand<acc_t>& a, const Cand<acc_t>& b) {
+  const bool an = std::isnan(a.v), bn = std::isnan(b.v);
+  if (an || bn) return an && (!bn || a.i < b.i);
+  return a.v > b.v || (a.v == b.v && a.i < b.i);
+}
+
+// Keep the k best of buf[0, cnt) in buf[0, k); returns the k-th best value, the new admission
+// threshold (a later candidate equal to it has a higher index and so loses).
+template <typename acc_t>
+inline acc_t prune(Cand<acc_t>* buf, int32_t cnt, int32_t k) {
+  std::nth_element(buf, buf + (k - 1), buf + cnt, better<acc_t>);
+  return buf[k - 1].v;
+}
+
+// Running top-k of one row: a candidate buffer of capacity cap > k and the admission threshold.
+template <typename acc_t>
+struct TopKRow {
+  Cand<acc_t>* buf;
+  int32_t cnt;
+  acc_t thr;
+  int32_t k, cap;
+
+  // !(v <= thr) rather than v > thr so NaN (which ranks highest) is admitted too.
+  inline void push(acc_t v, int32_t i) {
+    if (!(v <= thr)) {
+      buf[cnt++] = {v, i};
+      if (cnt == cap) {
+        thr = prune(buf, cnt, k);
+        cnt = k;
+      }
+    }
+  }
+};
+
+// Scan one row of a tile: p = GEMM output, b = b_enc, both offset to column j0.
+template <typename acc_t>
+void scan_topk(const acc_t* p, const acc_t* b, int64_t len, int32_t j0, TopKRow<acc_t>& st) {
+  int64_t j = 0;
+  if (st.cnt < st.k) {  // first k features of the row: admitted unconditionally
+    for (; j < len && st.cnt < st.k; ++j) st.buf[st.cnt++] = {p[j] + b[j], int32_t(j0 + j)};
+    if (st.cnt < st.k) return;
+    st.thr = prune(st.buf, st.cnt, st.k);
+  }
+#if defined(__AVX2__)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    __m256 t = _mm256_set1_ps(st.thr);
+    for (; j + 16 <= len; j += 16) {
+      const __m256 v0 = _mm256_add_ps(_mm256_loadu_ps(p + j), _mm256_loadu_ps(b + j));
+      const __m256 v1 = _mm256_add_ps(_mm256_loadu_ps(p + j + 8), _mm256_loadu_ps(b + j + 8));
+      unsigned m = unsigned(_mm256_movemask_ps(_mm256_cmp_ps(v0, t, _CMP_NLE_UQ))) |
+                   (unsigned(_mm256_movemask_ps(_mm256_cmp_ps(v1, t, _CMP_NLE_UQ))) << 8);
+      if (m) {
+        alignas(32) float tmp[16];
+        _mm256_store_ps(tmp, v0);
+        _mm256_store_ps(tmp + 8, v1);
+        do {
+          const int q = __builtin_ctz(m);
+          m &= m - 1;
+          st.push(tmp[q], int32_t(j0 + j + q));
+        } while (m);
+        t = _mm256_set1_ps(st.thr);
+      }
+    }
+  } else {
+    __m256d t = _mm256_set1_pd(st.thr);
+    for (; j + 8 <= len; j += 8) {
+      const __m256d v0 = _mm256_add_pd(_mm256_loadu_pd(p + j), _mm256_loadu_pd(b + j));
+      const __m256d v1 = _mm256_add_pd(_mm256_loadu_pd(p + j + 4), _mm256_loadu_pd(b + j + 4));
+      unsigned m = unsigned(_mm256_movemask_pd(_mm256_cmp_pd(v0, t, _CMP_NLE_UQ))) |
+                   (unsigned(_mm256_movemask_pd(_mm256_cmp_pd(v1, t, _CMP_NLE_UQ))) << 4);
+      if (m) {
+        alignas(32) double tmp[8];
+        _mm256_store_pd(tmp, v0);
+        _mm256_store_pd(tmp + 4, v1);
+        do {
+          const int q = __builtin_ctz(m);
+          m &= m - 1;
+          st.push(tmp[q], int32_t(j0 + j + q));
+        } while (m);
+        t = _mm256_set1_pd(st.thr);
+      }
+    }
+  }
+#else
+  // Portable path: branch-free "anything here?" test over 16 lanes, which gcc vectorises.
+  for (; j + 16 <= len; j += 16) {
+    const acc_t thr = st.thr;
+    int any = 0;
+    for (int q = 0; q < 16; ++q) any |= !(p[j + q] + b[j + q] <= thr);
+    if (any)
+      for (int q = 0; q < 16; ++q) st.push(p[j + q] + b[j + q], int32_t(j0 + j + q));
+  }
+#endif
+  for (; j < len; ++j) st.push(p[j] + b[j], int32_t(j0 + j));
+}
+
+// Append every feature with p + b > th (ascending index) to out.
+template <typename acc_t>
+void scan_threshold(const acc_t* p, const acc_t* b, const acc_t* th, int64_t len, int32_t j0,
+                    std::vector<Cand<acc_t>>& out) {
+  int64_t j = 0;
+#if defined(__AVX2__)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    for (; j + 16 <= len; j += 16) {
+      const __m256 v0 = _mm256_add_ps(_mm256_loadu_ps(p + j), _mm256_loadu_ps(b + j));
+      const __m256 v1 = _mm256_add_ps(_mm256_loadu_ps(p + j + 8), _mm256_loadu_ps(b + j + 8));
+      unsigned m =
+          unsigned(_mm256_movemask_ps(_mm256_cmp_ps(v0, _mm256_loadu_ps(th + j), _CMP_GT_OQ))) |
+          (unsigned(_mm256_movemask_ps(_mm256_cmp_ps(v1, _mm256_loadu_ps(th + j + 8), _CMP_GT_OQ)))
+           << 8);
+      if (m) {
+        alignas(32) float tmp[16];
+        _mm256_store_ps(tmp, v0);
+        _mm256_store_ps(tmp + 8, v1);
+        do {
+          const int q = __builtin_ctz(m);
+          m &= m - 1;
+          out.push_back({tmp[q], int32_t(j0 + j + q)});
+        } while (m);
+      }
+    }
+  } else {
+    for (; j + 8 <= len; j += 8) {
+      const __m256d v0 = _mm256_add_pd(_mm256_loadu_pd(p + j), _mm256_loadu_pd(b + j));
+      const __m256d v1 = _mm256_add_pd(_mm256_loadu_pd(p + j + 4), _mm256_loadu_pd(b + j + 4));
+      unsigned m =
+          unsigned(_mm256_movemask_pd(_mm256_cmp_pd(v0, _mm256_loadu_pd(th + j), _CMP_GT_OQ))) |
+          (unsigned(_mm256_movemask_pd(_mm256_cmp_pd(v1, _mm256_loadu_pd(th + j + 4), _CMP_GT_OQ)))
+           << 4);
+      if (m) {
+        alignas(32) double tmp[8];
+        _mm256_store_pd(tmp, v0);
+        _mm256_store_pd(tmp + 4, v1);
+        do {
+          const int q = __builtin_ctz(m);
+          m &= m - 1;
+          out.push_back({tmp[q], int32_t(j0 + j + q)});
+        } while (m);
+      }
+    }
+  }
+#else
+  for (; j + 16 <= len; j += 16) {
+    int any = 0;
+    for (int q = 0; q < 16; ++q) any |= (p[j + q] + b[j + q] > th[j + q]);
+    if (any)
+      for (int q = 0; q < 16; ++q) {
+        const acc_t v = p[j + q] + b[j + q];
+        if (v > th[j + q]) out.push_back({v, int32_t(j0 + j + q)});
+      }
+  }
+#endif
+  for (; j < len; ++j) {
+    const acc_t v = p[j] + b[j];
+    if (v > th[j]) out.push_back({v, int32_t(j0 + j)});
+  }
+}
+
+// Shared inputs of both encoders, already validated; b_enc / b_dec upcast to acc_t.
+template <typename scalar_t>
+struct Problem {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::Tensor x;    // [N, d_in] contiguous, input dtype
+  at::Tensor W;    // [d_in, d_sae] any strides, input dtype
+  at::Tensor benc; // [d_sae] acc_t contiguous
+  at::Tensor bdec; // [d_in] acc_t contiguous, or undefined
+  int64_t N, d_in, d_sae, col_block;
+  at::ScalarType acc_type;
+  bool x_direct;  // x already in acc dtype and nothing to subtract: GEMM reads it in place
+  bool w_direct;  // W already in acc dtype: GEMM reads the strided column block in place
+};
+
+// Per-worker scratch, reused across tiles.
+struct Scratch {
+  at::Tensor xbuf, wbuf, tile;
+};
+
+template <typename scalar_t>
+Scratch make_scratch(const Problem<scalar_t>& P, int64_t rows) {
+  auto opt = at::TensorOptions().dtype(P.acc_type);
+  Scratch s;
+  if (!P.x_direct) s.xbuf = at::empty({rows, P.d_in}, opt);
+  if (!P.w_direct) s.wbuf = at::empty({P.d_in * P.col_block}, opt);
+  s.tile = at::empty({rows * P.col_block}, opt);
+  return s;
+}
+
+// (x[r0 : r0+rows] - b_dec) in acc dtype, as a [rows, d_in] contiguous tensor.
+template <typename scalar_t>
+at::Tensor centered_rows(const Problem<scalar_t>& P, Scratch& s, int64_t r0, int64_t rows) {
+  using acc_t = typename Problem<scalar_t>::acc_t;
+  if (P.x_direct) return P.x.narrow(0, r0, rows);
+  at::Tensor xr = s.xbuf.narrow(0, 0, rows);
+  const scalar_t* xp = P.x.template data_ptr<scalar_t>() + r0 * P.d_in;
+  acc_t* out = xr.template data_ptr<acc_t>();
+  const acc_t* bd = P.bdec.defined() ? P.bdec.template data_ptr<acc_t>() : nullptr;
+  const int64_t d = P.d_in;
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, d)),
+                   [&](int64_t a, int64_t e) {
+                     for (int64_t r = a; r < e; ++r) {
+                       const scalar_t* xi = xp + r * d;
+                       acc_t* o = out + r * d;
+                       if (bd) {
+                         for (int64_t c = 0; c < d; ++c) o[c] = acc_t(xi[c]) - bd[c];
+                       } else {
+                         for (int64_t c = 0; c < d; ++c) o[c] = acc_t(xi[c]);
+                       }
+                     }
+                   });
+  return xr;
+}
+
+// tile[rows, cols] = xr @ W[:, j0 : j0+cols] (no bias); returns the tile's data pointer.
+template <typename scalar_t>
+const typename Problem<scalar_t>::acc_t* gemm_tile(const Problem<scalar_t>& P, Scratch& s,
+                                                   const at::Tensor& xr, int64_t j0,
+                                                   int64_t cols) {
+  using acc_t = typename Problem<scalar_t>::acc_t;
+  const int64_t rows = xr.size(0);
+  at::Tensor wc = P.W.narrow(1, j0, cols);
+  if (!P.w_direct) {
+    at::Tensor wb = s.wbuf.narrow(0, 0, P.d_in * cols).view({P.d_in, cols});
+    wb.copy_(wc);
+    wc = wb;
+  }
+  at::Tensor t = s.tile.narrow(0, 0, rows * cols).view({rows, cols});
+  at::mm_out(t, xr, wc);
+  return t.template data_ptr<acc_t>();
+}
+
+// Runs body(r0, rows, scratch) over all row chunks, choosing the parallel layout (see top).
+template <typename scalar_t, typename Body>
+void for_row_chunks(const Problem<scalar_t>& P, const Body& body) {
+  const int64_t nt = at::get_num_threads();
+  const int64_t mode = env_or("SK_ENC_MODE", -1);
+  const int64_t rc = env_or("SK_ENC_RC", kRowChunk);
+  const bool per_worker = mode >= 0 ? mode == 1 : (nt > 1 && P.N >= nt * rc);
+  if (per_worker) {
+    const int64_t chunk = std::min(rc, at::divup(P.N, nt));
+    const int64_t nchunks = at::divup(P.N, chunk);
+    at::parallel_for(0, nchunks, 1, [&](int64_t a, int64_t e) {
+      Scratch s = make_scratch(P, chunk);
+      for (int64_t c = a; c < e; ++c) {
+        const int64_t r0 = c * chunk;
+        body(r0, std::min(chunk, P.N - r0), s);
+      }
+    });
+  } else {
+    const int64_t chunk = std::min(env_or("SK_ENC_RCMT", kRowChunkMT), P.N);
+    Scratch s = make_scratch(P, chunk);
+    for (int64_t r0 = 0; r0 < P.N; r0 += chunk) body(r0, std::min(chunk, P.N - r0), s);
+  }
+}
+
+void check_inputs(const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_enc,
+                  const std::optional<at::Tensor>& b_dec, const char* name) {
+  TORCH_CHECK(x.dim() == 2, name, ": x must be 2-D [N, d_in], got ", x.sizes());
+  TORCH_CHECK(W_enc.dim() == 2, name, ": W_enc must be 2-D [d_in, d_sae], got ", W_enc.sizes());
+  TORCH_CHECK(x.size(1) == W_enc.size(0), name, ": x is ", x.sizes(), " but W_enc is ",
+              W_enc.sizes());
+  TORCH_CHECK(b_enc.dim() == 1 && b_enc.size(0) == W_enc.size(1), name, ": b_enc must be [",
+              W_enc.size(1), "], got ", b_enc.sizes());
+  const auto st = x.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
+              name, ": unsupported dtype ", st);
+  TORCH_CHECK(W_enc.scalar_type() == st && b_enc.scalar_type() == st, name,
+              ": x, W_enc, b_enc must share a dtype");
+  TORCH_CHECK(x.device().is_cpu() && W_enc.device().is_cpu() && b_enc.device().is_cpu(), name,
+              ": CPU tensors expected");
+  if (b_dec.has_value() && b_dec->defined()) {
+    TORCH_CHECK(b_dec->dim() == 1 && b_dec->size(0) == x.size(1), name, ": b_dec must be [",
+                x.size(1), "], got ", b_dec->sizes());
+    TORCH_CHECK(b_dec->scalar_type() == st, name, ": b_dec must have x's dtype");
+    TORCH_CHECK(b_dec->device().is_cpu(), name, ": CPU tensors expected");
+  }
+  TORCH_CHECK(W_enc.size(1) < std::numeric_limits<int32_t>::max(), name, ": d_sae too large");
+}
+
+template <typename scalar_t>
+Problem<scalar_t> make_problem(const at::Tensor& x, const at::Tensor& W_enc,
+                               const at::Tensor& b_enc, const std::optional<at::Tensor>& b_dec) {
+  Problem<scalar_t> P;
+  P.acc_type = c10::CppTypeToScalarType<typename Problem<scalar_t>::acc_t>::value;
+  P.x = x.contiguous();
+  P.W = W_enc;
+  P.N = x.size(0);
+  P.d_in = x.size(1);
+  P.d_sae = W_enc.size(1);
+  P.col_block = std::max<int64_t>(1, std::min(env_or("SK_ENC_CB", kColBlock), P.d_sae));
+  P.benc = b_enc.to(P.acc_type).contiguous();
+  if (b_dec.has_value() && b_dec->defined()) P.bdec = b_dec->to(P.acc_type).contiguous();
+  P.x_direct = x.scalar_type() == P.acc_type && !P.bdec.defined();
+  P.w_direct = W_enc.scalar_type() == P.acc_type;
+  return P;
+}
+
+template <typename scalar_t>
+void topk_impl(const Problem<scalar_t>& P, int64_t k, bool relu, at::Tensor& values,
+               at::Tensor& indices) {
+  using acc_t = typename Problem<scalar_t>::acc_t;
+  // Room for k survivors plus a batch of newcomers; pruning costs O(cap), so a batch >= k
+  // amortises it to O(1) per admitted candidate.
+  const int64_t cap = k + std::min<int64_t>(std::max<int64_t>(k, 32), 4096);
+  scalar_t* vout = values.data_ptr<scalar_t>();
+  int64_t* iout = indices.data_ptr<int64_t>();
+  const acc_t* benc = P.benc.template data_ptr<acc_t>();
+
+  for_row_chunks(P, [&](int64_t r0, int64_t rows, Scratch& s) {
+    std::vector<Cand<acc_t>> cand(rows * cap);
+    std::vector<TopKRow<acc_t>> state(rows);
+    for (int64_t r = 0; r < rows; ++r)
+      state[r] = {cand.data() + r * cap, 0, -std::numeric_limits<acc_t>::infinity(), int32_t(k),
+                  int32_t(cap)};
+    const at::Tensor xr = centered_rows(P, s, r0, rows);
+    for (int64_t j0 = 0; j0 < P.d_sae; j0 += P.col_block) {
+      const int64_t cols = std::min(P.col_block, P.d_sae - j0);
+      const acc_t* tile = gemm_tile(P, s, xr, j0, cols);
+      // Inside a per-worker chunk this nested parallel_for runs inline on the worker.
+      at::parallel_for(0, rows, 8, [&](int64_t a, int64_t e) {
+        for (int64_t r = a; r < e; ++r)
+          scan_topk(tile + r * cols, benc + j0, cols, int32_t(j0), state[r]);
+      });
+    }
+    at::parallel_for(0, rows, 8, [&](int64_t a, int64_t e) {
+      for (int64_t r = a; r < e; ++r) {
+        TopKRow<acc_t>& st = state[r];
+        if (st.cnt > k) prune(st.buf, st.cnt, int32_t(k));
+        std::sort(st.buf, st.buf + k, better<acc_t>);
+        scalar_t* vo = vout + (r0 + r) * k;
+        int64_t* io = iout + (r0 + r) * k;
+        for (int64_t q = 0; q < k; ++q) {
+          const acc_t v = st.buf[q].v;
+          vo[q] = scalar_t(relu && v < acc_t(0) ? acc_t(0) : v);
+          io[q] = st.buf[q].i;
+        }
+      }
+    });
+  });
+}
+
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> threshold_impl(const Problem<scalar_t>& P,
+                                                              const at::Tensor& threshold) {
+  using acc_t = typename Problem<scalar_t>::acc_t;
+  const acc_t* benc = P.benc.template data_ptr<acc_t>();
+  const acc_t* thr = threshold.data_ptr<acc_t>();
+  // Per-row (value, index) lists, filled in ascending feature order since column blocks are
+  // visited left to right; the output is written once K = max L0 is known.
+  std::vector<std::vector<Cand<acc_t>>> lists(P.N);
+
+  for_row_chunks(P, [&](int64_t r0, int64_t rows, Scratch& s) {
+    const at::Tensor xr = centered_rows(P, s, r0, rows);
+    for (int64_t j0 = 0; j0 < P.d_sae; j0 += P.col_block) {
+      const int64_t cols = std::min(P.col_block, P.d_sae - j0);
+      const acc_t* tile = gemm_tile(P, s, xr, j0, cols);
+      at::parallel_for(0, rows, 8, [&](int64_t a, int64_t e) {
+        for (int64_t r = a; r < e; ++r)
+          scan_threshold(tile + r * cols, benc + j0, thr + j0, cols, int32_t(j0), lists[r0 + r]);
+      });
+    }
+  });
+
+  at::Tensor l0 = at::empty({P.N}, at::TensorOptions().dtype(at::kLong));
+  int64_t* l0p = l0.data_ptr<int64_t>();
+  int64_t K = 0;
+  for (int64_t r = 0; r < P.N; ++r) {
+    l0p[r] = int64_t(lists[r].size());
+    K = std::max(K, l0p[r]);
+  }
+  at::Tensor values = at::zeros({P.N, K}, P.x.options());
+  at::Tensor indices = at::zeros({P.N, K}, at::TensorOptions().dtype(at::kLong));
+  if (K > 0) {
+    scalar_t* vo = values.data_ptr<scalar_t>();
+    int64_t* io = indices.data_ptr<int64_t>();
+    at::parallel_for(0, P.N, 64, [&](int64_t a, int64_t e) {
+      for (int64_t r = a; r < e; ++r) {
+        const auto& L = lists[r];
+        for (size_t q = 0; q < L.size(); ++q) {
+          vo[r * K + q] = scalar_t(L[q].v);
+          io[r * K + q] = L[q].i;
+        }
+      }
+    });
+  }
+  return {values, indices, l0};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x, const at::Tensor& W_enc,
+                                                   const at::Tensor& b_enc,
+                                                   const std::optional<at::Tensor>& b_dec,
+                                                   int64_t k, bool relu) {
+  check_inputs(x, W_enc, b_enc, b_dec, "topk_encode_cpu");
+  TORCH_CHECK(k >= 1 && k <= W_enc.size(1), "topk_encode_cpu: k must be in [1, d_sae=",
+              W_enc.size(1), "], got ", k);
+  const int64_t N = x.size(0);
+  at::Tensor values = at::empty({N, k}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor indices = at::empty({N, k}, at::TensorOptions().dtype(at::kLong));
+  if (N == 0) return {values, indices};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "topk_encode_cpu", [&] {
+    const auto P = make_problem<scalar_t>(x, W_enc, b_enc, b_dec);
+    topk_impl<scalar_t>(P, k, relu, values, indices);
+  });
+  return {values, indices};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> threshold_encode_cpu(
+    const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_enc,
+    const at::Tensor& threshold, const std::optional<at::Tensor>& b_dec) {
+  check_inputs(x, W_enc, b_enc, b_dec, "threshold_encode_cpu");
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(threshold.dim() == 1 && threshold.size(0) == W_enc.size(1),
+              "threshold_encode_cpu: threshold must be [", W_enc.size(1), "], got ",
+              threshold.sizes());
+  TORCH_CHECK(threshold.scalar_type() == acc, "threshold_encode_cpu: threshold must be ", acc,
+              ", got ", threshold.scalar_type());
+  TORCH_CHECK(threshold.device().is_cpu(), "threshold_encode_cpu: CPU tensors expected");
+  const at::Tensor thr = threshold.contiguous();
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "threshold_encode_cpu",
+                                  [&] {
+                                    const auto P = make_problem<scalar_t>(x, W_enc, b_enc, b_dec);
+                                    out = threshold_impl<scalar_t>(P, thr);
+                                  });
+  return out;
+}
+
+}  // namespace sparsekern

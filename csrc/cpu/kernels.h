@@ -1,0 +1,39 @@
+// CPU kernels of sparsekern (ATen + at::parallel_for). Bound to Python in csrc/torch/bindings.cpp.
+// All take 2-D inputs ([N, ...]); Python validates first, these re-check shapes and index ranges
+// (TORCH_CHECK) before reading anything. float32/float64/bfloat16/float16, fp32 accumulation
+// (fp64 for float64).
+#pragma once
+#include <ATen/ATen.h>
+#include <optional>
+#include <tuple>
+
+namespace sparsekern {
+
+// pre = (x - b_dec) @ W_enc + b_enc; per row the k largest pre (ties -> lower index), sorted
+// descending, then ReLU if relu. Returns (values [N,k] x.dtype, indices [N,k] int64).
+std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x, const at::Tensor& W_enc,
+                                                   const at::Tensor& b_enc,
+                                                   const std::optional<at::Tensor>& b_dec,
+                                                   int64_t k, bool relu);
+
+// Keep every pre > threshold[f] (threshold [d_sae] in the accumulation dtype). Returns
+// (values [N,K], indices [N,K], l0 [N]) with K = max l0, ascending feature order per row,
+// padding value 0 / index 0.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> threshold_encode_cpu(
+    const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_enc,
+    const at::Tensor& threshold, const std::optional<at::Tensor>& b_dec);
+
+// out[n] = sum_j values[n,j] * W_dec[indices[n,j]] (+ b_dec) -> [N, d] in W_dec.dtype.
+at::Tensor sparse_decode_cpu(const at::Tensor& values, const at::Tensor& indices,
+                             const at::Tensor& W_dec, const std::optional<at::Tensor>& b_dec);
+
+// grad_values[n,j] = <grad_out[n], W_dec[indices[n,j]]> -> [N, k].
+at::Tensor sparse_decode_backward_values_cpu(const at::Tensor& grad_out, const at::Tensor& indices,
+                                             const at::Tensor& W_dec);
+
+// grad_W[f] = sum_{(n,j): indices[n,j]==f} values[n,j] * grad_out[n] -> [d_sae, d]; segmented
+// reduction over indices sorted by feature (no atomics, no N*k*d buffer).
+at::Tensor sparse_decode_backward_weight_cpu(const at::Tensor& grad_out, const at::Tensor& values,
+                                             const at::Tensor& indices, int64_t d_sae);
+
+}  // namespace sparsekern

@@ -1,0 +1,63 @@
+"""Build sparsekern against the torch that is already installed (use --no-build-isolation).
+
+- C++ CPU extension ``sparsekern._C`` always (OpenMP when torch was built with it);
+- CUDA sources join it only when torch has CUDA and ``nvcc`` is on the PATH;
+- ``SPARSEKERN_NO_EXT=1`` installs pure Python (every op runs the reference);
+- ``SPARSEKERN_NATIVE_ARCH=0`` drops ``-march=native`` (for wheels built for other machines).
+"""
+
+import glob
+import os
+import shutil
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def extensions():
+    if os.environ.get("SPARSEKERN_NO_EXT") == "1":
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    sources = sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/torch/bindings.cpp"]
+    cxx = ["-O3", "-std=c++17", "-fno-math-errno"]
+    if os.environ.get("SPARSEKERN_NATIVE_ARCH", "1") != "0":
+        cxx.append("-march=native")
+    link = []
+    if torch.backends.openmp.is_available():
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
+    with_cuda = torch.version.cuda is not None and shutil.which("nvcc") is not None
+    if with_cuda and os.environ.get("SPARSEKERN_NO_CUDA") != "1":
+        sources += sorted(glob.glob("csrc/cuda/*.cu")) + ["csrc/torch/cuda_bindings.cpp"]
+        ext = CUDAExtension(
+            "sparsekern._C",
+            sources,
+            define_macros=[("SPARSEKERN_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]},
+            extra_link_args=link,
+        )
+    else:
+        ext = CppExtension("sparsekern._C", sources, extra_compile_args=cxx, extra_link_args=link)
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
+
+
+ext_modules, cmdclass = extensions()
+
+setup(
+    name="sparsekern",
+    version="0.1.0",
+    description="Sparse SAE/transcoder kernels and fused patching for mechanistic interpretability",
+    packages=find_packages(include=["sparsekern", "sparsekern.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4", "jaxtyping", "tqdm", "safetensors", "numpy"],
+    extras_require={
+        "test": ["pytest", "hypothesis", "pytest-benchmark", "sae-lens", "transformer-lens"],
+        "bench": ["sae-lens", "transformer-lens"],
+    },
+    entry_points={"console_scripts": ["sparsekern=sparsekern.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

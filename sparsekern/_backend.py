@@ -1,0 +1,143 @@
+"""Backend registry: which implementation of each op runs for a tensor's device.
+
+Ops are defined once (``sparsekern/ops``); backends only register implementations here.
+Priority for ``auto`` is per device type; ``SPARSEKERN_BACKEND`` or :func:`use_backend` forces one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import warnings
+from typing import Callable, Iterator
+
+import torch
+
+BACKEND_NAMES = ("cpp", "cuda", "triton", "ref")
+_AUTO_PRIORITY = {"cpu": ("cpp", "ref"), "cuda": ("cuda", "triton", "ref")}
+
+# op name -> backend -> (implementation, device types it accepts; None = any)
+_IMPLS: dict[str, dict[str, tuple[Callable, frozenset[str] | None]]] = {}
+_local = threading.local()
+_native_error: str | None = None
+_native = None
+
+
+def _load_native():
+    """Import the compiled extension once; remember why it failed if it did."""
+    global _native, _native_error
+    if _native is not None or _native_error is not None:
+        return _native
+    try:
+        if os.environ.get("SPARSEKERN_NO_EXT") == "1":
+            raise ImportError("disabled by SPARSEKERN_NO_EXT=1")
+        import importlib
+
+        _native = importlib.import_module("sparsekern._C")
+    except ImportError as e:  # not built, disabled, or built against another torch
+        _native_error = str(e)
+        warnings.warn(
+            "sparsekern: the C++ extension is not available "
+            f"({_native_error}); every op falls back to the pure-PyTorch reference. "
+            "Build it with `pip install --no-build-isolation -e .`.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return _native
+
+
+def native():
+    """The compiled ``sparsekern._C`` module, or None."""
+    return _load_native()
+
+
+def register(op: str, backend: str, devices: tuple[str, ...] | None = None):
+    """Decorator: register ``fn`` as ``backend``'s implementation of ``op``."""
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKEND_NAMES}")
+
+    def deco(fn: Callable) -> Callable:
+        _IMPLS.setdefault(op, {})[backend] = (fn, frozenset(devices) if devices else None)
+        return fn
+
+    return deco
+
+
+def backends() -> list[str]:
+    """Backends usable in this process (built and importable), best first."""
+    out = []
+    if _load_native() is not None:
+        out.append("cpp")
+        if getattr(_native, "has_cuda", False) and torch.cuda.is_available():
+            out.append("cuda")
+    try:
+        import importlib.util
+
+        if importlib.util.find_spec("triton") is not None and (
+            torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+        ):
+            out.append("triton")
+    except (ImportError, ValueError):
+        pass
+    out.append("ref")
+    return out
+
+
+def forced_backend() -> str:
+    """The backend forced by :func:`use_backend` or ``SPARSEKERN_BACKEND`` ('auto' if none)."""
+    name = getattr(_local, "forced", None) or os.environ.get("SPARSEKERN_BACKEND", "auto")
+    name = name.strip().lower() or "auto"
+    if name != "auto" and name not in BACKEND_NAMES:
+        raise ValueError(
+            f"SPARSEKERN_BACKEND={name!r} is not a backend; expected auto or one of {BACKEND_NAMES}"
+        )
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force ``name`` ('auto', 'cpp', 'cuda', 'triton', 'ref') for ops called in this thread."""
+    name = name.lower()
+    if name != "auto" and name not in BACKEND_NAMES:
+        raise ValueError(f"unknown backend {name!r}; expected auto or one of {BACKEND_NAMES}")
+    prev = getattr(_local, "forced", None)
+    _local.forced = name
+    try:
+        yield
+    finally:
+        _local.forced = prev
+
+
+def _usable(backend: str, entry, device_type: str) -> bool:
+    _, devices = entry
+    if devices is not None and device_type not in devices:
+        return False
+    return backend in backends()
+
+
+def select(op: str, device: torch.device) -> tuple[str, Callable]:
+    """Pick (backend name, implementation) of ``op`` for tensors on ``device``."""
+    impls = _IMPLS.get(op, {})
+    forced = forced_backend()
+    if forced != "auto":
+        entry = impls.get(forced)
+        if entry is None or not _usable(forced, entry, device.type):
+            why = "not built or not importable" if forced not in backends() else (
+                f"it has no {op} for {device.type} tensors"
+            )
+            raise RuntimeError(
+                f"sparsekern: backend {forced!r} was forced (SPARSEKERN_BACKEND/use_backend) "
+                f"but {why}; available: {backends()}"
+            )
+        return forced, entry[0]
+    for name in _AUTO_PRIORITY.get(device.type, ("ref",)):
+        entry = impls.get(name)
+        if entry is not None and _usable(name, entry, device.type):
+            return name, entry[0]
+    return "ref", impls["ref"][0]
+
+
+def implementations(op: str, device_type: str = "cpu") -> list[str]:
+    """Backends that can run ``op`` on ``device_type`` here (used by tests and benchmarks)."""
+    return [n for n, e in _IMPLS.get(op, {}).items() if _usable(n, e, device_type)]

@@ -1,0 +1,135 @@
+"""sparse_decode: out[n] = sum_j values[n, j] * W_dec[indices[n, j]] (+ b_dec).
+
+Custom ops: ``sparsekern::sparse_decode`` and its two backward ops, each dispatched to the
+best registered backend. Backward never builds an ``N*k*d`` buffer and uses no atomics:
+``dW_dec`` is a per-feature segmented reduction.
+"""
+
+import math
+from typing import Optional, Union
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from .. import _backend, ref
+from ..sparse_acts import SparseActs
+from . import _validate as V
+
+# ---- backend implementations -------------------------------------------------------------
+_backend.register("sparse_decode", "ref")(ref.sparse_decode)
+_backend.register("sparse_decode_backward_values", "ref")(ref.sparse_decode_backward_values)
+_backend.register("sparse_decode_backward_weight", "ref")(ref.sparse_decode_backward_weight)
+
+
+@_backend.register("sparse_decode", "cpp", ("cpu",))
+def _cpp_fwd(values, indices, W_dec, b_dec):
+    return _backend.native().sparse_decode(values, indices, W_dec, b_dec)
+
+
+@_backend.register("sparse_decode_backward_values", "cpp", ("cpu",))
+def _cpp_bwd_values(grad_out, indices, W_dec):
+    return _backend.native().sparse_decode_backward_values(grad_out, indices, W_dec)
+
+
+@_backend.register("sparse_decode_backward_weight", "cpp", ("cpu",))
+def _cpp_bwd_weight(grad_out, values, indices, d_sae):
+    return _backend.native().sparse_decode_backward_weight(grad_out, values, indices, d_sae)
+
+
+# ---- custom ops ----------------------------------------------------------------------------
+@torch.library.custom_op("sparsekern::sparse_decode", mutates_args=())
+def _sparse_decode(
+    values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Optional[Tensor]
+) -> Tensor:
+    _, impl = _backend.select("sparse_decode", values.device)
+    return impl(values, indices, W_dec, b_dec)
+
+
+@_sparse_decode.register_fake
+def _(values, indices, W_dec, b_dec):
+    return W_dec.new_empty(values.shape[0], W_dec.shape[1])
+
+
+@torch.library.custom_op("sparsekern::sparse_decode_backward_values", mutates_args=())
+def _backward_values(grad_out: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
+    _, impl = _backend.select("sparse_decode_backward_values", grad_out.device)
+    return impl(grad_out, indices, W_dec)
+
+
+@_backward_values.register_fake
+def _(grad_out, indices, W_dec):
+    return W_dec.new_empty(indices.shape)
+
+
+@torch.library.custom_op("sparsekern::sparse_decode_backward_weight", mutates_args=())
+def _backward_weight(grad_out: Tensor, values: Tensor, indices: Tensor, d_sae: int) -> Tensor:
+    _, impl = _backend.select("sparse_decode_backward_weight", grad_out.device)
+    return impl(grad_out, values, indices, d_sae)
+
+
+@_backward_weight.register_fake
+def _(grad_out, values, indices, d_sae):
+    return grad_out.new_empty(d_sae, grad_out.shape[1])
+
+
+def _setup_context(ctx, inputs, output):
+    values, indices, W_dec, b_dec = inputs
+    ctx.save_for_backward(values, indices, W_dec)
+    ctx.has_b_dec = b_dec is not None
+
+
+def _backward(ctx, grad_out):
+    values, indices, W_dec = ctx.saved_tensors
+    grad_out = grad_out.contiguous()
+    g_values = g_W = g_b = None
+    if ctx.needs_input_grad[0]:
+        g_values = _backward_values(grad_out, indices, W_dec)
+    if ctx.needs_input_grad[2]:
+        g_W = _backward_weight(grad_out, values, indices, W_dec.shape[0])
+    if ctx.has_b_dec and ctx.needs_input_grad[3]:
+        g_b = grad_out.sum(0)
+    return g_values, None, g_W, g_b
+
+
+_sparse_decode.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- public API ----------------------------------------------------------------------------
+def sparse_decode(
+    values: Union[Float[Tensor, "*batch k"], SparseActs],
+    indices: Optional[Int[Tensor, "*batch k"]] = None,
+    W_dec: Optional[Float[Tensor, "d_sae d_out"]] = None,
+    b_dec: Optional[Float[Tensor, "d_out"]] = None,
+) -> Float[Tensor, "*batch d_out"]:
+    """Decode a sparse code: ``out[..., :] = sum_j values[..., j] * W_dec[indices[..., j]] (+ b_dec)``.
+
+    Args:
+        values:  [..., k] activations (or a :class:`SparseActs`, then pass ``W_dec`` next).
+        indices: [..., k] int64 feature ids in ``[0, d_sae)``.
+        W_dec:   [d_sae, d_out] decoder, same dtype/device as ``values``.
+        b_dec:   optional [d_out] bias.
+
+    Returns ``[..., d_out]`` in ``W_dec.dtype`` (bf16/fp16 accumulate in fp32). Differentiable in
+    ``values``, ``W_dec`` and ``b_dec``.
+    """
+    if isinstance(values, SparseActs):
+        if W_dec is not None and b_dec is None and indices is not None:
+            W_dec, b_dec = indices, W_dec  # sparse_decode(acts, W_dec, b_dec)
+        elif W_dec is None:
+            W_dec = indices
+        values, indices = values.values, values.indices
+    V.tensor("values", values, min_dim=1)
+    V.floating("values", values)
+    V.tensor("W_dec", W_dec, dim=2)
+    V.same_dtype("W_dec", W_dec, "values", values)
+    V.same_device("W_dec", W_dec, "values", values)
+    d_sae, d_out = W_dec.shape
+    indices = V.indices("indices", indices, values.shape, d_sae, values.device)
+    if b_dec is not None:
+        V.companion("b_dec", b_dec, "W_dec", W_dec, (d_out,), "[d_out]")
+    lead = values.shape[:-1]
+    k = values.shape[-1]
+    n = math.prod(lead)
+    out = _sparse_decode(values.reshape(n, k), indices.reshape(n, k), W_dec, b_dec)
+    return out.reshape(*lead, d_out)
