@@ -1,12 +1,15 @@
 // CPU sparse decode and its two backward kernels (contract: kernels.h).
 //
-// Forward / values-grad: the work is a gather of N*k rows of W_dec, memory bound. Rows of the
-// output are split over threads; each output tile (TILE columns) is accumulated in registers
-// over the k gathered rows, then stored once. When W_dec is larger than the cache budget the
-// columns are processed in slabs so that one slab of W_dec (d_sae x slab) stays in L3 while all
-// rows of the thread gather from it: DRAM traffic drops from ~N*k*d to ~d_sae*d elements.
-// Weight-grad: counting sort of the flattened (n, j) by feature, then each thread owns a range
-// of features (= distinct output rows): no atomics, no N*k*d buffer.
+// Forward and values-grad gather N*k rows of W_dec: memory bound. Two paths:
+//  * gather: rows split over threads; each output tile (kTile columns) is accumulated in
+//    registers over the k gathered rows (next row's gathers prefetched), then stored once.
+//  * scatter (W_dec past the caches and each feature used >= once per row chunk, the
+//    SAE-training case): the chunk's entries are counting-sorted by feature; per column block
+//    W_dec is streamed once in address order and each entry updates an L2-resident block of the
+//    output (forward) or reads an L2-resident block of grad_out (values-grad). W_dec then comes
+//    from DRAM ~once per chunk as sequential-ish reads instead of N*k random rows.
+// Weight-grad: the same sort, then each thread owns a range of features (= distinct output
+// rows): a segmented reduction, no atomics, no N*k*d buffer.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -14,10 +17,15 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
 #include "kernels.h"
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -125,23 +133,137 @@ constexpr int kTile = kNV<T> * Simd<T>::L;  // columns per register tile
 
 inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
 
-// Cache budget for one slab of W_dec (bytes). Part of the 32 MiB L3 is left for the gathered
-// rows' neighbours, the outputs and the other process on the machine.
-int64_t slab_budget_bytes() {
-  const char* e = std::getenv("SPARSEKERN_DECODE_SLAB_BYTES");  // DEV: per call
-  return e ? std::max<int64_t>(1, std::atoll(e)) : int64_t(12) << 20;
+// Stable counting sort of the flat entries of rows [r0, r1) by feature. Entry e (in sorted
+// order) is (row srow[e], flat position spos[e] = row*k + j); offsets is the CSR row pointer
+// over features ([d_sae + 1]); used lists the features with at least one entry. Stable, so
+// every reduction over a feature's segment runs in a fixed order: results are deterministic.
+struct FeatureSort {
+  std::vector<int64_t> offsets, srow, spos, used, hist;
+  std::vector<float> sval_f;   // the sorted values (fp32 / fp64 accumulation)
+  std::vector<double> sval_d;
+  template <typename A>
+  std::vector<A>& sval() {
+    if constexpr (std::is_same_v<A, double>) return sval_d; else return sval_f;
+  }
+};
+
+// The sort buffers are reused across calls on the same thread: fresh multi-100-KiB vectors
+// cost more in page faults than the sort itself. Buffers past 64 MiB are released after use.
+FeatureSort& thread_sort_scratch() {
+  thread_local FeatureSort fs;
+  return fs;
+}
+void trim_sort_scratch(FeatureSort& fs) {
+  constexpr size_t kKeep = size_t(64) << 20;
+  auto trim = [](auto& v) {
+    if (v.capacity() * sizeof(v[0]) > kKeep) std::vector<std::decay_t<decltype(v[0])>>().swap(v);
+  };
+  trim(fs.offsets); trim(fs.srow); trim(fs.spos); trim(fs.used); trim(fs.hist);
+  trim(fs.sval_f); trim(fs.sval_d);
 }
 
-// Columns per slab: all of d when W_dec fits the budget or is read only ~once anyway; else the
-// widest multiple of the register tile whose d_sae x slab block fits.
+void sort_by_feature(const int64_t* idx, int64_t r0, int64_t r1, int64_t k, int64_t d_sae,
+                     bool want_used, FeatureSort& fs) {
+  const int64_t M = (r1 - r0) * k;
+  const int64_t nthr = std::max<int64_t>(1, at::get_num_threads());
+  // one histogram per row part; parts only when there is enough work to share
+  const int64_t nparts = std::max<int64_t>(1, std::min<int64_t>(nthr, M / (int64_t(1) << 18)));
+  auto part_rows = [&](int64_t t) { return r0 + (r1 - r0) * t / nparts; };
+  std::vector<int64_t>& hist = fs.hist;  // [part][feature]
+  hist.assign(nparts * d_sae, 0);
+  at::parallel_for(0, nparts, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      int64_t* h = hist.data() + t * d_sae;
+      for (int64_t p = part_rows(t) * k, pe = part_rows(t + 1) * k; p < pe; ++p) ++h[idx[p]];
+    }
+  });
+  fs.offsets.resize(d_sae + 1);
+  if (want_used) fs.used.clear();
+  int64_t run = 0;
+  for (int64_t f = 0; f < d_sae; ++f) {  // feature-major, part-minor exclusive scan
+    fs.offsets[f] = run;
+    for (int64_t t = 0; t < nparts; ++t) {
+      const int64_t c = hist[t * d_sae + f];
+      hist[t * d_sae + f] = run;
+      run += c;
+    }
+    if (want_used && run != fs.offsets[f]) fs.used.push_back(f);
+  }
+  fs.offsets[d_sae] = run;
+  fs.srow.resize(M);
+  fs.spos.resize(M);
+  at::parallel_for(0, nparts, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      int64_t* h = hist.data() + t * d_sae;
+      for (int64_t n = part_rows(t); n < part_rows(t + 1); ++n) {
+        for (int64_t p = n * k; p < (n + 1) * k; ++p) {
+          const int64_t dst = h[idx[p]]++;
+          fs.srow[dst] = n;
+          fs.spos[dst] = p;
+        }
+      }
+    }
+  });
+}
+
+// Fresh outputs of several MiB are first written by us; on Linux ask for transparent huge pages
+// on their 2 MiB-aligned interior before that first touch. With 4 KiB pages the page faults of
+// a fresh 6 MiB (75 MiB) output cost ~1 ms (~30 ms) on the VMs this was tuned on; with THP in
+// "madvise" mode (common default) this is what torch's own THP_MEM_ALLOC_ENABLE would do.
+// Only memory this call allocated is advised; SPARSEKERN_NO_THP=1 turns it off.
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& opt) {
+  at::Tensor t = at::empty(sizes, opt.memory_format(at::MemoryFormat::Contiguous));
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  static const bool enabled = [] {
+    const char* e = std::getenv("SPARSEKERN_NO_THP");
+    return !(e && e[0] == '1');
+  }();
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  if (enabled && t.nbytes() >= 2 * kHuge) {
+    const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
+    const uintptr_t a = (p + kHuge - 1) / kHuge * kHuge, b = (p + t.nbytes()) / kHuge * kHuge;
+    if (b > a) (void)madvise(reinterpret_cast<void*>(a), b - a, MADV_HUGEPAGE);  // advisory only
+  }
+#endif
+  return t;
+}
+
+// Per-thread scratch that survives calls (OpenMP threads persist): no page faults per call.
+template <typename A>
+A* thread_scratch(int64_t n) {
+  thread_local std::vector<A> buf;
+  if (int64_t(buf.size()) < n) buf.resize(n);
+  return buf.data();
+}
+
+// Forward "scatter" path: rows are processed in chunks whose [rows x kTile] fp32 accumulator
+// fits in L2; per column block the chunk's entries, sorted by feature, stream W_dec's block
+// once in address order and are added into the L2-resident accumulator. W_dec is then read
+// ~once per chunk from DRAM instead of ~k times per row as random rows.
+constexpr int64_t kAccBytes = int64_t(512) << 10;       // accumulator block per thread (L2: 1 MiB)
+constexpr int64_t kScatterMinWBytes = int64_t(8) << 20;  // smaller W_dec stays in L3: gather
+
 template <typename T>
-int64_t choose_slab(int64_t d_sae, int64_t d, int64_t gathers) {
-  const int64_t row_bytes = d * int64_t(sizeof(T));
-  const int64_t budget = slab_budget_bytes();
-  if (d_sae * row_bytes <= budget || gathers <= d_sae) return std::max<int64_t>(d, 1);
-  int64_t cols = budget / (d_sae * int64_t(sizeof(T)));
-  cols = std::max<int64_t>(kTile<T>, cols / kTile<T> * kTile<T>);
-  return std::min(cols, d);
+int64_t scatter_chunk_rows() {
+  return std::max<int64_t>(1, kAccBytes / (kTile<T> * int64_t(sizeof(acc_t<T>))));
+}
+
+const char* forced_path() {  // SPARSEKERN_DECODE_PATH=gather|scatter (tests, benchmarks)
+  static const char* p = std::getenv("SPARSEKERN_DECODE_PATH");
+  return p ? p : "";
+}
+
+template <typename T>
+bool use_scatter(int64_t N, int64_t k, int64_t d_sae, int64_t d) {
+  const std::string forced = forced_path();
+  if (forced == "gather") return false;
+  if (d < kTile<T>) return false;  // no full column block
+  if (forced == "scatter") return true;
+  const int64_t rows = std::min(N, scatter_chunk_rows<T>());
+  // needs W_dec past the cache, each feature reused (>= 1 entry per feature per chunk) and
+  // enough column blocks to share between threads
+  return d_sae * d * int64_t(sizeof(T)) > kScatterMinWBytes && rows * k >= d_sae &&
+         d / kTile<T> >= std::min<int64_t>(2, at::get_num_threads());
 }
 
 // ---- validation ----------------------------------------------------------------------------
@@ -220,20 +342,85 @@ void fwd_row(const acc_t<T>* vals, const int64_t* idx, const int64_t* pf_idx, in
   }
 }
 
+// One row chunk of the scatter path (see use_scatter).
+template <typename T>
+void decode_scatter_chunk(const acc_t<T>* vals, const int64_t* idx, int64_t r0, int64_t r1,
+                          int64_t k, const T* W, int64_t ldw, int64_t d_sae, int64_t d,
+                          const acc_t<T>* bias, T* out, FeatureSort& fs) {
+  using A = acc_t<T>;
+  using S = Simd<T>;
+  using SA = Simd<A>;
+  constexpr int NV = kNV<T>, L = S::L;
+  constexpr int64_t CB = kTile<T>;
+  constexpr int kWLines = int(CB * sizeof(T) + 63) / 64, kALines = int(CB * sizeof(A) + 63) / 64;
+  constexpr int64_t kPfFeat = 8, kPfEnt = 4;  // prefetch distances (features / entries ahead)
+  const int64_t R = r1 - r0;
+  sort_by_feature(idx, r0, r1, k, d_sae, /*want_used=*/true, fs);
+  std::vector<A>& sval = fs.sval<A>();
+  sval.resize(fs.spos.size());
+  for (size_t e = 0; e < sval.size(); ++e) sval[e] = vals[fs.spos[e]];
+  const int64_t* off = fs.offsets.data();
+  const int64_t* srow = fs.srow.data();
+  const int64_t* used = fs.used.data();
+  const int64_t U = int64_t(fs.used.size()), E = int64_t(sval.size());
+  const int64_t nb = d / CB;
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    A* acc = thread_scratch<A>(R * CB);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t c0 = b * CB;
+      std::memset(static_cast<void*>(acc), 0, sizeof(A) * R * CB);
+      for (int64_t u = 0; u < U; ++u) {
+        if (u + kPfFeat < U) {
+          const char* q = reinterpret_cast<const char*>(W + used[u + kPfFeat] * ldw + c0);
+          for (int l = 0; l < kWLines; ++l) prefetch(q + 64 * l);
+        }
+        const int64_t f = used[u];
+        typename S::V w[NV];
+        for (int i = 0; i < NV; ++i) w[i] = S::load(W + f * ldw + c0 + i * L);
+        for (int64_t e = off[f], e1 = off[f + 1]; e < e1; ++e) {
+          if (e + kPfEnt < E) {
+            const char* q = reinterpret_cast<const char*>(acc + (srow[e + kPfEnt] - r0) * CB);
+            for (int l = 0; l < kALines; ++l) __builtin_prefetch(q + 64 * l, 1, 3);
+          }
+          A* o = acc + (srow[e] - r0) * CB;
+          const typename S::V v = S::set1(sval[e]);
+          for (int i = 0; i < NV; ++i) SA::store(o + i * L, S::fma(v, w[i], SA::load(o + i * L)));
+        }
+      }
+      for (int64_t n = 0; n < R; ++n) {  // + bias, convert, store the block's columns
+        const A* a = acc + n * CB;
+        T* o = out + (r0 + n) * d + c0;
+        for (int i = 0; i < NV; ++i) {
+          typename S::V x = SA::load(a + i * L);
+          if (bias) x = S::add(x, SA::load(bias + c0 + i * L));
+          S::store(o + i * L, x);
+        }
+      }
+    }
+  });
+  if (nb * CB < d) {  // remaining columns (d not a multiple of the block): gather them
+    at::parallel_for(r0, r1, row_grain(k, d - nb * CB), [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n)
+        fwd_row<T>(vals + n * k, idx + n * k, nullptr, k, W, ldw, nb * CB, d, bias, out + n * d);
+    });
+  }
+}
+
 template <typename T>
 void decode_impl(const acc_t<T>* vals, const int64_t* idx, int64_t N, int64_t k, const T* W,
                  int64_t ldw, int64_t d_sae, int64_t d, const acc_t<T>* bias, T* out) {
-  const int64_t slab = choose_slab<T>(d_sae, d, N * k);
-  const bool pf_on = !std::getenv("SK_NOPF");
+  if (k > 0 && use_scatter<T>(N, k, d_sae, d)) {
+    FeatureSort& fs = thread_sort_scratch();
+    const int64_t R = scatter_chunk_rows<T>();
+    for (int64_t r0 = 0; r0 < N; r0 += R)
+      decode_scatter_chunk<T>(vals, idx, r0, std::min(N, r0 + R), k, W, ldw, d_sae, d, bias, out, fs);
+    trim_sort_scratch(fs);
+    return;
+  }
   at::parallel_for(0, N, row_grain(k, d), [&](int64_t r0, int64_t r1) {
-    // Slabs outermost inside the task: both threads sweep the same slab at about the same time,
-    // so it is loaded into the shared L3 once.
-    for (int64_t c0 = 0; c0 < d; c0 += slab) {
-      const int64_t c1 = std::min(d, c0 + slab);
-      for (int64_t n = r0; n < r1; ++n) {
-        const int64_t* pf = (pf_on && n + 1 < r1) ? idx + (n + 1) * k : nullptr;
-        fwd_row<T>(vals + n * k, idx + n * k, pf, k, W, ldw, c0, c1, bias, out + n * d);
-      }
+    for (int64_t n = r0; n < r1; ++n) {
+      const int64_t* pf = n + 1 < r1 ? idx + (n + 1) * k : nullptr;  // next row's gathers
+      fwd_row<T>(vals + n * k, idx + n * k, pf, k, W, ldw, 0, d, bias, out + n * d);
     }
   });
 }
@@ -259,30 +446,103 @@ inline acc_t<T> dot(const acc_t<T>* g, const T* w, int64_t len) {
   return s;
 }
 
+// Scatter path (same structure as the forward's, see use_scatter): per column block, the
+// chunk's grad_out block is packed into an L2-resident buffer, W_dec's block is streamed once
+// in feature order and each entry's partial dot product is accumulated per thread.
+template <typename T>
+void backward_values_scatter_chunk(const T* G, const int64_t* idx, int64_t r0, int64_t r1,
+                                   int64_t k, const T* W, int64_t ldw, int64_t d_sae, int64_t d,
+                                   acc_t<T>* res, FeatureSort& fs) {
+  using A = acc_t<T>;
+  using S = Simd<T>;
+  using SA = Simd<A>;
+  constexpr int NV = kNV<T>, L = S::L;
+  constexpr int64_t CB = kTile<T>;
+  constexpr int kWLines = int(CB * sizeof(T) + 63) / 64, kALines = int(CB * sizeof(A) + 63) / 64;
+  constexpr int64_t kPfFeat = 8, kPfEnt = 4;
+  const int64_t R = r1 - r0;
+  sort_by_feature(idx, r0, r1, k, d_sae, /*want_used=*/true, fs);
+  const int64_t* off = fs.offsets.data();
+  const int64_t* srow = fs.srow.data();
+  const int64_t* used = fs.used.data();
+  const int64_t U = int64_t(fs.used.size()), E = int64_t(fs.spos.size());
+  const int64_t nb = d / CB;
+  const int64_t nthr = std::max<int64_t>(1, at::get_num_threads());
+  std::vector<A>& part = fs.sval<A>();  // [thread][entry] partial dot products
+  part.assign(nthr * E, A(0));
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    A* gblk = thread_scratch<A>(R * CB);
+    A* mine = part.data() + std::min<int64_t>(at::get_thread_num(), nthr - 1) * E;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t c0 = b * CB;
+      for (int64_t n = 0; n < R; ++n) {  // pack (and convert) the chunk's grad_out block
+        const T* g = G + (r0 + n) * d + c0;
+        for (int i = 0; i < NV; ++i) SA::store(gblk + n * CB + i * L, S::load(g + i * L));
+      }
+      for (int64_t u = 0; u < U; ++u) {
+        if (u + kPfFeat < U) {
+          const char* q = reinterpret_cast<const char*>(W + used[u + kPfFeat] * ldw + c0);
+          for (int l = 0; l < kWLines; ++l) prefetch(q + 64 * l);
+        }
+        const int64_t f = used[u];
+        typename S::V w[NV];
+        for (int i = 0; i < NV; ++i) w[i] = S::load(W + f * ldw + c0 + i * L);
+        for (int64_t e = off[f], e1 = off[f + 1]; e < e1; ++e) {
+          if (e + kPfEnt < E) {
+            const char* q = reinterpret_cast<const char*>(gblk + (srow[e + kPfEnt] - r0) * CB);
+            for (int l = 0; l < kALines; ++l) prefetch(q + 64 * l);
+          }
+          const A* g = gblk + (srow[e] - r0) * CB;
+          typename S::V s0 = S::zero(), s1 = S::zero();  // two chains
+          for (int i = 0; i < NV; i += 2) {
+            s0 = S::fma(SA::load(g + i * L), w[i], s0);
+            if (i + 1 < NV) s1 = S::fma(SA::load(g + (i + 1) * L), w[i + 1], s1);
+          }
+          mine[e] += S::hsum(S::add(s0, s1));
+        }
+      }
+    }
+  });
+  const int64_t tail = nb * CB;  // columns past the last full block: plain dot products
+  at::parallel_for(0, E, 4096, [&](int64_t e0, int64_t e1) {
+    for (int64_t e = e0; e < e1; ++e) {
+      A s = 0;
+      for (int64_t t = 0; t < nthr; ++t) s += part[t * E + e];
+      const int64_t p = fs.spos[e];
+      const T* g = G + srow[e] * d;
+      const T* w = W + idx[p] * ldw;
+      for (int64_t c = tail; c < d; ++c) s += static_cast<A>(g[c]) * static_cast<A>(w[c]);
+      res[p] = s;
+    }
+  });
+}
+
 template <typename T>
 void backward_values_impl(const T* G, const int64_t* idx, int64_t N, int64_t k, const T* W,
                           int64_t ldw, int64_t d_sae, int64_t d, acc_t<T>* res) {
   using A = acc_t<T>;
-  const int64_t slab = choose_slab<T>(d_sae, d, N * k);
+  if (use_scatter<T>(N, k, d_sae, d)) {
+    FeatureSort& fs = thread_sort_scratch();
+    const int64_t R = scatter_chunk_rows<T>();
+    for (int64_t r0 = 0; r0 < N; r0 += R)
+      backward_values_scatter_chunk<T>(G, idx, r0, std::min(N, r0 + R), k, W, ldw, d_sae, d, res, fs);
+    trim_sort_scratch(fs);
+    return;
+  }
   at::parallel_for(0, N, row_grain(k, d), [&](int64_t r0, int64_t r1) {
-    std::vector<A> gbuf(std::is_same_v<T, A> ? 0 : slab);  // grad row converted once per row
-    for (int64_t c0 = 0; c0 < d; c0 += slab) {
-      const int64_t len = std::min(d, c0 + slab) - c0;
-      for (int64_t n = r0; n < r1; ++n) {
-        const A* g;
-        if constexpr (std::is_same_v<T, A>) {
-          g = G + n * d + c0;
-        } else {
-          for (int64_t c = 0; c < len; ++c) gbuf[c] = static_cast<A>(G[n * d + c0 + c]);
-          g = gbuf.data();
-        }
-        const int64_t* ix = idx + n * k;
-        A* out = res + n * k;
-        for (int64_t j = 0; j < k; ++j) {
-          if (n + 1 < r1) prefetch(W + ix[k + j] * ldw + c0);  // next row, same slot
-          const A s = dot<T>(g, W + ix[j] * ldw + c0, len);
-          out[j] = c0 == 0 ? s : out[j] + s;
-        }
+    std::vector<A> gbuf(std::is_same_v<T, A> ? 0 : d);  // grad row converted once per row
+    for (int64_t n = r0; n < r1; ++n) {
+      const A* g;
+      if constexpr (std::is_same_v<T, A>) {
+        g = G + n * d;
+      } else {
+        for (int64_t c = 0; c < d; ++c) gbuf[c] = static_cast<A>(G[n * d + c]);
+        g = gbuf.data();
+      }
+      const int64_t* ix = idx + n * k;
+      for (int64_t j = 0; j < k; ++j) {
+        if (n + 1 < r1) prefetch(W + ix[k + j] * ldw);  // next row, same slot
+        res[n * k + j] = dot<T>(g, W + ix[j] * ldw, d);
       }
     }
   });
@@ -309,42 +569,15 @@ template <typename T>
 void backward_weight_impl(const T* G, const acc_t<T>* vals, const int64_t* idx, int64_t N,
                           int64_t k, int64_t d_sae, int64_t d, T* out) {
   using A = acc_t<T>;
-  const int64_t M = N * k;
-  // 1) Counting sort of the flat positions p = n*k + j by feature; stable (positions ascend
-  //    within a feature), so the reduction order, hence the result, is deterministic.
+  // 1) Entries sorted by feature (stable: deterministic reduction order).
+  FeatureSort& fs = thread_sort_scratch();
+  sort_by_feature(idx, 0, N, k, d_sae, /*want_used=*/false, fs);
+  const std::vector<int64_t>& offsets = fs.offsets;
+  const std::vector<int64_t>& srow = fs.srow;
+  std::vector<A>& sval = fs.sval<A>();
+  sval.resize(fs.spos.size());
+  for (size_t e = 0; e < sval.size(); ++e) sval[e] = vals[fs.spos[e]];
   const int64_t nthr = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t nchunk = std::max<int64_t>(1, std::min<int64_t>(nthr, M / 16384));
-  const int64_t csz = (M + nchunk - 1) / nchunk;
-  std::vector<int64_t> hist(nchunk * d_sae, 0);  // [chunk][feature]
-  at::parallel_for(0, nchunk, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      int64_t* h = hist.data() + t * d_sae;
-      for (int64_t p = t * csz, pe = std::min(M, (t + 1) * csz); p < pe; ++p) ++h[idx[p]];
-    }
-  });
-  std::vector<int64_t> offsets(d_sae + 1);
-  int64_t run = 0;
-  for (int64_t f = 0; f < d_sae; ++f) {  // feature-major, chunk-minor exclusive scan
-    offsets[f] = run;
-    for (int64_t t = 0; t < nchunk; ++t) {
-      const int64_t c = hist[t * d_sae + f];
-      hist[t * d_sae + f] = run;
-      run += c;
-    }
-  }
-  offsets[d_sae] = run;
-  std::vector<int64_t> srow(M);
-  std::vector<A> sval(M);
-  at::parallel_for(0, nchunk, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      int64_t* h = hist.data() + t * d_sae;
-      for (int64_t p = t * csz, pe = std::min(M, (t + 1) * csz); p < pe; ++p) {
-        const int64_t dst = h[idx[p]]++;
-        srow[dst] = p / k;
-        sval[dst] = vals[p];
-      }
-    }
-  });
   // 2) Segmented reduction. Features are split so each thread gets about the same cost
   //    (one output row + one gathered row per entry); each thread owns its output rows.
   auto cost = [&](int64_t f) { return offsets[f] + f; };
@@ -380,6 +613,7 @@ void backward_weight_impl(const T* G, const acc_t<T>* vals, const int64_t* idx, 
       }
     }
   });
+  trim_sort_scratch(fs);
 }
 
 // W_dec with unit column stride is used in place (any row stride); otherwise copied.
@@ -413,7 +647,7 @@ at::Tensor sparse_decode_cpu(const at::Tensor& values, const at::Tensor& indices
   at::Tensor idx = checked_indices(fn, indices, d_sae);
   at::Tensor vals = values.to(acc).contiguous();
   at::Tensor W = rows_unit_stride(W_dec);
-  at::Tensor out = at::empty({N, d}, W_dec.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor out = empty_output({N, d}, W_dec.options());
   if (N == 0 || d == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, W.scalar_type(), fn, [&] {
     using A = acc_t<scalar_t>;
@@ -472,7 +706,7 @@ at::Tensor sparse_decode_backward_weight_cpu(const at::Tensor& grad_out, const a
   const at::ScalarType acc = acc_scalar(grad_out.scalar_type());
   at::Tensor vals = values.to(acc).contiguous();
   at::Tensor G = grad_out.contiguous();
-  at::Tensor out = at::empty({d_sae, d}, grad_out.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor out = empty_output({d_sae, d}, grad_out.options());
   if (d_sae == 0 || d == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, G.scalar_type(), fn, [&] {
     using A = acc_t<scalar_t>;

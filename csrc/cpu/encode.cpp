@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -30,7 +31,9 @@ namespace {
 // Tile shape. 2048 columns keeps each GEMM call large enough for MKL to run near peak while
 // a worker's tile (kRowChunk x kColBlock fp32 = 2 MiB) stays in L2/L3 for the scan.
 constexpr int64_t kColBlock = 2048;
-constexpr int64_t kRowChunk = 256;      // rows per worker chunk (parallel-over-rows mode)
+constexpr int64_t kRowChunk = 256;      // rows per GEMM in parallel-over-rows mode
+constexpr int64_t kSuperChunk = 512;    // rows per worker chunk (W streamed once per chunk)
+constexpr int64_t kMinWorkerRows = 128; // below this many rows per worker, multi-thread the GEMM
 constexpr int64_t kRowChunkMT = 1024;   // rows per tile when the GEMM itself is multi-threaded
 
 int64_t env_or(const char* name, int64_t dflt) {
@@ -225,12 +228,12 @@ struct Scratch {
 };
 
 template <typename scalar_t>
-Scratch make_scratch(const Problem<scalar_t>& P, int64_t rows) {
+Scratch make_scratch(const Problem<scalar_t>& P, int64_t rows, int64_t sub) {
   auto opt = at::TensorOptions().dtype(P.acc_type);
   Scratch s;
   if (!P.x_direct) s.xbuf = at::empty({rows, P.d_in}, opt);
   if (!P.w_direct) s.wbuf = at::empty({P.d_in * P.col_block}, opt);
-  s.tile = at::empty({rows * P.col_block}, opt);
+  s.tile = at::empty({sub * P.col_block}, opt);
   return s;
 }
 
@@ -259,45 +262,71 @@ at::Tensor centered_rows(const Problem<scalar_t>& P, Scratch& s, int64_t r0, int
   return xr;
 }
 
-// tile[rows, cols] = xr @ W[:, j0 : j0+cols] (no bias); returns the tile's data pointer.
+// W[:, j0 : j0+cols] in acc dtype: the strided view itself (MKL takes the leading dimension or a
+// transposed layout), or an upcast copy into the worker's buffer for bf16/fp16.
 template <typename scalar_t>
-const typename Problem<scalar_t>::acc_t* gemm_tile(const Problem<scalar_t>& P, Scratch& s,
-                                                   const at::Tensor& xr, int64_t j0,
-                                                   int64_t cols) {
-  using acc_t = typename Problem<scalar_t>::acc_t;
-  const int64_t rows = xr.size(0);
+at::Tensor weight_block(const Problem<scalar_t>& P, Scratch& s, int64_t j0, int64_t cols) {
   at::Tensor wc = P.W.narrow(1, j0, cols);
-  if (!P.w_direct) {
-    at::Tensor wb = s.wbuf.narrow(0, 0, P.d_in * cols).view({P.d_in, cols});
-    wb.copy_(wc);
-    wc = wb;
-  }
-  at::Tensor t = s.tile.narrow(0, 0, rows * cols).view({rows, cols});
-  at::mm_out(t, xr, wc);
-  return t.template data_ptr<acc_t>();
+  if (P.w_direct) return wc;
+  at::Tensor wb = s.wbuf.narrow(0, 0, P.d_in * cols).view({P.d_in, cols});
+  wb.copy_(wc);
+  return wb;
 }
 
-// Runs body(r0, rows, scratch) over all row chunks, choosing the parallel layout (see top).
-template <typename scalar_t, typename Body>
-void for_row_chunks(const Problem<scalar_t>& P, const Body& body) {
+// Drives the tiling for both encoders:
+//   st = begin(r0, rows)                      per row chunk, its running state
+//   scan(st, r, tile_row, j0, cols)           row r of the chunk, pre[j0 : j0+cols] - b_enc
+//   end(st, r0, rows)                         after the chunk's last column block
+// Column blocks are visited in increasing order, so each row sees its features in index order.
+template <typename scalar_t, typename Begin, typename Scan, typename End>
+void run_tiles(const Problem<scalar_t>& P, const Begin& begin, const Scan& scan, const End& end) {
+  using acc_t = typename Problem<scalar_t>::acc_t;
+  if (P.N == 0) return;
+  // Chunk of `rows` rows: centre x once, then per column block (upcast once) GEMM `sub` rows at a
+  // time so the tile stays small and cache-resident between the GEMM and the scan.
+  auto process = [&](int64_t r0, int64_t rows, int64_t sub, Scratch& s) {
+    auto st = begin(r0, rows);
+    const at::Tensor xr = centered_rows(P, s, r0, rows);
+    for (int64_t j0 = 0; j0 < P.d_sae; j0 += P.col_block) {
+      const int64_t cols = std::min(P.col_block, P.d_sae - j0);
+      const at::Tensor wc = weight_block(P, s, j0, cols);
+      for (int64_t s0 = 0; s0 < rows; s0 += sub) {
+        const int64_t m = std::min(sub, rows - s0);
+        at::Tensor t = s.tile.narrow(0, 0, m * cols).view({m, cols});
+        at::mm_out(t, xr.narrow(0, s0, m), wc);
+        const acc_t* tile = t.template data_ptr<acc_t>();
+        // Runs inline when we are already inside a per-worker parallel region.
+        at::parallel_for(0, m, 8, [&](int64_t a, int64_t e) {
+          for (int64_t r = a; r < e; ++r) scan(st, s0 + r, tile + r * cols, j0, cols);
+        });
+      }
+    }
+    end(st, r0, rows);
+  };
+
   const int64_t nt = at::get_num_threads();
   const int64_t mode = env_or("SK_ENC_MODE", -1);
-  const int64_t rc = env_or("SK_ENC_RC", kRowChunk);
-  const bool per_worker = mode >= 0 ? mode == 1 : (nt > 1 && P.N >= nt * rc);
+  const int64_t sub = env_or("SK_ENC_RC", kRowChunk);
+  const int64_t super = env_or("SK_ENC_S", kSuperChunk);
+  const bool per_worker = mode >= 0 ? mode == 1 : (nt > 1 && P.N >= nt * kMinWorkerRows);
   if (per_worker) {
-    const int64_t chunk = std::min(rc, at::divup(P.N, nt));
+    // Chunks are handed out dynamically so a worker that gets descheduled does not hold up the
+    // rest (this machine is shared); at least one chunk per worker.
+    const int64_t chunk = std::min(super, at::divup(P.N, nt));
     const int64_t nchunks = at::divup(P.N, chunk);
-    at::parallel_for(0, nchunks, 1, [&](int64_t a, int64_t e) {
-      Scratch s = make_scratch(P, chunk);
-      for (int64_t c = a; c < e; ++c) {
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, std::min(nt, nchunks), 1, [&](int64_t, int64_t) {
+      Scratch s = make_scratch(P, chunk, std::min(sub, chunk));
+      for (int64_t c; (c = next.fetch_add(1)) < nchunks;) {
         const int64_t r0 = c * chunk;
-        body(r0, std::min(chunk, P.N - r0), s);
+        process(r0, std::min(chunk, P.N - r0), sub, s);
       }
     });
   } else {
     const int64_t chunk = std::min(env_or("SK_ENC_RCMT", kRowChunkMT), P.N);
-    Scratch s = make_scratch(P, chunk);
-    for (int64_t r0 = 0; r0 < P.N; r0 += chunk) body(r0, std::min(chunk, P.N - r0), s);
+    Scratch s = make_scratch(P, chunk, chunk);
+    for (int64_t r0 = 0; r0 < P.N; r0 += chunk)
+      process(r0, std::min(chunk, P.N - r0), chunk, s);
   }
 }
 
@@ -354,25 +383,24 @@ void topk_impl(const Problem<scalar_t>& P, int64_t k, bool relu, at::Tensor& val
   int64_t* iout = indices.data_ptr<int64_t>();
   const acc_t* benc = P.benc.template data_ptr<acc_t>();
 
-  for_row_chunks(P, [&](int64_t r0, int64_t rows, Scratch& s) {
-    std::vector<Cand<acc_t>> cand(rows * cap);
-    std::vector<TopKRow<acc_t>> state(rows);
+  struct Chunk {
+    std::vector<Cand<acc_t>> cand;
+    std::vector<TopKRow<acc_t>> rows;
+  };
+  auto begin = [&](int64_t, int64_t rows) {
+    Chunk c{std::vector<Cand<acc_t>>(rows * cap), std::vector<TopKRow<acc_t>>(rows)};
     for (int64_t r = 0; r < rows; ++r)
-      state[r] = {cand.data() + r * cap, 0, -std::numeric_limits<acc_t>::infinity(), int32_t(k),
-                  int32_t(cap)};
-    const at::Tensor xr = centered_rows(P, s, r0, rows);
-    for (int64_t j0 = 0; j0 < P.d_sae; j0 += P.col_block) {
-      const int64_t cols = std::min(P.col_block, P.d_sae - j0);
-      const acc_t* tile = gemm_tile(P, s, xr, j0, cols);
-      // Inside a per-worker chunk this nested parallel_for runs inline on the worker.
-      at::parallel_for(0, rows, 8, [&](int64_t a, int64_t e) {
-        for (int64_t r = a; r < e; ++r)
-          scan_topk(tile + r * cols, benc + j0, cols, int32_t(j0), state[r]);
-      });
-    }
+      c.rows[r] = {c.cand.data() + r * cap, 0, -std::numeric_limits<acc_t>::infinity(),
+                   int32_t(k), int32_t(cap)};
+    return c;
+  };
+  auto scan = [&](Chunk& c, int64_t r, const acc_t* tile_row, int64_t j0, int64_t cols) {
+    scan_topk(tile_row, benc + j0, cols, int32_t(j0), c.rows[r]);
+  };
+  auto end = [&](Chunk& c, int64_t r0, int64_t rows) {
     at::parallel_for(0, rows, 8, [&](int64_t a, int64_t e) {
       for (int64_t r = a; r < e; ++r) {
-        TopKRow<acc_t>& st = state[r];
+        TopKRow<acc_t>& st = c.rows[r];
         if (st.cnt > k) prune(st.buf, st.cnt, int32_t(k));
         std::sort(st.buf, st.buf + k, better<acc_t>);
         scalar_t* vo = vout + (r0 + r) * k;
@@ -384,7 +412,8 @@ void topk_impl(const Problem<scalar_t>& P, int64_t k, bool relu, at::Tensor& val
         }
       }
     });
-  });
+  };
+  run_tiles(P, begin, scan, end);
 }
 
 template <typename scalar_t>
@@ -397,17 +426,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> threshold_impl(const Problem<scal
   // visited left to right; the output is written once K = max L0 is known.
   std::vector<std::vector<Cand<acc_t>>> lists(P.N);
 
-  for_row_chunks(P, [&](int64_t r0, int64_t rows, Scratch& s) {
-    const at::Tensor xr = centered_rows(P, s, r0, rows);
-    for (int64_t j0 = 0; j0 < P.d_sae; j0 += P.col_block) {
-      const int64_t cols = std::min(P.col_block, P.d_sae - j0);
-      const acc_t* tile = gemm_tile(P, s, xr, j0, cols);
-      at::parallel_for(0, rows, 8, [&](int64_t a, int64_t e) {
-        for (int64_t r = a; r < e; ++r)
-          scan_threshold(tile + r * cols, benc + j0, thr + j0, cols, int32_t(j0), lists[r0 + r]);
-      });
-    }
-  });
+  run_tiles(
+      P, [](int64_t r0, int64_t) { return r0; },
+      [&](int64_t r0, int64_t r, const acc_t* tile_row, int64_t j0, int64_t cols) {
+        scan_threshold(tile_row, benc + j0, thr + j0, cols, int32_t(j0), lists[r0 + r]);
+      },
+      [](int64_t, int64_t, int64_t) {});
 
   at::Tensor l0 = at::empty({P.N}, at::TensorOptions().dtype(at::kLong));
   int64_t* l0p = l0.data_ptr<int64_t>();

@@ -1,0 +1,213 @@
+"""Run benchmark cases (sparsekern and peers interleaved in one process) and build result rows."""
+
+from __future__ import annotations
+
+import functools
+import gc
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import torch
+
+from .. import _backend
+from . import cases as C
+from . import timing as T
+
+_BACKEND_ERRORS = (RuntimeError, NotImplementedError)
+
+
+@dataclass
+class Settings:
+    """How to run: device/dtype, repeat policy and what to include."""
+
+    device: torch.device
+    dtype: torch.dtype = torch.float32
+    ops: Sequence[str] = C.OPS
+    quick: bool = False
+    repeats: Optional[int] = None  # exact timed rounds; None = adaptive within budget_s
+    min_repeats: int = 3
+    max_repeats: int = 20
+    budget_s: float = 4.0  # time budget for the timed rounds of one case
+    peers: bool = True
+    seed: int = 0
+
+
+def _in_backend(fn: Callable[[], Any], name: str) -> Callable[[], Any]:
+    @functools.wraps(fn)
+    def run() -> Any:
+        with _backend.use_backend(name):
+            return fn()
+
+    return run
+
+
+def backend_of(case: C.Case, device: torch.device, forced: Optional[str] = None) -> str:
+    """Backend(s) the registry picks for ``case``'s ops: 'cpp', or e.g. 'cpp/ref/ref' if mixed."""
+    with _backend.use_backend(forced or _backend.forced_backend()):
+        names = [_backend.select(op, device)[0] for op in case.backend_ops]
+    return names[0] if len(set(names)) == 1 else "/".join(names)
+
+
+@dataclass
+class Resolved:
+    """sparsekern's callable after its warm-up call, and what that call told us."""
+
+    fn: Callable[[], Any]
+    backend: str
+    out: Any  # the warm-up call's output
+    ms: float  # the warm-up call's time
+    note: str = ""
+
+
+def resolve_ours(case: C.Case, device: torch.device) -> Resolved:
+    """Warm sparsekern's callable up with the active backend; fall back to 'ref' if it fails.
+
+    The fallback happens only when no backend is forced (``SPARSEKERN_BACKEND``/``use_backend``)
+    and is recorded in ``note``; a forced backend's error propagates.
+    """
+    backend = backend_of(case, device)
+    try:
+        return Resolved(case.ours, backend, *T.time_call(case.ours, device))
+    except _BACKEND_ERRORS as e:
+        if _backend.forced_backend() != "auto" or backend == "ref":
+            raise
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        fn = _in_backend(case.ours, "ref")
+        note = f"{backend} backend failed ({msg}); ran ref instead"
+        return Resolved(fn, backend_of(case, device, "ref"), *T.time_call(fn, device), note)
+
+
+def _warm_peers(
+    peers: Sequence[C.Peer], dev: torch.device
+) -> tuple[list[C.Peer], list[float], dict[str, str]]:
+    """One warm-up call per runnable peer: (peers that ran, their ms, errors by key)."""
+    live, est, errors = [], [], {}
+    for p in peers:
+        if p.skip is not None:
+            continue
+        try:
+            est.append(T.time_call(p.fn, dev)[1])
+            live.append(p)
+        except Exception as e:
+            errors[p.key] = f"{type(e).__name__}: {e}"
+    return live, est, errors
+
+
+def _check(p: C.Peer, ours_out: Any, peer_out: Any) -> Optional[float]:
+    if p.check is None:
+        return None
+    try:
+        return p.check(ours_out, peer_out)
+    except Exception:  # a comparison problem must not abort the benchmark
+        return None
+
+
+FIELDS = (
+    "op", "variant", "shape", "dims", "dtype", "device", "backend", "peer", "status",
+    "sparsekern_ms", "peer_ms", "ratio", "sparsekern_peak_mib", "peer_peak_mib",
+    "target", "target_met", "repeats", "max_abs_diff", "info", "note",
+)
+
+
+def _finite_pos(x: Optional[float]) -> Optional[float]:
+    return x if x is not None and math.isfinite(x) and x > 0 else None
+
+
+def run_case(case: C.Case, st: Settings) -> list[dict[str, Any]]:
+    """Benchmark one case; one row per peer (a single peer-less row with ``peers=False``)."""
+    dev = st.device
+    base = dict.fromkeys(FIELDS)
+    base.update(op=case.op, variant=case.variant, shape=case.shape.name, dims=case.shape.dims(),
+                dtype=str(st.dtype).removeprefix("torch."), device=str(dev), info=dict(case.info))
+    try:
+        res = resolve_ours(case, dev)  # warm-up call of sparsekern
+    except Exception as e:  # forced backend failed, or a bug: report, keep going
+        msg = f"sparsekern failed: {type(e).__name__}: {e}"
+        return [{**base, "status": "error", "backend": backend_of(case, dev), "note": msg}]
+    ours, backend, note = res.fn, res.backend, res.note
+    info = dict(case.info)
+    if case.info_fn is not None:
+        info.update(case.info_fn(res.out))
+    res.out = None
+    peers = list(case.peers) if st.peers else []
+    live, est, errors = _warm_peers(peers, dev)
+    # one untimed call each for peak memory (after warm-up), its outputs reused for the check
+    ours_out, ours_peak = T.measure_peak(ours, dev)
+    peaks: dict[str, Optional[float]] = {}
+    diffs: dict[str, Optional[float]] = {}
+    for p in live:
+        p_out, peaks[p.key] = T.measure_peak(p.fn, dev)
+        diffs[p.key] = _check(p, ours_out, p_out)
+        del p_out
+    del ours_out
+    fns = [ours] + [p.fn for p in live]
+    n = st.repeats or T.choose_repeats([res.ms] + est, st.budget_s, st.min_repeats, st.max_repeats)
+    samples = T.interleaved_ms(fns, dev, n)
+    ours_ms = T.median(samples[0])
+    common = {**base, "backend": backend, "sparsekern_ms": ours_ms, "sparsekern_peak_mib": ours_peak,
+              "repeats": n, "info": info}
+    peak_ok = None
+    if case.peak_target_mib is not None and ours_peak is not None:
+        peak_ok = ours_peak <= case.peak_target_mib
+    rows = []
+    for p in peers if peers else [None]:
+        row = {**common, "status": "ok", "peer": p.name if p else None, "note": note}
+        targets, met = [], []
+        if case.peak_target_mib is not None:
+            targets.append(f"peak <= {case.peak_target_mib:g} MiB")
+            met.append(peak_ok)
+        if p is not None and p.skip:
+            row.update(status="skipped", note="; ".join(filter(None, [note, p.skip])))
+        elif p is not None and p.key in errors:
+            row.update(status="error", note="; ".join(filter(None, [note, f"peer failed: {errors[p.key]}"])))
+        elif p is not None:
+            peer_ms = T.median(samples[1 + live.index(p)])
+            ratio = _finite_pos(peer_ms / ours_ms) if ours_ms > 0 else None
+            row.update(peer_ms=peer_ms, ratio=ratio, peer_peak_mib=peaks[p.key], max_abs_diff=diffs[p.key])
+            if p.min_ratio is not None:
+                targets.append(p.target or f"ratio >= {p.min_ratio:g}")
+                met.append(ratio is not None and ratio >= p.min_ratio)
+        if targets:
+            row["target"] = "; ".join(targets)
+            row["target_met"] = None if any(m is None for m in met) else all(met)
+        rows.append(row)
+    return rows
+
+
+def iter_cases(st: Settings) -> Iterable[tuple[C.Shape, str, Optional[float]]]:
+    """Selected (shape, op, topk peak target) in plan order (grouped by shape)."""
+    for shape, ops_here, peak in C.plan(st.quick):
+        for op in ops_here:
+            if op in st.ops:
+                yield shape, op, peak
+
+
+def count_cases(st: Settings) -> int:
+    return sum(2 if op == "sparse_decode" else 1 for _, op, _ in iter_cases(st))
+
+
+def run_suite(st: Settings, progress: bool = True) -> tuple[list[dict[str, Any]], float]:
+    """Run every selected case; returns (rows, elapsed seconds). Weights are built once per shape."""
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    weights: Optional[C.Weights] = None
+    bar = tqdm(total=count_cases(st), desc="sparsekern bench", unit="case", disable=not progress)
+    try:
+        for shape, op, peak in iter_cases(st):
+            if weights is None or weights.shape != shape:
+                weights = None
+                gc.collect()
+                bar.set_postfix_str(f"building {shape.name} weights")
+                weights = C.make_weights(shape, st.device, st.dtype, st.seed)
+            for case in C.build(op, weights, peak_target_mib=peak):
+                bar.set_postfix_str(f"{case.op}{case.variant} @ {shape.name}")
+                rows.extend(run_case(case, st))
+                bar.update(1)
+                del case
+    finally:
+        bar.close()
+    return rows, time.perf_counter() - t0

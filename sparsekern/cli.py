@@ -1,0 +1,140 @@
+"""``sparsekern`` command line: ``sparsekern bench [...]`` (also ``python -m sparsekern.cli bench``)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from typing import Optional, Sequence
+
+import torch
+
+from . import _backend
+from .bench import report, suite
+from .bench.cases import OPS
+
+PATCHING_MSG = (
+    "sparsekern bench --patching: the fused activation-patching benchmark is not available yet "
+    "— see issue 4."
+)
+DTYPES = ("float32", "bfloat16")
+
+
+def _ops_arg(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in OPS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown op name(s) {', '.join(map(repr, bad)) or '(none given)'}; choose from {', '.join(OPS)}"
+        )
+    return names
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sparsekern", description="sparsekern tools")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    b = sub.add_parser(
+        "bench", help="benchmark sparsekern ops against their peers (same process, interleaved)",
+        description="Run the embedded benchmark suite: sparsekern vs embedding_bag / matmul / SAELens, "
+        "print a table and write JSON + CSV results.",
+    )
+    b.add_argument("--quick", action="store_true", help="small shapes (seconds; for tests/CI)")
+    b.add_argument("--device", choices=("cpu", "cuda", "mps"), default=None,
+                   help="default: cuda if available, else cpu")
+    b.add_argument("--dtype", choices=DTYPES, default="float32")
+    b.add_argument("--repeats", type=_positive, default=None,
+                   help="timed rounds per case (default: adaptive, 3-20 within a per-case budget)")
+    b.add_argument("--ops", type=_ops_arg, default=None,
+                   help=f"comma-separated subset of: {','.join(OPS)}")
+    b.add_argument("--no-peer", action="store_true", help="time sparsekern only")
+    b.add_argument("--backend", default=None, choices=("auto", *_backend.BACKEND_NAMES),
+                   help="force a sparsekern backend (default: SPARSEKERN_BACKEND, else auto)")
+    b.add_argument("--threads", type=_positive, default=None, help="torch CPU threads (default: all cores)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--out", default="benchmarks/results", help="results folder (created if missing)")
+    b.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    b.add_argument("--patching", action="store_true", help="(reserved) fused patching benchmark")
+    return p
+
+
+def _device(name: Optional[str]) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("sparsekern bench: --device cuda requested but torch.cuda.is_available() is False")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise SystemExit("sparsekern bench: --device mps requested but MPS is not available")
+    return torch.device(name)
+
+
+def bench(args: argparse.Namespace) -> int:
+    """Run the suite; 0 on success, 1 if any row errored, 2 for unavailable features."""
+    if args.patching:
+        print(PATCHING_MSG, file=sys.stderr)
+        return 2
+    device = _device(args.device)
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads or report.cpu_cores())
+    try:
+        ctx = _backend.use_backend(args.backend) if args.backend else contextlib.nullcontext()
+        with ctx:
+            return _bench(args, device)
+    finally:
+        torch.set_num_threads(threads)  # main() may run inside another program (tests)
+
+
+def _bench(args: argparse.Namespace, device: torch.device) -> int:
+    st = suite.Settings(
+        device=device, dtype=getattr(torch, args.dtype), ops=args.ops or OPS, quick=args.quick,
+        repeats=args.repeats, peers=not args.no_peer, seed=args.seed,
+        budget_s=0.2 if args.quick else 4.0, max_repeats=10 if args.quick else 20,
+    )
+    meta = {
+        "schema": 1, "suite": "quick" if args.quick else "default",
+        "machine": report.machine_info(device),
+        "settings": {"dtype": args.dtype, "ops": list(st.ops), "repeats": args.repeats,
+                     "peers": st.peers, "seed": args.seed, "backend": _backend.forced_backend()},
+    }
+    busy = report.busy_warning(report.cpu_cores()) if device.type == "cpu" else None
+    if busy:
+        meta["warning"] = busy
+        print(busy, file=sys.stderr)
+    rows, elapsed = suite.run_suite(st, progress=not args.no_progress)
+    meta["elapsed_s"] = round(elapsed, 2)
+    paths = report.write_results(rows, meta, args.out, suite.FIELDS, args.quick)
+    m = meta["machine"]
+    print(f"sparsekern bench ({meta['suite']}) on {m['device']}: {m['cpu_model']}, {m['cpu_cores']} cores, "
+          f"{torch.get_num_threads()} threads, torch {m['torch']}, {args.dtype}; "
+          f"backends available {m['sparsekern_backends']}")
+    print(report.format_table(rows))
+    if busy:
+        print(busy)
+    if args.quick:
+        print("quick shapes: targets are informational (they are set for the full-size shapes)")
+    print(f"peak MiB = extra memory of one call ({m['peak_memory_method'] or 'not measured on this device'})")
+    print(f"total {elapsed:.1f} s; wrote {paths['json']} (+ .csv, {paths['latest'].name})")
+    return 1 if any(r["status"] == "error" for r in rows) else 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "bench":
+        return bench(args)
+    parser.print_help(sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

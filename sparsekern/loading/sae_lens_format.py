@@ -1,0 +1,157 @@
+"""SAELens's on-disk format (``cfg.json`` + ``sae_weights.safetensors`` [+ ``sparsity.safetensors``]).
+
+Readers raise clear errors naming the file (missing, not JSON, truncated/corrupt safetensors) instead of
+whatever the parser throws. ``handle_config_defaulting`` upgrades pre-6.0 SAELens configs as SAELens does.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor
+
+from ..sae import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, get_sae_class, str_to_dtype
+
+# top-level keys of a pre-6.0 cfg.json that SAELens moves into ``metadata``
+LLM_METADATA_KEYS = {
+    "model_name",
+    "hook_name",
+    "model_class_name",
+    "hook_head_index",
+    "model_from_pretrained_kwargs",
+    "prepend_bos",
+    "exclude_special_tokens",
+    "neuronpedia_id",
+    "context_size",
+    "seqpos_slice",
+    "dataset_path",
+    "sae_lens_version",
+    "sae_lens_training_version",
+    "hook_name_out",
+    "hook_head_index_out",
+    "hf_hook_name",
+    "hf_hook_name_out",
+}
+
+
+def read_json(path: Union[str, Path]) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        with open(path) as f:
+            out = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"config file {path} is not valid JSON: {e}") from None
+    if not isinstance(out, dict):
+        raise ValueError(f"config file {path} must hold a JSON object, got {type(out).__name__}")
+    return out
+
+
+def read_safetensors(
+    path: Union[str, Path], device: str = "cpu", dtype: Union[str, torch.dtype, None] = None
+) -> dict[str, Tensor]:
+    """All tensors of a safetensors file (cast to ``dtype`` if given); clear errors for bad files."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    dt = str_to_dtype(dtype) if dtype is not None else None
+    try:
+        out = {}
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            for k in f.keys():  # noqa: SIM118
+                t = f.get_tensor(k)
+                out[k] = t.to(dt) if dt is not None else t
+        return out
+    except Exception as e:  # safetensors raises its own error types (header, size, dtype, ...)
+        raise ValueError(
+            f"could not read safetensors file {path} (truncated or corrupt?): {type(e).__name__}: {e}"
+        ) from None
+
+
+def read_sparsity(path: Union[str, Path], device: str = "cpu") -> Optional[Tensor]:
+    """The ``sparsity`` tensor of a ``sparsity.safetensors`` file, or None if there is no file."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    tensors = read_safetensors(path, device)
+    if "sparsity" not in tensors:
+        raise ValueError(f"{path} has no 'sparsity' tensor (found {sorted(tensors)})")
+    return tensors["sparsity"]
+
+
+def read_sae_lens_dir(
+    path: Union[str, Path], device: str = "cpu", cfg_overrides: Optional[dict[str, Any]] = None
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """(cfg_dict, state_dict) of a SAELens folder, like SAELens's ``sae_lens_disk_loader``."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"SAE folder not found: {path} "
+            f"(expected a folder with {SAE_CFG_FILENAME} and {SAE_WEIGHTS_FILENAME})"
+        )
+    cfg_dict = read_json(path / SAE_CFG_FILENAME)
+    cfg_dict["device"] = device
+    if cfg_overrides:
+        cfg_dict.update(cfg_overrides)
+    dtype = cfg_dict.get("dtype", "float32")
+    state_dict = read_safetensors(path / SAE_WEIGHTS_FILENAME, device, dtype)
+    if "scaling_factor" in state_dict:  # pre-6 "finetuning scaling factor": SAELens drops it if all ones
+        sf = state_dict.pop("scaling_factor")
+        if not torch.allclose(sf, torch.ones_like(sf)):
+            raise ValueError(
+                f"{path / SAE_WEIGHTS_FILENAME} has a non-trivial finetuning 'scaling_factor', which "
+                "sparsekern does not support"
+            )
+    return cfg_dict, state_dict
+
+
+def handle_config_defaulting(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    """Upgrade a pre-6.0 SAELens cfg dict (flat ``hook_name`` etc.) to the 6.x layout; 6.x passes through."""
+    from packaging.version import InvalidVersion, Version
+
+    version = cfg_dict.get("sae_lens_version") or (cfg_dict.get("metadata") or {}).get("sae_lens_version")
+    try:
+        old = not version or Version(str(version)) < Version("6.0.0-rc.0")
+    except InvalidVersion:
+        old = True
+    return _pre_6_0_config(cfg_dict) if old else cfg_dict
+
+
+def _pre_6_0_config(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    # mirrors sae_lens.loading.pretrained_sae_loaders.handle_pre_6_0_config
+    rename = {
+        "hook_point": "hook_name",
+        "hook_point_head_index": "hook_head_index",
+        "activation_fn_str": "activation_fn",
+    }
+    cfg = {rename.get(k, k): v for k, v in cfg_dict.items()}
+    cfg.setdefault("prepend_bos", True)
+    cfg.setdefault("apply_b_dec_to_input", True)
+    cfg.setdefault("architecture", "standard")
+    cfg.setdefault("reshape_activations", "hook_z" if "hook_z" in (cfg.get("hook_name") or "") else "none")
+    kwargs = cfg.get("activation_fn_kwargs") or {}
+    if cfg.get("activation_fn") == "topk" and kwargs.get("k") is not None:
+        cfg["architecture"] = "topk"
+        cfg["k"] = kwargs["k"]
+    if isinstance(cfg.get("normalize_activations"), bool):
+        cfg["normalize_activations"] = "expected_average_only_in" if cfg["normalize_activations"] else "none"
+    if cfg.get("normalize_activations") is None:
+        cfg["normalize_activations"] = "none"
+    cfg.setdefault("device", "cpu")
+    cfg_cls = get_sae_class(cfg["architecture"])[1]
+    names = {f.name for f in fields(cfg_cls)}
+    out = {k: v for k, v in cfg.items() if k in names and k != "metadata"}
+    # keep a metadata dict that is already there, so running this twice changes nothing
+    out["metadata"] = {
+        **(cfg.get("metadata") or {}),
+        **{k: v for k, v in cfg.items() if k in LLM_METADATA_KEYS},
+    }
+    out["architecture"] = cfg["architecture"]
+    return out

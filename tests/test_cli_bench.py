@@ -1,0 +1,108 @@
+"""`sparsekern bench`: the quick suite writes complete JSON/CSV rows; bad flags fail clearly."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+
+import pytest
+
+import sparsekern
+from sparsekern import cli
+from sparsekern.bench import FIELDS
+
+HAVE_SAE_LENS = importlib.util.find_spec("sae_lens") is not None
+
+# (op + variant, peer) rows the quick plan must produce at its first shape
+EXPECTED = {
+    ("topk_encode", "x @ W_enc (bare matmul)"),
+    ("topk_encode", "sae_lens.TopKSAE.encode"),
+    ("threshold_encode", "sae_lens.JumpReLUSAE.encode"),
+    ("sparse_decode", "F.embedding_bag(mode='sum')"),
+    ("sparse_decode+b_dec", "sae_lens.TopKSAE.decode (dense code)"),
+    ("sparse_decode_backward", "dense_code @ W_dec (autograd)"),
+}
+
+
+def _pos(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    rc = cli.main(["bench", "--quick", "--no-progress", "--out", str(out)])
+    return rc, out
+
+
+@pytest.mark.slow
+def test_quick_bench_writes_complete_rows(quick_run):
+    rc, out = quick_run
+    assert rc == 0
+    doc = json.loads((out / "latest-ops-quick.json").read_text())
+    (stamped,) = [p for p in out.glob("ops-quick-*.json")]
+    assert json.loads(stamped.read_text()) == doc
+    assert doc["suite"] == "quick" and doc["elapsed_s"] > 0
+    m = doc["machine"]
+    for key in ("cpu_model", "cpu_cores", "torch", "sparsekern_backends", "date", "device"):
+        assert m[key], key
+    assert m["sparsekern_backends"] == sparsekern.backends()
+
+    rows = doc["rows"]
+    assert {(r["op"] + r["variant"], r["peer"]) for r in rows if r["shape"] == "quick-a"} == EXPECTED
+    assert {r["shape"] for r in rows} == {"quick-a", "quick-b", "quick-mem"}
+    for r in rows:
+        assert set(FIELDS) <= set(r), set(FIELDS) - set(r)
+        assert r["device"] == "cpu" and r["dtype"] == "float32"
+        assert set(r["dims"]) == {"n", "d_in", "d_sae", "k"}
+        if r["status"] == "skipped":
+            assert not HAVE_SAE_LENS and "sae_lens" in r["note"]
+            continue
+        assert r["status"] == "ok", r
+        assert r["backend"] in sparsekern.backends()
+        assert _pos(r["sparsekern_ms"]) and _pos(r["peer_ms"]) and _pos(r["ratio"]), r
+        assert r["ratio"] == pytest.approx(r["peer_ms"] / r["sparsekern_ms"])
+        assert r["repeats"] >= 3
+        for key in ("sparsekern_peak_mib", "peer_peak_mib"):
+            assert r[key] is None or (math.isfinite(r[key]) and r[key] >= 0)
+        if r["target"] is not None:
+            assert r["target_met"] in (True, False)
+        if r["max_abs_diff"] is not None:  # sparsekern agrees with the peer it is timed against
+            assert r["max_abs_diff"] < 1e-3, r
+    thr = [r for r in rows if r["op"] == "threshold_encode"]
+    assert thr and all(r["info"]["mean_l0"] > 0 for r in thr)
+    mem = [r for r in rows if r["shape"] == "quick-mem"]
+    assert mem and all("peak <=" in r["target"] for r in mem)
+
+    with open(stamped.with_suffix(".csv"), newline="") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(rows) and list(table[0]) == list(FIELDS)
+
+
+def test_ops_selection_without_peers(tmp_path, capsys):
+    rc = cli.main(["bench", "--quick", "--no-peer", "--no-progress", "--ops", "sparse_decode",
+                   "--repeats", "3", "--out", str(tmp_path)])
+    assert rc == 0
+    rows = json.loads((tmp_path / "latest-ops-quick.json").read_text())["rows"]
+    assert rows and {r["op"] for r in rows} == {"sparse_decode"}
+    assert all(r["peer"] is None and r["ratio"] is None and _pos(r["sparsekern_ms"]) for r in rows)
+    assert all(r["repeats"] == 3 for r in rows)
+    assert "sparse_decode" in capsys.readouterr().out
+
+
+def test_patching_is_reserved(tmp_path, capsys):
+    rc = cli.main(["bench", "--patching", "--out", str(tmp_path)])
+    assert rc != 0
+    err = capsys.readouterr().err
+    assert "not available yet" in err and "issue 4" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_unknown_op_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--quick", "--ops", "topk_encode,not_an_op"])
+    assert e.value.code != 0
+    err = capsys.readouterr().err
+    assert "unknown op" in err and "not_an_op" in err and "topk_encode" in err
