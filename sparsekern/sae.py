@@ -703,7 +703,7 @@ class SAE(HookedRootModule):
         """Load a SAELens-format folder (``cfg.json`` + ``sae_weights.safetensors``).
 
         ``converter`` is an SAELens-style disk loader ``(path, device, cfg_overrides) -> (cfg_dict,
-        state_dict)`` for other layouts (SAELens's own ``sparsify_disk_loader`` works).
+        state_dict)`` for other layouts. ``dtype`` overrides the config's; ``fold_W_dec_norm`` as SAELens.
         """
         return cls.load_from_disk_with_sparsity(path, device, dtype, converter, fold_W_dec_norm)[0]
 

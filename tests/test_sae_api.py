@@ -106,6 +106,20 @@ def test_encode_decode_forward_match_sae_lens(arch, backend):
         torch.testing.assert_close(ours(xi), ref(xi), **TOL)
 
 
+@pytest.mark.parametrize("arch", ["jumprelu", "topk", "gated"])
+def test_many_rows_with_trainable_parameters(arch, backend):
+    """Realistic use: nn.Parameters (requires_grad) and enough rows for the kernels' multi-row tiling,
+    with and without grad mode."""
+    ref, ours = make_pair(arch)
+    assert ours.W_enc.requires_grad
+    x = inputs(lead=(4, 80))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), **TOL)
+    with torch.inference_mode():
+        torch.testing.assert_close(ours.encode(x), ref.encode(x), **TOL)
+    torch.testing.assert_close(ours(x), ref(x), **TOL)
+
+
 @pytest.mark.parametrize("arch", ARCH_IDS)
 @torch.no_grad()
 def test_hook_values_match_sae_lens(arch):

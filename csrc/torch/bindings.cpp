@@ -3,9 +3,20 @@
 
 #include "../cpu/kernels.h"
 
+#ifdef SPARSEKERN_WITH_CUDA
+namespace sparsekern {
+void register_cuda(pybind11::module& m);  // csrc/torch/cuda_bindings.cpp
+}
+#endif
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sparsekern native kernels (C++ CPU)";
+#ifdef SPARSEKERN_WITH_CUDA
+  m.attr("has_cuda") = true;
+  sparsekern::register_cuda(m);
+#else
   m.attr("has_cuda") = false;
+#endif
   m.def("topk_encode", &sparsekern::topk_encode_cpu, "fused top-k encode (CPU)");
   m.def("threshold_encode", &sparsekern::threshold_encode_cpu, "JumpReLU encode to sparse (CPU)");
   m.def("sparse_decode", &sparsekern::sparse_decode_cpu, "sparse decode (CPU)");

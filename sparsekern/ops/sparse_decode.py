@@ -37,6 +37,21 @@ def _cpp_bwd_weight(grad_out, values, indices, d_sae):
     return _backend.native().sparse_decode_backward_weight(grad_out, values, indices, d_sae)
 
 
+@_backend.register("sparse_decode", "cuda", ("cuda",))
+def _cuda_fwd(values, indices, W_dec, b_dec):
+    return _backend.native().sparse_decode_cuda(values, indices, W_dec, b_dec)
+
+
+@_backend.register("sparse_decode_backward_values", "cuda", ("cuda",))
+def _cuda_bwd_values(grad_out, indices, W_dec):
+    return _backend.native().sparse_decode_backward_values_cuda(grad_out, indices, W_dec)
+
+
+@_backend.register("sparse_decode_backward_weight", "cuda", ("cuda",))
+def _cuda_bwd_weight(grad_out, values, indices, d_sae):
+    return _backend.native().sparse_decode_backward_weight_cuda(grad_out, values, indices, d_sae)
+
+
 # ---- custom ops ----------------------------------------------------------------------------
 @torch.library.custom_op("sparsekern::sparse_decode", mutates_args=())
 def _sparse_decode(
