@@ -7,16 +7,6 @@ every op runs the pure-PyTorch reference (a warning says so once).
 from . import ops
 from ._backend import backends, forced_backend, use_backend
 from .sparse_acts import SparseActs
-from .sae import (
-    SAE, GatedSAE, GatedSAEConfig, JumpReLUSAE, JumpReLUSAEConfig, SAEConfig, SAEMetadata, StandardSAE,
-    StandardSAEConfig, TopKSAE, TopKSAEConfig,
-)
-from .transcoder import (
-    JumpReLUSkipTranscoder, JumpReLUSkipTranscoderConfig, JumpReLUTranscoder, JumpReLUTranscoderConfig,
-    SkipTranscoder, SkipTranscoderConfig, TopKSkipTranscoder, TopKSkipTranscoderConfig, TopKTranscoder,
-    TopKTranscoderConfig, Transcoder, TranscoderConfig,
-)
-
 __version__ = "0.1.0"
 
 __all__ = ["SparseActs", "backends", "forced_backend", "ops", "use_backend", "__version__",
@@ -26,6 +16,22 @@ __all__ = ["SparseActs", "backends", "forced_backend", "ops", "use_backend", "__
     "JumpReLUSkipTranscoder", "JumpReLUSkipTranscoderConfig", "TopKTranscoder", "TopKTranscoderConfig",
     "TopKSkipTranscoder", "TopKSkipTranscoderConfig",
 ]
+
+_LAZY = {
+    **{n: "sae" for n in ("SAE", "SAEConfig", "SAEMetadata", "StandardSAE", "StandardSAEConfig", "GatedSAE",
+                          "GatedSAEConfig", "JumpReLUSAE", "JumpReLUSAEConfig", "TopKSAE", "TopKSAEConfig")},
+    **{n: "transcoder" for n in __all__ if "Transcoder" in n},
+}
+
+
+def __getattr__(name: str):
+    # the SAE classes pull in transformer_lens (~7 s): import them on first use, not at `import sparsekern`
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'sparsekern' has no attribute {name!r}")
+
 
 # import the native extension now so a missing build is reported once, at import
 from ._backend import native as _native  # noqa: E402

@@ -16,7 +16,11 @@ _backend.register("threshold_encode", "ref")(ref.threshold_encode)
 
 @_backend.register("threshold_encode", "cpp", ("cpu",))
 def _cpp(x, W_enc, b_enc, threshold, b_dec):
-    return _backend.native().threshold_encode(x, W_enc, b_enc, threshold, b_dec)
+    # detached: see ops/topk_encode.py (ATen calls on worker threads must not see requires_grad)
+    b_dec = b_dec.detach() if b_dec is not None else None
+    return _backend.native().threshold_encode(
+        x.detach(), W_enc.detach(), b_enc.detach(), threshold.detach(), b_dec
+    )
 
 
 @torch.library.custom_op("sparsekern::threshold_encode", mutates_args=())

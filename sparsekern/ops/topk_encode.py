@@ -21,7 +21,10 @@ _backend.register("topk_encode", "ref")(ref.topk_encode)
 
 @_backend.register("topk_encode", "cpp", ("cpu",))
 def _cpp(x, W_enc, b_enc, b_dec, k, relu):
-    return _backend.native().topk_encode(x, W_enc, b_enc, b_dec, k, relu)
+    # detached: the kernel's worker threads call ATen ops that must not see requires_grad
+    # (autograd is handled by register_autograd below, not inside the kernel)
+    b_dec = b_dec.detach() if b_dec is not None else None
+    return _backend.native().topk_encode(x.detach(), W_enc.detach(), b_enc.detach(), b_dec, k, relu)
 
 
 @torch.library.custom_op("sparsekern::topk_encode", mutates_args=())
