@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -134,12 +135,14 @@ constexpr int kTile = kNV<T> * Simd<T>::L;  // columns per register tile
 inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
 
 // Stable counting sort of the flat entries of rows [r0, r1) by feature. Entry e (in sorted
-// order) is (row srow[e], flat position spos[e] = row*k + j); offsets is the CSR row pointer
-// over features ([d_sae + 1]); used lists the features with at least one entry. Stable, so
-// every reduction over a feature's segment runs in a fixed order: results are deterministic.
+// order) comes from row r0 + srow[e], at flat position spos[e] = row*k + j (if want_pos), with
+// value sval[e] (if vals); offsets is the CSR row pointer over features ([d_sae + 1]); used
+// lists the features with at least one entry (if want_used). Stable, so every reduction over
+// a feature's segment runs in a fixed order: results are deterministic.
 struct FeatureSort {
-  std::vector<int64_t> offsets, srow, spos, used, hist;
-  std::vector<float> sval_f;   // the sorted values (fp32 / fp64 accumulation)
+  std::vector<int64_t> offsets, spos, used, hist;
+  std::vector<int32_t> srow;   // row - r0 (chunks have < 2^31 rows)
+  std::vector<float> sval_f;   // sorted values in the accumulation type (fp32 / fp64)
   std::vector<double> sval_d;
   template <typename A>
   std::vector<A>& sval() {
@@ -162,8 +165,9 @@ void trim_sort_scratch(FeatureSort& fs) {
   trim(fs.sval_f); trim(fs.sval_d);
 }
 
-void sort_by_feature(const int64_t* idx, int64_t r0, int64_t r1, int64_t k, int64_t d_sae,
-                     bool want_used, FeatureSort& fs) {
+template <typename A>
+void sort_by_feature(const int64_t* idx, const A* vals, int64_t r0, int64_t r1, int64_t k,
+                     int64_t d_sae, bool want_used, bool want_pos, FeatureSort& fs) {
   const int64_t M = (r1 - r0) * k;
   const int64_t nthr = std::max<int64_t>(1, at::get_num_threads());
   // one histogram per row part; parts only when there is enough work to share
@@ -191,15 +195,18 @@ void sort_by_feature(const int64_t* idx, int64_t r0, int64_t r1, int64_t k, int6
   }
   fs.offsets[d_sae] = run;
   fs.srow.resize(M);
-  fs.spos.resize(M);
+  if (want_pos) fs.spos.resize(M);
+  std::vector<A>& sval = fs.sval<A>();
+  if (vals) sval.resize(M);
   at::parallel_for(0, nparts, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       int64_t* h = hist.data() + t * d_sae;
-      for (int64_t n = part_rows(t); n < part_rows(t + 1); ++n) {
+      for (int64_t n = part_rows(t), ne = part_rows(t + 1); n < ne; ++n) {
         for (int64_t p = n * k; p < (n + 1) * k; ++p) {
           const int64_t dst = h[idx[p]]++;
-          fs.srow[dst] = n;
-          fs.spos[dst] = p;
+          fs.srow[dst] = static_cast<int32_t>(n - r0);
+          if (want_pos) fs.spos[dst] = p;
+          if (vals) sval[dst] = vals[p];
         }
       }
     }
@@ -355,14 +362,12 @@ void decode_scatter_chunk(const acc_t<T>* vals, const int64_t* idx, int64_t r0, 
   constexpr int kWLines = int(CB * sizeof(T) + 63) / 64, kALines = int(CB * sizeof(A) + 63) / 64;
   constexpr int64_t kPfFeat = 8, kPfEnt = 4;  // prefetch distances (features / entries ahead)
   const int64_t R = r1 - r0;
-  sort_by_feature(idx, r0, r1, k, d_sae, /*want_used=*/true, fs);
-  std::vector<A>& sval = fs.sval<A>();
-  sval.resize(fs.spos.size());
-  for (size_t e = 0; e < sval.size(); ++e) sval[e] = vals[fs.spos[e]];
+  sort_by_feature<A>(idx, vals, r0, r1, k, d_sae, /*want_used=*/true, /*want_pos=*/false, fs);
+  const A* sval = fs.sval<A>().data();
   const int64_t* off = fs.offsets.data();
-  const int64_t* srow = fs.srow.data();
+  const int32_t* srow = fs.srow.data();
   const int64_t* used = fs.used.data();
-  const int64_t U = int64_t(fs.used.size()), E = int64_t(sval.size());
+  const int64_t U = int64_t(fs.used.size()), E = int64_t(fs.srow.size());
   const int64_t nb = d / CB;
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
     A* acc = thread_scratch<A>(R * CB);
@@ -379,10 +384,10 @@ void decode_scatter_chunk(const acc_t<T>* vals, const int64_t* idx, int64_t r0, 
         for (int i = 0; i < NV; ++i) w[i] = S::load(W + f * ldw + c0 + i * L);
         for (int64_t e = off[f], e1 = off[f + 1]; e < e1; ++e) {
           if (e + kPfEnt < E) {
-            const char* q = reinterpret_cast<const char*>(acc + (srow[e + kPfEnt] - r0) * CB);
+            const char* q = reinterpret_cast<const char*>(acc + int64_t(srow[e + kPfEnt]) * CB);
             for (int l = 0; l < kALines; ++l) __builtin_prefetch(q + 64 * l, 1, 3);
           }
-          A* o = acc + (srow[e] - r0) * CB;
+          A* o = acc + int64_t(srow[e]) * CB;
           const typename S::V v = S::set1(sval[e]);
           for (int i = 0; i < NV; ++i) SA::store(o + i * L, S::fma(v, w[i], SA::load(o + i * L)));
         }
@@ -461,11 +466,11 @@ void backward_values_scatter_chunk(const T* G, const int64_t* idx, int64_t r0, i
   constexpr int kWLines = int(CB * sizeof(T) + 63) / 64, kALines = int(CB * sizeof(A) + 63) / 64;
   constexpr int64_t kPfFeat = 8, kPfEnt = 4;
   const int64_t R = r1 - r0;
-  sort_by_feature(idx, r0, r1, k, d_sae, /*want_used=*/true, fs);
+  sort_by_feature<A>(idx, nullptr, r0, r1, k, d_sae, /*want_used=*/true, /*want_pos=*/true, fs);
   const int64_t* off = fs.offsets.data();
-  const int64_t* srow = fs.srow.data();
+  const int32_t* srow = fs.srow.data();
   const int64_t* used = fs.used.data();
-  const int64_t U = int64_t(fs.used.size()), E = int64_t(fs.spos.size());
+  const int64_t U = int64_t(fs.used.size()), E = int64_t(fs.srow.size());
   const int64_t nb = d / CB;
   const int64_t nthr = std::max<int64_t>(1, at::get_num_threads());
   std::vector<A>& part = fs.sval<A>();  // [thread][entry] partial dot products
@@ -489,10 +494,10 @@ void backward_values_scatter_chunk(const T* G, const int64_t* idx, int64_t r0, i
         for (int i = 0; i < NV; ++i) w[i] = S::load(W + f * ldw + c0 + i * L);
         for (int64_t e = off[f], e1 = off[f + 1]; e < e1; ++e) {
           if (e + kPfEnt < E) {
-            const char* q = reinterpret_cast<const char*>(gblk + (srow[e + kPfEnt] - r0) * CB);
+            const char* q = reinterpret_cast<const char*>(gblk + int64_t(srow[e + kPfEnt]) * CB);
             for (int l = 0; l < kALines; ++l) prefetch(q + 64 * l);
           }
-          const A* g = gblk + (srow[e] - r0) * CB;
+          const A* g = gblk + int64_t(srow[e]) * CB;
           typename S::V s0 = S::zero(), s1 = S::zero();  // two chains
           for (int i = 0; i < NV; i += 2) {
             s0 = S::fma(SA::load(g + i * L), w[i], s0);
@@ -509,7 +514,7 @@ void backward_values_scatter_chunk(const T* G, const int64_t* idx, int64_t r0, i
       A s = 0;
       for (int64_t t = 0; t < nthr; ++t) s += part[t * E + e];
       const int64_t p = fs.spos[e];
-      const T* g = G + srow[e] * d;
+      const T* g = G + (r0 + int64_t(srow[e])) * d;
       const T* w = W + idx[p] * ldw;
       for (int64_t c = tail; c < d; ++c) s += static_cast<A>(g[c]) * static_cast<A>(w[c]);
       res[p] = s;
@@ -551,14 +556,14 @@ void backward_values_impl(const T* G, const int64_t* idx, int64_t N, int64_t k, 
 // ---- backward: weight ----------------------------------------------------------------------
 // grad_W[f, c:c+NV*L] = sum over the feature's segment of sval[e] * G[srow[e], c:...].
 template <typename T, int NV>
-inline void wgrad_tile(const acc_t<T>* sval, const int64_t* srow, int64_t e0, int64_t e1,
+inline void wgrad_tile(const acc_t<T>* sval, const int32_t* srow, int64_t e0, int64_t e1,
                        const T* G, int64_t d, int64_t c, T* out) {
   using S = Simd<T>;
   constexpr int L = S::L;
   typename S::V acc[NV];
   for (int i = 0; i < NV; ++i) acc[i] = S::zero();
   for (int64_t e = e0; e < e1; ++e) {
-    const T* r = G + srow[e] * d + c;
+    const T* r = G + int64_t(srow[e]) * d + c;
     const typename S::V v = S::set1(sval[e]);
     for (int i = 0; i < NV; ++i) acc[i] = S::fma(v, S::load(r + i * L), acc[i]);
   }
@@ -571,12 +576,10 @@ void backward_weight_impl(const T* G, const acc_t<T>* vals, const int64_t* idx, 
   using A = acc_t<T>;
   // 1) Entries sorted by feature (stable: deterministic reduction order).
   FeatureSort& fs = thread_sort_scratch();
-  sort_by_feature(idx, 0, N, k, d_sae, /*want_used=*/false, fs);
+  sort_by_feature<A>(idx, vals, 0, N, k, d_sae, /*want_used=*/false, /*want_pos=*/false, fs);
   const std::vector<int64_t>& offsets = fs.offsets;
-  const std::vector<int64_t>& srow = fs.srow;
-  std::vector<A>& sval = fs.sval<A>();
-  sval.resize(fs.spos.size());
-  for (size_t e = 0; e < sval.size(); ++e) sval[e] = vals[fs.spos[e]];
+  const std::vector<int32_t>& srow = fs.srow;
+  const std::vector<A>& sval = fs.sval<A>();
   const int64_t nthr = std::max<int64_t>(1, at::get_num_threads());
   // 2) Segmented reduction. Features are split so each thread gets about the same cost
   //    (one output row + one gathered row per entry); each thread owns its output rows.
@@ -608,7 +611,7 @@ void backward_weight_impl(const T* G, const acc_t<T>* vals, const int64_t* idx, 
       for (; c + L <= d; c += L) wgrad_tile<T, 1>(sval.data(), srow.data(), e0, e1, G, d, c, o);
       for (; c < d; ++c) {
         A s = 0;
-        for (int64_t e = e0; e < e1; ++e) s += sval[e] * static_cast<A>(G[srow[e] * d + c]);
+        for (int64_t e = e0; e < e1; ++e) s += sval[e] * static_cast<A>(G[int64_t(srow[e]) * d + c]);
         o[c] = static_cast<T>(s);
       }
     }
@@ -702,6 +705,7 @@ at::Tensor sparse_decode_backward_weight_cpu(const at::Tensor& grad_out, const a
   TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == values.size(0), fn,
               ": grad_out must be [N=", values.size(0), ", d], got ", grad_out.sizes());
   const int64_t N = values.size(0), k = values.size(1), d = grad_out.size(1);
+  TORCH_CHECK(N <= std::numeric_limits<int32_t>::max(), fn, ": at most 2^31-1 rows, got ", N);
   at::Tensor idx = checked_indices(fn, indices, d_sae);
   const at::ScalarType acc = acc_scalar(grad_out.scalar_type());
   at::Tensor vals = values.to(acc).contiguous();

@@ -35,7 +35,7 @@ constexpr int64_t kSubRows = 256;        // rows per GEMM call in a worker
 constexpr int64_t kChunkRows = 512;      // rows per worker chunk: W is streamed once per chunk
 constexpr int64_t kMinWorkerRows = 16;   // fewer rows per worker -> one multi-threaded GEMM
 constexpr int64_t kXBufBytes = 4 << 20;  // cap on a worker's centred x chunk (large d_in)
-constexpr int64_t kWBufBytes = 8 << 20;  // cap on a worker's upcast W block (bf16/fp16)
+constexpr int64_t kWBufBytes = 4 << 20;  // cap on a worker's upcast W block (bf16/fp16)
 
 template <typename acc_t>
 struct Cand {
@@ -362,7 +362,7 @@ Problem<scalar_t> make_problem(const at::Tensor& x, const at::Tensor& W_enc,
   // GEMMs too narrow. fp32/fp64 W is read in place, so its blocks cost no memory.
   int64_t cb = kColBlock;
   if (W_enc.scalar_type() != P.acc_type)
-    cb = std::clamp<int64_t>(kWBufBytes / row_bytes / 64 * 64, 256, kColBlock);
+    cb = std::clamp<int64_t>(kWBufBytes / row_bytes / 256 * 256, 256, kColBlock);
   P.col_block = std::max<int64_t>(1, std::min(cb, P.d_sae));
   P.chunk_rows = std::clamp<int64_t>(kXBufBytes / row_bytes, kSubRows, kChunkRows);
   P.benc = b_enc.to(P.acc_type).contiguous();
@@ -468,7 +468,7 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x, const at
   TORCH_CHECK(k >= 1 && k <= W_enc.size(1), "topk_encode_cpu: k must be in [1, d_sae=",
               W_enc.size(1), "], got ", k);
   const int64_t N = x.size(0);
-  at::Tensor values = at::empty({N, k}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor values = at::empty({N, k}, x.options());
   at::Tensor indices = at::empty({N, k}, at::TensorOptions().dtype(at::kLong));
   if (N == 0) return {values, indices};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "topk_encode_cpu", [&] {
