@@ -15,6 +15,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -213,11 +214,12 @@ void sort_by_feature(const int64_t* idx, const A* vals, int64_t r0, int64_t r1, 
   });
 }
 
-// Fresh outputs of several MiB are first written by us; on Linux ask for transparent huge pages
-// on their 2 MiB-aligned interior before that first touch. With 4 KiB pages the page faults of
-// a fresh 6 MiB (75 MiB) output cost ~1 ms (~30 ms) on the VMs this was tuned on; with THP in
-// "madvise" mode (common default) this is what torch's own THP_MEM_ALLOC_ENABLE would do.
-// Only memory this call allocated is advised; SPARSEKERN_NO_THP=1 turns it off.
+// Large fresh outputs (the [d_sae, d] weight grad) are first written by us; on Linux ask for
+// transparent huge pages on their 2 MiB-aligned interior before that first touch: with 4 KiB
+// pages the page faults of a fresh 75 MiB output cost ~30 ms on the VMs this was tuned on, ~4x
+// the kernel itself (THP "madvise" mode is a common default; this is what torch's own
+// THP_MEM_ALLOC_ENABLE does). Only memory this call allocated is advised; smaller outputs are
+// left alone (no clear gain measured). SPARSEKERN_NO_THP=1 turns it off.
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& opt) {
   at::Tensor t = at::empty(sizes, opt.memory_format(at::MemoryFormat::Contiguous));
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
@@ -226,7 +228,7 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& opt) {
     return !(e && e[0] == '1');
   }();
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  if (enabled && t.nbytes() >= 2 * kHuge) {
+  if (enabled && t.nbytes() >= 16 * kHuge) {
     const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
     const uintptr_t a = (p + kHuge - 1) / kHuge * kHuge, b = (p + t.nbytes()) / kHuge * kHuge;
     if (b > a) (void)madvise(reinterpret_cast<void*>(a), b - a, MADV_HUGEPAGE);  // advisory only
