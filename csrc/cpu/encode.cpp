@@ -5,10 +5,10 @@
 // of x once, then walks d_sae in column blocks; per block it runs single-threaded GEMMs
 // (at::mm_out -> MKL) of `sub` rows into a small reused tile and immediately scans the tile while
 // it is cache-hot, adding b_enc inside the scan (no separate bias pass). No barrier separates
-// GEMM and scan, and the tiles are a few MiB per worker. Measured against one multi-threaded GEMM
-// per tile followed by a parallel scan, this layout was as fast or faster at every N >= 16 on the
-// 2-core target, and it needs a quarter of the scratch memory; the multi-threaded form is kept
-// only for tiny batches where a single row chunk per worker would leave a core idle.
+// GEMM and scan, and the tiles are a few MiB per worker. Measured on the 2-core target against one
+// multi-threaded GEMM per tile followed by a parallel scan, this layout was at least as fast
+// (within noise) from N = 16 rows up and needs several times less scratch memory; the
+// multi-threaded form is kept only for tiny batches, where per-worker chunks would be too thin.
 // bf16/fp16 inputs are upcast per block (x rows / W columns) into fp32 buffers before the GEMM.
 #include "kernels.h"
 
