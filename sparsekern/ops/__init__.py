@@ -2,8 +2,17 @@
 
 from ..sparse_acts import SparseActs
 from .dense_encode import dense_encode
+from .feature_topk import FeatureTopKState, feature_topk_update
 from .sparse_decode import sparse_decode
 from .threshold_encode import threshold_encode
 from .topk_encode import topk_encode
 
-__all__ = ["SparseActs", "dense_encode", "sparse_decode", "threshold_encode", "topk_encode"]
+__all__ = [
+    "FeatureTopKState",
+    "SparseActs",
+    "dense_encode",
+    "feature_topk_update",
+    "sparse_decode",
+    "threshold_encode",
+    "topk_encode",
+]
