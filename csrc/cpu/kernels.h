@@ -36,4 +36,13 @@ at::Tensor sparse_decode_backward_values_cpu(const at::Tensor& grad_out, const a
 at::Tensor sparse_decode_backward_weight_cpu(const at::Tensor& grad_out, const at::Tensor& values,
                                              const at::Tensor& indices, int64_t d_sae);
 
+// Per-feature streaming top-k merge, in place. state_values [d_sae, k] float32/float64 and
+// state_locations [d_sae, k, 2] int64 (contiguous); values [R, kc] (state dtype), indices [R, kc]
+// int64 in [0, d_sae), locations [R, 2] int64. Entries with value > 0 are candidates; every
+// touched feature row becomes the k best of (row, its candidates) ordered by value desc, then
+// (seq, pos) asc. Rows without candidates are not touched.
+void feature_topk_update_cpu(const at::Tensor& state_values, const at::Tensor& state_locations,
+                             const at::Tensor& values, const at::Tensor& indices,
+                             const at::Tensor& locations);
+
 }  // namespace sparsekern

@@ -24,4 +24,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "sparse decode: grad of values (CPU)");
   m.def("sparse_decode_backward_weight", &sparsekern::sparse_decode_backward_weight_cpu,
         "sparse decode: grad of W_dec (CPU)");
+  m.def("feature_topk_update", &sparsekern::feature_topk_update_cpu,
+        "per-feature streaming top-k merge, in place (CPU)");
 }

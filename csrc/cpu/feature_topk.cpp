@@ -1,0 +1,115 @@
+// CPU per-feature streaming top-k merge (contract: kernels.h, semantics: sparsekern/ops/feature_topk.py).
+//
+// The batch's candidates (value > 0) are counting-sorted by feature (stable, flat order); then
+// features are split over threads, and each touched feature merges its k state entries with its
+// candidates: a partial sort by (value desc, seq asc, pos asc), written back in place. Untouched
+// features are not read. Work O(M + sum_f (k + c_f) log k), extra memory O(M + threads * k).
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "kernels.h"
+
+namespace sparsekern {
+namespace {
+
+template <typename T>
+struct Entry {
+  T v;
+  int64_t seq, pos;
+};
+
+// Strict total order on distinct keys: larger value first, then smaller (seq, pos).
+template <typename T>
+inline bool better(const Entry<T>& a, const Entry<T>& b) {
+  if (a.v != b.v) return a.v > b.v;
+  if (a.seq != b.seq) return a.seq < b.seq;
+  return a.pos < b.pos;
+}
+
+template <typename T>
+void merge_impl(T* sv, int64_t* sl, int64_t d_sae, int64_t k, const T* vals, const int64_t* idx,
+                const int64_t* loc, int64_t R, int64_t kc) {
+  const int64_t M = R * kc;
+  // counting sort of candidates by feature
+  std::vector<int64_t> offsets(d_sae + 1, 0);
+  for (int64_t p = 0; p < M; ++p)
+    if (vals[p] > T(0)) ++offsets[idx[p] + 1];
+  for (int64_t f = 0; f < d_sae; ++f) offsets[f + 1] += offsets[f];
+  const int64_t E = offsets[d_sae];
+  if (E == 0) return;
+  std::vector<Entry<T>> cand(E);
+  {
+    std::vector<int64_t> fill(offsets.begin(), offsets.end() - 1);
+    for (int64_t p = 0; p < M; ++p) {
+      if (!(vals[p] > T(0))) continue;
+      const int64_t r = p / kc;
+      cand[fill[idx[p]]++] = Entry<T>{vals[p], loc[2 * r], loc[2 * r + 1]};
+    }
+  }
+  // 256 features per task: most features of a batch have no candidates and cost one compare
+  at::parallel_for(0, d_sae, 256, [&](int64_t f0, int64_t f1) {
+    std::vector<Entry<T>> buf;
+    for (int64_t f = f0; f < f1; ++f) {
+      const int64_t c0 = offsets[f], c1 = offsets[f + 1];
+      if (c0 == c1) continue;
+      buf.resize(k + (c1 - c0));
+      for (int64_t j = 0; j < k; ++j) buf[j] = Entry<T>{sv[f * k + j], sl[(f * k + j) * 2], sl[(f * k + j) * 2 + 1]};
+      std::copy(cand.begin() + c0, cand.begin() + c1, buf.begin() + k);
+      std::partial_sort(buf.begin(), buf.begin() + k, buf.end(), better<T>);
+      for (int64_t j = 0; j < k; ++j) {
+        sv[f * k + j] = buf[j].v;
+        sl[(f * k + j) * 2] = buf[j].seq;
+        sl[(f * k + j) * 2 + 1] = buf[j].pos;
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void feature_topk_update_cpu(const at::Tensor& state_values, const at::Tensor& state_locations,
+                             const at::Tensor& values, const at::Tensor& indices,
+                             const at::Tensor& locations) {
+  constexpr const char* fn = "feature_topk_update_cpu";
+  TORCH_CHECK(state_values.device().is_cpu() && state_locations.device().is_cpu() &&
+                  values.device().is_cpu() && indices.device().is_cpu() && locations.device().is_cpu(),
+              fn, ": all tensors must be on the CPU");
+  TORCH_CHECK(state_values.dim() == 2, fn, ": state_values must be [d_sae, k], got ", state_values.sizes());
+  const int64_t d_sae = state_values.size(0), k = state_values.size(1);
+  TORCH_CHECK(state_values.scalar_type() == at::kFloat || state_values.scalar_type() == at::kDouble, fn,
+              ": state_values must be float32 or float64, got ", state_values.scalar_type());
+  TORCH_CHECK(state_locations.scalar_type() == at::kLong && state_locations.dim() == 3 &&
+                  state_locations.size(0) == d_sae && state_locations.size(1) == k &&
+                  state_locations.size(2) == 2,
+              fn, ": state_locations must be int64 [d_sae=", d_sae, ", k=", k, ", 2], got ",
+              state_locations.scalar_type(), " ", state_locations.sizes());
+  TORCH_CHECK(state_values.is_contiguous() && state_locations.is_contiguous(), fn,
+              ": the state tensors must be contiguous (they are updated in place)");
+  TORCH_CHECK(values.dim() == 2, fn, ": values must be [R, kc], got ", values.sizes());
+  TORCH_CHECK(values.scalar_type() == state_values.scalar_type(), fn, ": values dtype ",
+              values.scalar_type(), " must equal state_values dtype ", state_values.scalar_type());
+  TORCH_CHECK(indices.scalar_type() == at::kLong && indices.sizes() == values.sizes(), fn,
+              ": indices must be int64 of values' shape ", values.sizes(), ", got ",
+              indices.scalar_type(), " ", indices.sizes());
+  const int64_t R = values.size(0), kc = values.size(1);
+  TORCH_CHECK(locations.scalar_type() == at::kLong && locations.dim() == 2 && locations.size(0) == R &&
+                  locations.size(1) == 2,
+              fn, ": locations must be int64 [R=", R, ", 2], got ", locations.scalar_type(), " ",
+              locations.sizes());
+  at::Tensor V = values.contiguous(), I = indices.contiguous(), L = locations.contiguous();
+  const int64_t* ip = I.const_data_ptr<int64_t>();
+  for (int64_t p = 0, M = I.numel(); p < M; ++p)
+    TORCH_CHECK(ip[p] >= 0 && ip[p] < d_sae, fn, ": indices must lie in [0, d_sae=", d_sae,
+                "), found ", ip[p]);
+  if (R == 0 || kc == 0 || k == 0) return;
+  AT_DISPATCH_FLOATING_TYPES(state_values.scalar_type(), fn, [&] {
+    merge_impl<scalar_t>(state_values.mutable_data_ptr<scalar_t>(), state_locations.mutable_data_ptr<int64_t>(),
+                         d_sae, k, V.const_data_ptr<scalar_t>(), ip, L.const_data_ptr<int64_t>(), R, kc);
+  });
+}
+
+}  // namespace sparsekern
