@@ -14,13 +14,14 @@ __all__ = ["SparseActs", "backends", "forced_backend", "ops", "use_backend", "__
     "JumpReLUSAE", "JumpReLUSAEConfig", "TopKSAE", "TopKSAEConfig", "Transcoder", "TranscoderConfig",
     "SkipTranscoder", "SkipTranscoderConfig", "JumpReLUTranscoder", "JumpReLUTranscoderConfig",
     "JumpReLUSkipTranscoder", "JumpReLUSkipTranscoderConfig", "TopKTranscoder", "TopKTranscoderConfig",
-    "TopKSkipTranscoder", "TopKSkipTranscoderConfig",
+    "TopKSkipTranscoder", "TopKSkipTranscoderConfig", "HookedSAETransformer",
 ]
 
 _LAZY = {
     **{n: "sae" for n in ("SAE", "SAEConfig", "SAEMetadata", "StandardSAE", "StandardSAEConfig", "GatedSAE",
                           "GatedSAEConfig", "JumpReLUSAE", "JumpReLUSAEConfig", "TopKSAE", "TopKSAEConfig")},
-    **{n: "transcoder" for n in __all__ if "Transcoder" in n},
+    **{n: "transcoder" for n in __all__ if "Transcoder" in n and n != "HookedSAETransformer"},
+    "HookedSAETransformer": "hooked_sae_transformer",
 }
 
 

@@ -355,6 +355,7 @@ class SAE(HookedRootModule):
         else:
             self.turn_off_forward_pass_hook_z_reshaping()
         self._norm_state: Any = None  # set by encode(), consumed by decode() (as SAELens)
+        self._sparse_sink: Optional[Callable[[str, SparseActs], None]] = None
         self.setup()
 
     # ---- parameters ------------------------------------------------------------------------
@@ -514,6 +515,7 @@ class SAE(HookedRootModule):
             edited = edited or pre_edited
             code: Union[Tensor, SparseActs] = self._dense_act(xc, pre)
         else:  # the point of sparsekern: no [.., d_sae] pre-activations at all
+            pre = None
             code = self._sparse_act(sae_in, b_in)
         acts, dense, post_edited = code, None, False
         if hooks and _has_hooks(self.hook_sae_acts_post):
@@ -525,7 +527,56 @@ class SAE(HookedRootModule):
                 edited = True
             if post_edited:
                 acts = dense  # else keep decoding the (sparse) code itself
+        sink = getattr(self, "_sparse_sink", None) if hooks else None
+        if sink is not None:
+            self._emit_sparse(sink, acts, pre, sae_in, b_in)
         return _Code(acts, dense, None if edited else code, post_edited, norm)
+
+    # ---- sparse activation capture (HookedSAETransformer.run_with_cache_with_saes(sparse=True)) ----
+    def _emit_sparse(
+        self, sink: Callable[[str, SparseActs], None], acts: Union[Tensor, SparseActs],
+        pre: Optional[Tensor], sae_in: Tensor, b_in: Optional[Tensor],
+    ) -> None:
+        """Give ``sink`` the code (``hook_sae_acts_post``) and its pre-activations (``..._pre``) as SparseActs.
+
+        The pre-activations are kept only at the code's features: the values there are exact (from the
+        dense pre-activations if a hook made them, else recomputed for just those features).
+        """
+        post = acts if isinstance(acts, SparseActs) else dense_to_sparse(acts)
+        if pre is not None:
+            pre_vals = pre.gather(-1, post.indices)
+        else:
+            xc = sae_in - b_in if b_in is not None else sae_in
+            pre_vals = self._pre_at(xc, post)
+        if pre_vals is not post.values:
+            # padding slots (value 0, not a feature the code selected) stay 0 in both
+            slots = post.values != 0 if isinstance(acts, Tensor) else self._code_slots(post)
+            pre_vals = torch.where(slots, pre_vals, torch.zeros_like(pre_vals))
+        sink("hook_sae_acts_post", post)
+        sink("hook_sae_acts_pre", post if pre_vals is post.values else SparseActs(pre_vals, post.indices))
+
+    def _code_slots(self, code: SparseActs) -> Tensor:
+        """Which slots of a sparse code hold selected features (threshold codes pad with zeros)."""
+        return code.values != 0
+
+    def _pre_at(self, xc: Tensor, code: SparseActs) -> Tensor:
+        """Pre-activations at the code's features. ReLU/JumpReLU: an active feature's code value *is*
+        its pre-activation, so the code's values are returned as they are."""
+        return code.values
+
+    def _gather_pre(self, xc: Tensor, indices: Tensor, W: Tensor, bias: Optional[Tensor]) -> Tensor:
+        """``(xc @ W + bias)[..., indices]`` for just those features, in row chunks (no [.., d_sae])."""
+        flat_x, flat_i = xc.reshape(-1, xc.shape[-1]), indices.reshape(-1, indices.shape[-1])
+        out = torch.empty(flat_i.shape, dtype=xc.dtype, device=xc.device)
+        k = max(1, flat_i.shape[1])
+        step = max(1, (1 << 21) // (k * xc.shape[-1]))
+        with torch.no_grad():
+            for r in range(0, flat_x.shape[0], step):
+                cols = W[:, flat_i[r : r + step]]  # [d_in, rows, k]
+                out[r : r + step] = torch.einsum("rd,drk->rk", flat_x[r : r + step], cols)
+            if bias is not None:
+                out += bias[flat_i]
+        return out.view(indices.shape)
 
     def _decode_raw(self, f: Union[Tensor, SparseActs]) -> Tensor:
         """``f @ W_dec + b_dec`` (dense f) or ``sparse_decode`` (SparseActs); no hooks."""
@@ -592,23 +643,43 @@ class SAE(HookedRootModule):
         here it comes from the same encode, taken before any hook edit (a second hook-free pass happens
         only if a hook edited ``hook_sae_input``/``hook_sae_acts_pre`` or a dense code in place).
         """
+        out = self._reconstruct(x, x if self.use_error_term else None, self.hook_sae_error)
+        return self._hook("hook_sae_output", out, True)[0]
+
+    def _reconstruct(
+        self,
+        x: Tensor,
+        error_target: Optional[Tensor] = None,
+        error_hook: Optional[Callable[[Tensor], Tensor]] = None,
+        error_mask: Optional[Tensor] = None,
+    ) -> Tensor:
+        """``decode(encode(x))`` with hooks; plus ``error_hook(error_target - clean reconstruction)``.
+
+        The clean (hook-free) reconstruction is taken from the same encode when no hook edited the
+        code on its way (SAELens always runs a second, hook-free pass). ``error_mask`` (broadcast over
+        the last dim) zeroes the error where true. Shared by ``forward`` and HookedSAETransformer.
+        """
         c = self._encode(x)
         recon = self._decode_raw(c.acts)
         v = _version(recon)
         out, recons_edited = self._finish_decode(recon, c.norm, True)
-        if self.use_error_term:
-            with torch.no_grad():
-                if c.clean is None:
-                    c = self._encode(x, hooks=False)
-                    clean = self._decode_raw(c.acts)
-                elif c.post_edited or (recons_edited and v is not None and _version(recon) != v):
-                    clean = self._decode_raw(c.clean)
-                else:
-                    clean = recon
-                clean = self._finish_decode(clean, c.norm, False)[0]
-                sae_error, _ = self._hook("hook_sae_error", x - clean, True)
-            out = out + sae_error
-        return self._hook("hook_sae_output", out, True)[0]
+        if error_target is None:
+            return out
+        with torch.no_grad():
+            if c.clean is None:
+                c = self._encode(x, hooks=False)
+                clean = self._decode_raw(c.acts)
+            elif c.post_edited or (recons_edited and v is not None and _version(recon) != v):
+                clean = self._decode_raw(c.clean)
+            else:
+                clean = recon
+            clean = self._finish_decode(clean, c.norm, False)[0]
+            sae_error = error_target - clean
+            if error_mask is not None:
+                sae_error = torch.where(error_mask, torch.zeros_like(sae_error), sae_error)
+            if error_hook is not None:
+                sae_error = error_hook(sae_error)
+        return out + sae_error
 
     # ---- weight surgery (as SAELens) ---------------------------------------------------------
     @torch.no_grad()
@@ -897,6 +968,12 @@ class _TopK:
     def _code_scale(self):
         return 1 / self.W_dec.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None
 
+    def _code_slots(self, code):
+        return torch.ones_like(code.values, dtype=torch.bool)  # all k selected, even if ReLU zeroed one
+
+    def _pre_at(self, xc, code):
+        return self._gather_pre(xc, code.indices, self.W_enc, self.b_enc)
+
     @torch.no_grad()
     def fold_W_dec_norm(self) -> None:
         if not self.cfg.rescale_acts_by_decoder_norm:
@@ -957,6 +1034,11 @@ class GatedSAE(SAE):
         mag = ((gate.values - self.b_gate[i]) * self.r_mag.exp()[i] + self.b_mag[i]).relu()
         live = gate.values > 0  # padding slots hold value 0 (index 0); active gates are > 0
         return SparseActs(torch.where(live, mag, torch.zeros_like(mag)), i)
+
+    def _pre_at(self, xc, code):
+        # the magnitude pre-activation (what hook_sae_acts_pre sees); slots with value 0 are dropped
+        i = code.indices
+        return self._gather_pre(xc, i, self.W_enc, None) * self.r_mag.exp()[i] + self.b_mag[i]
 
     @torch.no_grad()
     def fold_W_dec_norm(self) -> None:
