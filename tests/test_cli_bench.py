@@ -23,6 +23,10 @@ EXPECTED = {
     ("sparse_decode", "F.embedding_bag(mode='sum')"),
     ("sparse_decode+b_dec", "sae_lens.TopKSAE.decode (dense code)"),
     ("sparse_decode_backward", "dense_code @ W_dec (autograd)"),
+    ("sae_forwardtopk", "sae_lens TopKSAE.forward"),
+    ("sae_forwardjumprelu", "sae_lens JumpReLUSAE.forward"),
+    ("sae_cachetopk", "sae_lens HookedSAETransformer.run_with_cache_with_saes (dense)"),
+    ("sae_cachejumprelu", "sae_lens HookedSAETransformer.run_with_cache_with_saes (dense)"),
 }
 
 
@@ -71,6 +75,8 @@ def test_quick_bench_writes_complete_rows(quick_run):
             assert r["target_met"] in (True, False)
         if r["max_abs_diff"] is not None:  # sparsekern agrees with the peer it is timed against
             assert r["max_abs_diff"] < 1e-3, r
+    cache = [r for r in rows if r["op"] == "sae_cache" and r["status"] == "ok"]
+    assert all(r["info"]["acts_post_mem_ratio"] > 1 for r in cache)
     thr = [r for r in rows if r["op"] == "threshold_encode"]
     assert thr and all(r["info"]["mean_l0"] > 0 for r in thr)
     mem = [r for r in rows if r["shape"] == "quick-mem"]

@@ -20,7 +20,9 @@ from torch import Tensor, nn
 from .. import ops
 from ..sparse_acts import SparseActs
 
-OPS = ("topk_encode", "threshold_encode", "sparse_decode", "sparse_decode_backward")
+OPS = ("topk_encode", "threshold_encode", "sparse_decode", "sparse_decode_backward", "sae_forward",
+       "sae_cache")
+CASES_PER_OP = {"sparse_decode": 2, "sae_forward": 2, "sae_cache": 2}
 TOPK_MATMUL_MAX = 1.10  # topk_encode time <= 1.10x bare matmul
 TOPK_PEAK_MIB = 32.0  # topk_encode peak extra memory at N=2048, d_sae=65536
 THRESHOLD_L0 = 64
@@ -305,6 +307,10 @@ def build(op: str, w: Weights, *, peak_target_mib: Optional[float] = None) -> li
         return sparse_decode_cases(w)
     if op == "sparse_decode_backward":
         return [sparse_backward_case(w)]
+    if op in ("sae_forward", "sae_cache"):
+        from .sae_cases import BUILDERS
+
+        return BUILDERS[op](w, w.shape.name.startswith("quick"))
     raise ValueError(f"unknown op {op!r}; choose from {', '.join(OPS)}")
 
 

@@ -185,7 +185,7 @@ def iter_cases(st: Settings) -> Iterable[tuple[C.Shape, str, Optional[float]]]:
 
 
 def count_cases(st: Settings) -> int:
-    return sum(2 if op == "sparse_decode" else 1 for _, op, _ in iter_cases(st))
+    return sum(C.CASES_PER_OP.get(op, 1) for _, op, _ in iter_cases(st))
 
 
 def run_suite(st: Settings, progress: bool = True) -> tuple[list[dict[str, Any]], float]:
