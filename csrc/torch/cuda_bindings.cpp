@@ -11,6 +11,7 @@
 #include <optional>
 #include <tuple>
 
+#include "../cuda/feature_topk.cuh"
 #include "../cuda/sparse_decode.cuh"
 
 namespace sparsekern {
@@ -195,6 +196,61 @@ at::Tensor sparse_decode_backward_weight_cuda(const at::Tensor& grad_out, const 
   return out;
 }
 
+// In place, same contract as feature_topk_update_cpu (kernels.h). Candidates are grouped by
+// feature with one stable device sort: non-candidates (value <= 0 or NaN) get the key d_sae and
+// sort last; offsets come from searchsorted (no host sync besides the index range check).
+void feature_topk_update_cuda(const at::Tensor& state_values, const at::Tensor& state_locations,
+                              const at::Tensor& values, const at::Tensor& indices,
+                              const at::Tensor& locations) {
+  constexpr const char* fn = "feature_topk_update_cuda";
+  TORCH_CHECK(state_values.is_cuda(), fn, ": state_values must be a CUDA tensor, got ",
+              state_values.device());
+  const at::Device dev = state_values.device();
+  for (const at::Tensor* t : {&state_locations, &values, &locations})
+    TORCH_CHECK(t->is_cuda() && t->device() == dev, fn, ": every tensor must be on ", dev,
+                ", got one on ", t->device());
+  TORCH_CHECK(state_values.dim() == 2, fn, ": state_values must be [d_sae, k], got ", state_values.sizes());
+  const int64_t d_sae = state_values.size(0), k = state_values.size(1);
+  TORCH_CHECK(state_values.scalar_type() == at::kFloat || state_values.scalar_type() == at::kDouble, fn,
+              ": state_values must be float32 or float64, got ", state_values.scalar_type());
+  TORCH_CHECK(state_locations.scalar_type() == at::kLong && state_locations.dim() == 3 &&
+                  state_locations.size(0) == d_sae && state_locations.size(1) == k &&
+                  state_locations.size(2) == 2,
+              fn, ": state_locations must be int64 [d_sae=", d_sae, ", k=", k, ", 2], got ",
+              state_locations.scalar_type(), " ", state_locations.sizes());
+  TORCH_CHECK(state_values.is_contiguous() && state_locations.is_contiguous(), fn,
+              ": the state tensors must be contiguous (they are updated in place)");
+  TORCH_CHECK(k <= cuda::kFeatureTopKMaxK, fn, ": k must be <= ", cuda::kFeatureTopKMaxK, ", got ", k);
+  TORCH_CHECK(values.dim() == 2 && values.scalar_type() == state_values.scalar_type(), fn,
+              ": values must be [R, kc] of the state dtype ", state_values.scalar_type(), ", got ",
+              values.scalar_type(), " ", values.sizes());
+  TORCH_CHECK(indices.sizes() == values.sizes(), fn, ": indices ", indices.sizes(),
+              " must have the shape of values ", values.sizes());
+  const int64_t R = values.size(0), kc = values.size(1);
+  TORCH_CHECK(locations.scalar_type() == at::kLong && locations.dim() == 2 && locations.size(0) == R &&
+                  locations.size(1) == 2,
+              fn, ": locations must be int64 [R=", R, ", 2], got ", locations.scalar_type(), " ",
+              locations.sizes());
+  const c10::cuda::CUDAGuard guard(dev);
+  at::Tensor idx = checked_indices(fn, indices, d_sae, dev);
+  if (R == 0 || kc == 0 || d_sae == 0) return;
+  at::Tensor flat_v = values.reshape({-1}).contiguous();
+  at::Tensor keys = at::where(flat_v > 0, idx.reshape({-1}), at::full({}, d_sae, idx.options()));
+  at::Tensor sorted_keys, perm;
+  std::tie(sorted_keys, perm) = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  at::Tensor offsets = at::searchsorted(sorted_keys, at::arange(d_sae + 1, idx.options()));
+  at::Tensor cand_v = flat_v.index_select(0, perm).contiguous();
+  at::Tensor cand_l = locations.index_select(0, at::div(perm, kc, "floor")).contiguous();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(state_values.scalar_type(), fn, [&] {
+    check_launch(fn, cuda::launch_feature_topk_update<scalar_t>(
+                         state_values.mutable_data_ptr<scalar_t>(),
+                         state_locations.mutable_data_ptr<int64_t>(), d_sae, k,
+                         cand_v.const_data_ptr<scalar_t>(), cand_l.const_data_ptr<int64_t>(),
+                         offsets.const_data_ptr<int64_t>(), stream));
+  });
+}
+
 void register_cuda(pybind11::module& m) {
   m.attr("has_cuda") = true;
   m.def("sparse_decode_cuda", &sparse_decode_cuda, "sparse decode (CUDA)");
@@ -202,6 +258,8 @@ void register_cuda(pybind11::module& m) {
         "sparse decode: grad of values (CUDA)");
   m.def("sparse_decode_backward_weight_cuda", &sparse_decode_backward_weight_cuda,
         "sparse decode: grad of W_dec (CUDA)");
+  m.def("feature_topk_update_cuda", &feature_topk_update_cuda,
+        "per-feature streaming top-k merge, in place (CUDA)");
 }
 
 }  // namespace sparsekern
