@@ -109,9 +109,23 @@ def use_backend(name: str) -> Iterator[None]:
         _local.forced = prev
 
 
+def has_triton() -> bool:
+    """Whether triton is installed (checked without importing it)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+# The Triton backend registers for ("cuda", "cpu"); CPU tensors only run through Triton's
+# interpreter, so "cpu" counts only while TRITON_INTERPRET=1 (read at call time, never in auto).
 def _usable(backend: str, entry, device_type: str) -> bool:
     _, devices = entry
     if devices is not None and device_type not in devices:
+        return False
+    if backend == "triton" and device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         return False
     return backend in backends()
 

@@ -52,6 +52,27 @@ def _cuda_bwd_weight(grad_out, values, indices, d_sae):
     return _backend.native().sparse_decode_backward_weight_cuda(grad_out, values, indices, d_sae)
 
 
+if _backend.has_triton():  # kernels in sparsekern/triton, imported on first call (cuda; cpu if interpreted)
+
+    @_backend.register("sparse_decode", "triton", ("cuda", "cpu"))
+    def _triton_fwd(values, indices, W_dec, b_dec):
+        from ..triton import decode
+
+        return decode.sparse_decode(values, indices, W_dec, b_dec)
+
+    @_backend.register("sparse_decode_backward_values", "triton", ("cuda", "cpu"))
+    def _triton_bwd_values(grad_out, indices, W_dec):
+        from ..triton import decode
+
+        return decode.sparse_decode_backward_values(grad_out, indices, W_dec)
+
+    @_backend.register("sparse_decode_backward_weight", "triton", ("cuda", "cpu"))
+    def _triton_bwd_weight(grad_out, values, indices, d_sae):
+        from ..triton import decode
+
+        return decode.sparse_decode_backward_weight(grad_out, values, indices, d_sae)
+
+
 # ---- custom ops ----------------------------------------------------------------------------
 @torch.library.custom_op("sparsekern::sparse_decode", mutates_args=())
 def _sparse_decode(

@@ -23,6 +23,16 @@ def _cpp(x, W_enc, b_enc, threshold, b_dec):
     )
 
 
+if _backend.has_triton():  # kernels in sparsekern/triton, imported on first call (cuda; cpu if interpreted)
+
+    @_backend.register("threshold_encode", "triton", ("cuda", "cpu"))
+    def _triton(x, W_enc, b_enc, threshold, b_dec):
+        from ..triton import encode
+
+        b_dec = b_dec.detach() if b_dec is not None else None
+        return encode.threshold_encode(x.detach(), W_enc.detach(), b_enc.detach(), threshold.detach(), b_dec)
+
+
 @torch.library.custom_op("sparsekern::threshold_encode", mutates_args=())
 def _threshold_encode(
     x: Tensor, W_enc: Tensor, b_enc: Tensor, threshold: Tensor, b_dec: Optional[Tensor]

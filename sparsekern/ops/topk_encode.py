@@ -27,6 +27,16 @@ def _cpp(x, W_enc, b_enc, b_dec, k, relu):
     return _backend.native().topk_encode(x.detach(), W_enc.detach(), b_enc.detach(), b_dec, k, relu)
 
 
+if _backend.has_triton():  # kernels in sparsekern/triton, imported on first call (cuda; cpu if interpreted)
+
+    @_backend.register("topk_encode", "triton", ("cuda", "cpu"))
+    def _triton(x, W_enc, b_enc, b_dec, k, relu):
+        from ..triton import encode
+
+        b_dec = b_dec.detach() if b_dec is not None else None
+        return encode.topk_encode(x.detach(), W_enc.detach(), b_enc.detach(), b_dec, k, relu)
+
+
 @torch.library.custom_op("sparsekern::topk_encode", mutates_args=())
 def _topk_encode(
     x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Optional[Tensor], k: int, relu: bool
