@@ -1,1 +1,78 @@
-"""Fused activation patching: the ``transformer_lens.patching`` API, batched (issue 4)."""
+"""Fused activation patching: the ``transformer_lens.patching`` API, batched (issue 4).
+
+Every public callable of ``transformer_lens.patching`` (same signatures, defaults, output shapes and
+``index_df`` behaviour), computed by a batched engine that reuses the corrupted run (see ``_engine``).
+Extra keyword-only options: ``progress``, ``max_batch``, ``memory_budget``, ``backend``.
+``sparsekern.patching.attribution`` (attribution patching) is imported lazily on first access.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from ._api import (
+    generic_activation_patch,
+    get_act_patch_attn_head_all_pos_every,
+    get_act_patch_attn_head_by_pos_every,
+    get_act_patch_attn_head_k_all_pos,
+    get_act_patch_attn_head_k_by_pos,
+    get_act_patch_attn_head_out_all_pos,
+    get_act_patch_attn_head_out_by_pos,
+    get_act_patch_attn_head_pattern_all_pos,
+    get_act_patch_attn_head_pattern_by_pos,
+    get_act_patch_attn_head_pattern_dest_src_pos,
+    get_act_patch_attn_head_q_all_pos,
+    get_act_patch_attn_head_q_by_pos,
+    get_act_patch_attn_head_v_all_pos,
+    get_act_patch_attn_head_v_by_pos,
+    get_act_patch_attn_out,
+    get_act_patch_block_every,
+    get_act_patch_mlp_out,
+    get_act_patch_resid_mid,
+    get_act_patch_resid_pre,
+)
+from ._setters import (
+    layer_head_dest_src_pos_pattern_patch_setter,
+    layer_head_pattern_patch_setter,
+    layer_head_pos_pattern_patch_setter,
+    layer_head_vector_patch_setter,
+    layer_pos_head_vector_patch_setter,
+    layer_pos_patch_setter,
+    make_df_from_ranges,
+)
+
+__all__ = [
+    "generic_activation_patch",
+    "make_df_from_ranges",
+    "layer_pos_patch_setter",
+    "layer_pos_head_vector_patch_setter",
+    "layer_head_vector_patch_setter",
+    "layer_head_pattern_patch_setter",
+    "layer_head_pos_pattern_patch_setter",
+    "layer_head_dest_src_pos_pattern_patch_setter",
+    "get_act_patch_resid_pre",
+    "get_act_patch_resid_mid",
+    "get_act_patch_attn_out",
+    "get_act_patch_mlp_out",
+    "get_act_patch_attn_head_out_by_pos",
+    "get_act_patch_attn_head_q_by_pos",
+    "get_act_patch_attn_head_k_by_pos",
+    "get_act_patch_attn_head_v_by_pos",
+    "get_act_patch_attn_head_pattern_by_pos",
+    "get_act_patch_attn_head_pattern_dest_src_pos",
+    "get_act_patch_attn_head_out_all_pos",
+    "get_act_patch_attn_head_q_all_pos",
+    "get_act_patch_attn_head_k_all_pos",
+    "get_act_patch_attn_head_v_all_pos",
+    "get_act_patch_attn_head_pattern_all_pos",
+    "get_act_patch_attn_head_all_pos_every",
+    "get_act_patch_attn_head_by_pos_every",
+    "get_act_patch_block_every",
+]
+
+
+def __getattr__(name: str):
+    # `attribution` is written separately and may be absent; import it only when asked for.
+    if name == "attribution":
+        return importlib.import_module(f"{__name__}.attribution")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

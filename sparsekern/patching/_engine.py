@@ -1,0 +1,319 @@
+"""Execution engine for activation-patching sweeps: exact TransformerLens results, far fewer FLOPs.
+
+TransformerLens runs one full forward pass per patch. Here a sweep is a list of :class:`Patch` records;
+the engine
+  * runs the corrupted input once, caching every layer's ``hook_resid_pre`` and (causal models) the
+    keys/values, plus the corrupted logits;
+  * starts each patch at its layer ``l`` from the cached corrupted ``resid_pre`` (layers ``< l`` are
+    unchanged by a patch at layer ``l``);
+  * for a position-local patch at position ``p`` of a causal model, recomputes only positions ``>= p``:
+    earlier positions are unchanged at every layer, so their keys/values come from the corrupted run
+    (a frozen TransformerLens KV-cache entry; rotary offsets are handled by TransformerLens) and their
+    logits are copied from the corrupted logits to rebuild the ``[batch, pos, d_vocab]`` tensor;
+  * stacks many patches along the batch axis of one forward (a memory-budgeted chunk), applying each
+    slice's patch with one vectorised index write per hook, and keeps the metrics on the device (one
+    host transfer per sweep, none per patch).
+Unknown setters run one patch per forward (still from the cached layer input when that is exact).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+_POS_LOCAL_SUFFIXES = (  # hooks whose axis 1 (axis 2 for patterns) is the query position, length T - s
+    "hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "hook_mlp_in",
+    "hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input",
+    "attn.hook_z", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_result", "attn.hook_rot_q",
+    "attn.hook_pattern", "attn.hook_attn_scores",
+    "mlp.hook_pre", "mlp.hook_post", "mlp.hook_pre_linear",
+    "ln1.hook_normalized", "ln1.hook_scale", "ln2.hook_normalized", "ln2.hook_scale",
+)
+_PATTERN_SUFFIXES = ("attn.hook_pattern", "attn.hook_attn_scores")
+_WARNED: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    """Issue ``message`` as a UserWarning the first time ``key`` is seen in this process."""
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, stacklevel=4)
+
+
+@dataclass
+class Patch:
+    """One patch of a sweep: write ``idx`` of the clean ``hook`` activation into the corrupted run."""
+
+    sweep: int  # which output tensor
+    slot: int  # flat position in that output
+    layer: int
+    start: int  # first position whose activations can change (0 = all)
+    hook: str
+    kind: str  # setter kind, see _setters.INDEX_LEN
+    idx: tuple  # index without the layer, non-negative ints
+
+
+@dataclass
+class _HookGroup:
+    slots: list = field(default_factory=list)  # chunk-local slice numbers
+    idx: list = field(default_factory=list)
+
+
+def is_pattern_hook(name: str) -> bool:
+    return name.endswith(_PATTERN_SUFFIXES)
+
+
+def is_position_local_hook(name: str) -> bool:
+    return name.endswith(_POS_LOCAL_SUFFIXES)
+
+
+def as_scalar(value, arg_name: str, device) -> torch.Tensor:
+    """Metric output -> 0-d tensor on ``device``; TypeError naming ``arg_name`` for anything non-scalar."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise TypeError(
+                f"{arg_name} must return a scalar (a 0-d or one-element tensor, or a number); "
+                f"it returned a tensor of shape {list(value.shape)}"
+            )
+        return value.detach().reshape(()).to(device)
+    if isinstance(value, numbers.Real):
+        return torch.tensor(float(value), device=device)
+    raise TypeError(f"{arg_name} must return a scalar tensor or a number; it returned {type(value).__name__}")
+
+
+def _available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:  # pragma: no cover - psutil missing
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return 2 << 30
+
+
+def default_budget(device: torch.device) -> int:
+    """Bytes one chunk may use: a quarter of the free memory (CPU capped at 2 GiB: larger chunks stop
+    paying off once the GEMMs are big, and the logits slab then falls out of cache)."""
+    avail = _available_bytes(device)
+    cap = (16 << 30) if device.type == "cuda" else (2 << 30)
+    return max(64 << 20, min(avail // 4, cap))
+
+
+def engine_unsupported_reason(model, tokens: torch.Tensor) -> Optional[str]:
+    """Why the layer-restart engine cannot reproduce ``model.run_with_hooks(tokens)`` exactly (None if it can)."""
+    try:
+        from transformer_lens import HookedTransformer
+    except Exception:  # pragma: no cover
+        return "transformer_lens is not importable"
+    if not isinstance(model, HookedTransformer):
+        return f"model is a {type(model).__name__}, not a HookedTransformer"
+    cfg = model.cfg
+    if getattr(cfg, "n_devices", 1) != 1:
+        return "the model is split across devices"
+    tok = getattr(model, "tokenizer", None)
+    if tok is not None and getattr(tok, "padding_side", "right") == "left":
+        return "left padding: TransformerLens builds an attention mask from the tokens"
+    if cfg.positional_embedding_type not in ("standard", "rotary", "alibi", "shortformer"):
+        return f"positional_embedding_type={cfg.positional_embedding_type!r}"
+    if tokens.dim() != 2:
+        return "corrupted_tokens is not 2-D"
+    return None
+
+
+class Engine:
+    """Cached corrupted run + batched execution of patches for one (model, corrupted_tokens)."""
+
+    def __init__(self, model, tokens: torch.Tensor):
+        from transformer_lens.utilities.activation_functions import apply_softcap
+
+        self._softcap = apply_softcap
+        self.model = model
+        self.cfg = cfg = model.cfg
+        self.tokens = tokens
+        self.B, self.T = tokens.shape
+        self.causal = cfg.attention_dir == "causal"
+        L = cfg.n_layers
+        names = {f"blocks.{i}.hook_resid_pre" for i in range(L)}
+        if self.causal:
+            names |= {f"blocks.{i}.attn.hook_k" for i in range(L)} | {f"blocks.{i}.attn.hook_v" for i in range(L)}
+        self.shortformer = cfg.positional_embedding_type == "shortformer"
+        if self.shortformer:
+            names.add("hook_pos_embed")
+        with torch.no_grad():
+            logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names, return_type="logits")
+        self.logits = logits  # [B, T, V]
+        self.device = logits.device
+        self.resid_pre = [cache[f"blocks.{i}.hook_resid_pre"] for i in range(L)]
+        self.k = [cache[f"blocks.{i}.attn.hook_k"] for i in range(L)] if self.causal else None
+        self.v = [cache[f"blocks.{i}.attn.hook_v"] for i in range(L)] if self.causal else None
+        self.pos_embed = cache["hook_pos_embed"] if self.shortformer else None
+
+    # ---------------------------------------------------------------- forward from a layer
+    def forward_from(self, layer: int, start: int, n_rep: int, fwd_hooks) -> torch.Tensor:
+        """Logits ``[n_rep, B, T, V]`` of ``n_rep`` copies of the corrupted batch run from ``layer`` with
+        ``fwd_hooks``; positions ``< start`` reuse the corrupted keys/values/logits (causal models only)."""
+        from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+        model, cfg, B, T, s = self.model, self.cfg, self.B, self.T, start
+        x = self.resid_pre[layer][:, s:].repeat(n_rep, 1, 1)  # a fresh tensor: hooks may write into it
+        sf = self.pos_embed[:, s:].repeat(n_rep, 1, 1) if self.shortformer else None
+        with torch.no_grad(), model.hooks(fwd_hooks=fwd_hooks):
+            for i in range(layer, cfg.n_layers):
+                entry = None
+                if s > 0:
+                    entry = TransformerLensKeyValueCacheEntry(
+                        past_keys=self.k[i][:, :s].repeat(n_rep, 1, 1, 1),
+                        past_values=self.v[i][:, :s].repeat(n_rep, 1, 1, 1),
+                        frozen=True,
+                    )
+                x = model.blocks[i](x, shortformer_pos_embed=sf, past_kv_cache_entry=entry, attention_mask=None)
+            if cfg.normalization_type is not None:
+                x = model.ln_final(x)
+            new = self._softcap(model.unembed(x), cfg.output_logits_soft_cap)
+        V = new.shape[-1]
+        if s == 0:
+            return new.view(n_rep, B, T, V)
+        full = torch.empty((n_rep, B, T, V), dtype=new.dtype, device=new.device)
+        full[:, :, :s] = self.logits[:, :s]
+        full[:, :, s:] = new.view(n_rep, B, T - s, V)
+        return full
+
+    # ---------------------------------------------------------------- batched known-setter patches
+    def _bytes_per_patch(self, n_pos: int) -> int:
+        cfg = self.cfg
+        el = torch.finfo(self.logits.dtype).bits // 8
+        d, H, dh, dm = cfg.d_model, cfg.n_heads, cfg.d_head, (cfg.d_mlp or 0)
+        per_tok = 8 * d + 4 * H * dh + 3 * H * self.T + (3 if cfg.gated_mlp else 2) * dm
+        V = self.logits.shape[-1]
+        return el * self.B * (n_pos * (per_tok + V) + self.T * V)
+
+    def plan(self, patches: Sequence[Patch], max_batch: Optional[int], budget: int, rows_cap: int):
+        """Chunks of patches sharing a layer: list of (layer, start, [patch, ...])."""
+        by_layer: dict[int, list[Patch]] = {}
+        for p in patches:
+            by_layer.setdefault(p.layer, []).append(p)
+        chunks = []
+        for layer in sorted(by_layer):
+            group = sorted(by_layer[layer], key=lambda p: p.start)
+            cur: list[Patch] = []
+            useful = 0
+            for p in group:
+                if cur:
+                    s0, n = cur[0].start, len(cur) + 1
+                    if max_batch is not None:
+                        full = n > max_batch
+                    else:
+                        rows = n * self.B * (self.T - s0)
+                        full = (
+                            n * self._bytes_per_patch(self.T - s0) > budget
+                            or rows > rows_cap
+                            # computing positions s0.. for a patch that starts later is waste: cap it
+                            or n * (self.T - s0) > 1.3 * (useful + self.T - p.start)
+                        )
+                    if full:
+                        chunks.append((layer, cur[0].start, cur))
+                        cur, useful = [], 0
+                cur.append(p)
+                useful += self.T - p.start
+            if cur:
+                chunks.append((layer, cur[0].start, cur))
+        return chunks
+
+    def _hooks_for(self, chunk: Sequence[Patch], start: int, clean: dict) -> list:
+        groups: dict[tuple, _HookGroup] = {}
+        for j, p in enumerate(chunk):
+            g = groups.setdefault((p.hook, p.kind), _HookGroup())
+            g.slots.append(j)
+            g.idx.append(p.idx)
+        n_rep, B, dev = len(chunk), self.B, self.device
+        hooks = []
+        for (name, kind), g in groups.items():
+            J = torch.tensor(g.slots, device=dev)
+            cols = [torch.tensor(c, device=dev) for c in zip(*g.idx)]
+            src = clean[name].to(dev)
+            pattern = is_pattern_hook(name)
+            # shift of the position index inside the hooked tensor (only position-local chunks start > 0)
+            hooks.append((name, _vector_hook(kind, n_rep, B, J, cols, src, start, pattern, self.T)))
+        return hooks
+
+    def run(self, patches: Sequence[Patch], clean: dict, metric: Callable, metric_name: str,
+            max_batch: Optional[int], budget: Optional[int], progress: bool) -> torch.Tensor:
+        """Metric value per patch (in ``patches`` order), on the model device."""
+        from tqdm.auto import tqdm
+
+        budget = default_budget(self.device) if budget is None else budget
+        rows_cap = 1 << 30 if self.device.type == "cuda" else int(os.environ.get("SPARSEKERN_PATCH_ROWS", 1024))
+        chunks = self.plan(patches, max_batch, budget, rows_cap)
+        pos_of = {id(p): i for i, p in enumerate(patches)}
+        out = torch.empty(len(patches), device=self.device)
+        bar = tqdm(total=len(patches), disable=not progress, desc="patching")
+        try:
+            for layer, start, chunk in chunks:
+                logits = self.forward_from(layer, start, len(chunk), self._hooks_for(chunk, start, clean))
+                vals = torch.stack([as_scalar(metric(logits[j]), metric_name, self.device)
+                                    for j in range(len(chunk))])
+                out[torch.tensor([pos_of[id(p)] for p in chunk], device=self.device)] = vals.to(out.dtype)
+                bar.update(len(chunk))
+        finally:
+            bar.close()
+        return out
+
+
+def _vector_hook(kind: str, n_rep: int, B: int, J, cols, clean, s: int, pattern: bool, T: int):
+    """Hook applying ``len(J)`` known-setter patches, one per batch slice ``J[i]``, in one index write.
+
+    Equivalent to calling the setter on each ``[B, ...]`` slice. ``s`` is the first computed position:
+    the hooked tensor holds positions ``s..T-1`` on its position axis (axis 1, or the dest axis 2 of a
+    pattern), so position indices are shifted by ``s``.
+    """
+    if kind == "pos":  # a[:, pos]
+        (c1,) = cols
+        val = clean[:, c1].movedim(1, 0)
+        sel = lambda a: (J, slice(None), c1 - (0 if pattern else s))  # noqa: E731
+    elif kind == "pos_head":  # a[:, pos, head]
+        c1, c2 = cols
+        val = clean[:, c1, c2].movedim(1, 0)
+        sel = lambda a: (J, slice(None), c1 - (0 if pattern else s), c2)  # noqa: E731
+    elif kind == "head":  # a[:, :, head]
+        (c1,) = cols
+        val = clean[:, :, c1].movedim(2, 0)
+        sel = lambda a: (J, slice(None), slice(None), c1)  # noqa: E731
+    elif kind == "pattern_head":  # a[:, head]
+        (c1,) = cols
+        val = clean[:, c1].movedim(1, 0)
+        sel = lambda a: (J, slice(None), c1)  # noqa: E731
+    elif kind == "pattern_dest":  # a[:, head, dest]
+        c1, c2 = cols
+        val = clean[:, c1, c2].movedim(1, 0)
+        sel = lambda a: (J, slice(None), c1, c2 - (s if pattern else 0))  # noqa: E731
+    elif kind == "pattern_dest_src":  # a[:, head, dest, src]
+        c1, c2, c3 = cols
+        val = clean[:, c1, c2, c3].movedim(1, 0)
+        sel = lambda a: (J, slice(None), c1, c2 - (s if pattern else 0), c3)  # noqa: E731
+    else:  # pragma: no cover
+        raise AssertionError(kind)
+
+    def hook(act, hook=None):
+        axis = 2 if pattern else 1
+        if s and act.shape[axis] != T - s:  # pragma: no cover - guarded by is_position_local_hook
+            raise RuntimeError(f"internal: {hook.name if hook else ''} has {act.shape[axis]} positions, expected {T - s}")
+        a = act.view(n_rep, B, *act.shape[1:])
+        a[sel(a)] = val.to(dtype=act.dtype)
+        return act
+
+    return hook
