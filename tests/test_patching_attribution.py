@@ -219,6 +219,10 @@ def test_vectorised_paths_match_per_row_paths():
     torch.testing.assert_close(every[2, ..., :2], k)
     assert (every[2, ..., 2:] == 0).all()
     torch.testing.assert_close(every[4], attrib("attn_head_pattern_by_pos", model, corrupted, cache, metric).transpose(1, 2))
+    # sparsekern.patching's own setters are recognised as the TL ones (vectorised path)
+    import sparsekern.patching as skp
+
+    assert ap._setter_dims(skp.layer_pos_head_vector_patch_setter) == (1, 2)
     grid, df = ap.get_act_patch_attn_head_q_by_pos(model, corrupted, cache, metric, return_index_df=True)
     flat = ap.generic_attribution_patch(model, corrupted, cache, metric, tlp.layer_pos_head_vector_patch_setter,
                                         "q", index_df=df.iloc[::7])
