@@ -14,8 +14,9 @@ from typing import Callable, Iterator
 
 import torch
 
-BACKEND_NAMES = ("cpp", "cuda", "triton", "ref")
-_AUTO_PRIORITY = {"cpu": ("cpp", "ref"), "cuda": ("cuda", "triton", "ref")}
+BACKEND_NAMES = ("cpp", "cuda", "triton", "metal", "ref")
+# "mps": Metal kernels where they exist (sparse_decode forward), the reference for the rest
+_AUTO_PRIORITY = {"cpu": ("cpp", "ref"), "cuda": ("cuda", "triton", "ref"), "mps": ("metal", "ref")}
 
 # op name -> backend -> (implementation, device types it accepts; None = any)
 _IMPLS: dict[str, dict[str, tuple[Callable, frozenset[str] | None]]] = {}
@@ -80,6 +81,9 @@ def backends() -> list[str]:
             out.append("triton")
     except (ImportError, ValueError):
         pass
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available() and hasattr(torch.mps, "compile_shader"):
+        out.append("metal")
     out.append("ref")
     return out
 

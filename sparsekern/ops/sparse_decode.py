@@ -73,6 +73,13 @@ if _backend.has_triton():  # kernels in sparsekern/triton, imported on first cal
         return decode.sparse_decode_backward_weight(grad_out, values, indices, d_sae)
 
 
+@_backend.register("sparse_decode", "metal", ("mps",))
+def _metal_fwd(values, indices, W_dec, b_dec):
+    from ..mps.sparse_decode import sparse_decode_metal  # only reached when MPS is available
+
+    return sparse_decode_metal(values, indices, W_dec, b_dec)
+
+
 # ---- custom ops ----------------------------------------------------------------------------
 @torch.library.custom_op("sparsekern::sparse_decode", mutates_args=())
 def _sparse_decode(
