@@ -95,7 +95,7 @@ def assert_close(actual, expected, tol=1e-5):
 
 # (1) exact where the metric is linear in the patched activation ------------------------------
 
-@pytest.mark.parametrize("arch", ["gpt2", "rotary_gqa", "saturated"])
+@pytest.mark.parametrize("arch", ["gpt2", "rotary_gqa", "saturated", "alibi_softcap_qknorm"])
 def test_linear_case_is_exact(arch):
     # One attention-only layer, no normalisation, linear metric on logits: logits are linear in
     # attn_out, z, v and the pattern, so attribution patching must equal exact patching; q/k enter
@@ -104,6 +104,8 @@ def test_linear_case_is_exact(arch):
     kw = dict(n_layers=1, attn_only=True, normalization_type=None)
     if arch == "rotary_gqa":
         kw.update(positional_embedding_type="rotary", rotary_dim=8, n_key_value_heads=2)
+    if arch == "alibi_softcap_qknorm":  # every score transform the QK fix must reproduce
+        kw.update(positional_embedding_type="alibi", attn_scores_soft_cap=3.0, use_qk_norm=True)
     model = make_model(seed=3, qk_scale=6.0 if arch == "saturated" else 1.0, **kw)
     clean, corrupted = tokens(2, 6, seed=1)
     _, cache = model.run_with_cache(clean)

@@ -46,7 +46,11 @@ def attention_scores(
             "qk_fix=True does not support this attention variant (OLMo qk-norm, attention sinks or "
             "relative positional bias); use qk_fix=False"
         )
-    q, k = q.double(), k.double()
+    with torch.no_grad():  # qk-norm weights may require grad; no graph is needed here
+        return _scores(attn, cfg, q.double(), k.double(), masked, attention_mask)
+
+
+def _scores(attn, cfg, q, k, masked, attention_mask) -> Scores:
     if getattr(cfg, "use_qk_norm", False) and hasattr(attn, "_apply_qk_norm"):
         q = attn._apply_qk_norm(q, attn.q_norm).double()
         k = attn._apply_qk_norm(k, attn.k_norm).double()
