@@ -14,7 +14,7 @@ Exact L0 per row, no cap, ascending feature order within a row.
 Precision: bf16/fp16 x and W_enc go to ``tl.dot`` as they are (products exact in fp32, fp32
 accumulation) and b_dec is folded into the bias as ``b_enc - b_dec @ W_enc`` (fp32), so x need
 not be centred in fp32 first. fp32/fp64 centre ``x - b_dec`` in the kernel (the reference's
-arithmetic) and use ``input_precision="ieee"`` (no TF32).
+arithmetic); fp32 uses ``input_precision="ieee"`` (no TF32: the 1e-5 contract).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ _BIGC = tl.constexpr(0x7FFFFFFF)  # index of taken / out-of-range tile columns
 @triton.jit
 def _pre_tile(x_ptr, w_ptr, bdec_ptr, bias_ptr, rows, cols, N, D_IN, D_SAE, sxm, sxk, swk, swn,
               CENTER: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-              ACC: tl.constexpr, UPCAST: tl.constexpr):
+              ACC: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
     """[BM, BN] pre-activations for rows x cols (ACC dtype); out-of-range entries are garbage."""
     acc = tl.zeros((BM, BN), dtype=ACC)
     rmask = rows < N
@@ -52,7 +52,7 @@ def _pre_tile(x_ptr, w_ptr, bdec_ptr, bias_ptr, rows, cols, N, D_IN, D_SAE, sxm,
                     mask=kmask[:, None] & cmask[None, :], other=0.0)
         if UPCAST:  # Triton's interpreter multiplies bf16 bit patterns in tl.dot; fp32 is exact
             a, b = a.to(tl.float32), b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision="ieee")
+        acc = tl.dot(a, b, acc, input_precision=PREC)
     return acc + tl.load(bias_ptr + cols, mask=cmask, other=0.0)[None, :]
 
 
@@ -92,7 +92,7 @@ def _topk_kernel(x_ptr, w_ptr, bdec_ptr, bias_ptr, pv_ptr, pi_ptr,
                  N, D_IN, D_SAE, COLS_PER_SPLIT, sxm, sxk, swk, swn,
                  K: tl.constexpr, KP: tl.constexpr, CENTER: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr,
-                 UPCAST: tl.constexpr):
+                 UPCAST: tl.constexpr, PREC: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     n_splits = tl.num_programs(1)
@@ -108,7 +108,7 @@ def _topk_kernel(x_ptr, w_ptr, bdec_ptr, bias_ptr, pv_ptr, pi_ptr,
     for c0 in range(c_begin, c_end, BN):
         cols = c0 + tl.arange(0, BN)
         pre = _pre_tile(x_ptr, w_ptr, bdec_ptr, bias_ptr, rows, cols, N, D_IN, D_SAE,
-                        sxm, sxk, swk, swn, CENTER, BM, BN, BK, ACC, UPCAST)
+                        sxm, sxk, swk, swn, CENTER, BM, BN, BK, ACC, UPCAST, PREC)
         valid = (rows >= 0)[:, None] & (cols < c_end)[None, :]
         tv = tl.where(valid, pre, float("-inf"))
         tc = tl.where(valid, cols[None, :], _BIGC)
@@ -124,7 +124,7 @@ def _threshold_kernel(x_ptr, w_ptr, bdec_ptr, bias_ptr, thr_ptr, cnt_ptr, start_
                       N, D_IN, D_SAE, COLS_PER_SPLIT, KMAX, sxm, sxk, swk, swn,
                       FILL: tl.constexpr, CENTER: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr,
-                      UPCAST: tl.constexpr):
+                      UPCAST: tl.constexpr, PREC: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     n_splits = tl.num_programs(1)
@@ -142,7 +142,7 @@ def _threshold_kernel(x_ptr, w_ptr, bdec_ptr, bias_ptr, thr_ptr, cnt_ptr, start_
         cols = c0 + tl.arange(0, BN)
         cmask = cols < c_end
         pre = _pre_tile(x_ptr, w_ptr, bdec_ptr, bias_ptr, rows, cols, N, D_IN, D_SAE,
-                        sxm, sxk, swk, swn, CENTER, BM, BN, BK, ACC, UPCAST)
+                        sxm, sxk, swk, swn, CENTER, BM, BN, BK, ACC, UPCAST, PREC)
         thr = tl.load(thr_ptr + cols, mask=cmask, other=0.0)
         hit = (pre > thr[None, :]) & cmask[None, :] & rmask[:, None]
         h = hit.to(tl.int32)
@@ -188,12 +188,17 @@ def _tiles(x: torch.Tensor, kp: int = 1) -> tuple[int, int, int, int]:
     if x.dtype == torch.float64:
         return 32, 64, 16, 4
     bm = 64 if kp <= 64 else 32 if kp <= 256 else 16  # the running top-k lives in registers
-    return bm, 128, (64 if x.dtype in (torch.bfloat16, torch.float16) else 32), 8 if bm == 64 else 4
+    return bm, 128, (64 if x.dtype in (torch.bfloat16, torch.float16) else 32), 8
 
 
 def _upcast(x: torch.Tensor) -> bool:
     """Off CUDA (the interpreter) 16-bit dot operands are cast to fp32 first, see _pre_tile."""
     return x.device.type != "cuda" and x.dtype in (torch.bfloat16, torch.float16)
+
+
+def _prec(x: torch.Tensor) -> str:
+    """tl.dot input precision: IEEE fp32 (no TF32) for fp32; the default for the other dtypes."""
+    return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
 def _splits(x: torch.Tensor, n_rows: int, d_sae: int, bm: int, bn: int, splits: int | None):
@@ -243,7 +248,7 @@ def topk_encode(x, W_enc, b_enc, b_dec, k: int, relu: bool, *, splits: int | Non
         x, W_enc, bdec if center else bias, bias, pv, pi, n, d_in, d_sae, per,
         *x.stride(), *W_enc.stride(),
         K=k, KP=kp, CENTER=center, BM=bm, BN=bn, BK=bk, ACC=tl_dtype(acc), UPCAST=_upcast(x),
-        num_warps=warps,
+        PREC=_prec(x), num_warps=warps,
     )
     # merge the splits: order candidates by index, then a stable sort by value keeps ties ascending
     pv, pi = pv.reshape(n, -1), pi.reshape(n, -1)
@@ -272,7 +277,8 @@ def threshold_encode(x, W_enc, b_enc, threshold, b_dec, *, splits: int | None = 
     thr = threshold.to(acc).expand(d_sae).contiguous()
     counts = torch.empty(n, n_split, dtype=torch.int64, device=dev)
     grid = (cdiv(n, bm), n_split)
-    common = dict(CENTER=center, BM=bm, BN=bn, BK=bk, ACC=tl_dtype(acc), UPCAST=_upcast(x), num_warps=warps)
+    common = dict(CENTER=center, BM=bm, BN=bn, BK=bk, ACC=tl_dtype(acc), UPCAST=_upcast(x), PREC=_prec(x),
+                  num_warps=warps)
     args = (n, d_in, d_sae, per)
     strides = (*x.stride(), *W_enc.stride())
     bdec_arg = bdec if center else bias

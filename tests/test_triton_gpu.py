@@ -1,0 +1,142 @@
+"""Triton backend on a CUDA device at realistic shapes, pinned to float64 references on the GPU.
+
+Skips cleanly without CUDA or triton. At these sizes a few pre-activations are closer than fp32
+rounding to their neighbour (or to the threshold), so index/support comparisons allow swaps only
+between entries whose float64 values are within ``NEAR`` of each other; everything else is exact.
+"""
+
+import pytest
+import torch
+
+import sparsekern as sk
+from sparsekern import _backend, ops
+
+from _cases import decoder_problem, encoder_problem
+from conftest import rel_err
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(not _backend.has_triton(), reason="triton is not installed"),
+]
+NEAR = 1e-5  # relative to the largest |pre| of the row
+
+
+def cuda(*ts):
+    return tuple(t.cuda() if t is not None else None for t in ts)
+
+
+def pre64(x, W, b, bd):
+    x, W, b = x.double(), W.double(), b.double()
+    return (x - bd.double() if bd is not None else x) @ W + b
+
+
+def check_topk(out_v, out_i, pre, k, relu):
+    """Selected (value desc, index asc) order vs the float64 oracle, near-ties allowed to swap."""
+    ev, ei = torch.sort(pre, dim=1, descending=True, stable=True)
+    ev, ei = ev[:, :k], ei[:, :k]
+    scale = pre.abs().amax(1, keepdim=True)
+    got = pre.gather(1, out_i)  # float64 value of what the kernel picked
+    assert bool(((got - ev).abs() <= NEAR * scale).all()), "picked a feature that is not in the top k"
+    swapped = out_i != ei
+    assert int(swapped.sum()) <= max(4, out_i.numel() // 1000), int(swapped.sum())
+    exp_v = ev.clamp_min(0) if relu else ev
+    assert rel_err(out_v, exp_v) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k", [32, 64, 256])
+def test_topk_encode_cuda(dtype, k):
+    x, W, b, bd = cuda(*encoder_problem(1024, 768, 24576, dtype))
+    with sk.use_backend("triton"):
+        out = ops.topk_encode(x, W, b, k, b_dec=bd, relu=False)
+    assert out.values.dtype == dtype
+    pre = pre64(x, W, b, bd)
+    if dtype == torch.float32:
+        check_topk(out.values, out.indices, pre, k, relu=False)
+    else:  # vs the fp32-accumulated reference on the same low-precision inputs
+        with sk.use_backend("ref"):
+            ref_lp = ops.topk_encode(x, W, b, k, b_dec=bd, relu=False)
+        ev = torch.sort(pre, dim=1, descending=True).values[:, :k]
+        assert rel_err(out.values, ev) <= 2 * rel_err(ref_lp.values, ev) + 1e-6
+        assert (out.indices == ref_lp.indices).float().mean() > 0.99
+
+
+def test_topk_encode_cuda_forced_splits_and_ragged_shapes():
+    from sparsekern.triton import encode
+
+    x, W, b, bd = cuda(*encoder_problem(333, 300, 5001, torch.float32))
+    pre = pre64(x, W, b, bd)
+    for splits in (1, 7, 64):
+        v, i = encode.topk_encode(x, W, b, bd, 40, True, splits=splits)
+        check_topk(v, i, pre, 40, relu=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_threshold_encode_cuda(dtype):
+    x, W, b, bd = cuda(*encoder_problem(1024, 768, 24576, dtype))
+    thr = torch.rand(24576, device="cuda", dtype=torch.float64) * 0.5 + 0.5
+    with sk.use_backend("triton"):
+        out = ops.threshold_encode(x, W, b, thr.to(dtype), b_dec=bd)
+    pre = pre64(x, W, b, bd)
+    t = thr.to(dtype).double()
+    dense = out.to_dense(24576).double()
+    near = (pre - t).abs() <= NEAR * pre.abs().amax(1, keepdim=True)
+    assert bool(((dense != 0) == (pre > t))[~near].all())
+    l0 = out.l0()
+    assert torch.equal(l0, (dense != 0).sum(1))  # counts and contents agree exactly
+    exp = pre * (pre > t)
+    tol = 1e-5 if dtype == torch.float32 else 2**-8
+    assert rel_err(dense[~near], exp[~near]) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [32, 64, 128])
+def test_sparse_decode_fwd_bwd_cuda(dtype, k):
+    v, i, W, b = cuda(*decoder_problem(4096, k, 65536, 768, dtype))
+    i[:64] = 7  # a hot feature: one long segment in the weight grad
+    G = torch.randn(4096, 768, device="cuda", dtype=torch.float64)
+    args = [t.clone().requires_grad_() for t in (v, W, b)]
+    with sk.use_backend("triton"):
+        out = ops.sparse_decode(args[0], i, args[1], args[2])
+        (out * G.to(dtype)).sum().backward()
+    d = [t.double().clone().requires_grad_() for t in (v, W, b)]
+    exp = (d[0][..., None] * d[1][i]).sum(1) + d[2]
+    (exp * G.to(dtype).double()).sum().backward()
+    tol = 1e-5 if dtype == torch.float32 else 2**-8
+    assert rel_err(out.detach(), exp.detach()) < tol
+    for a, e in zip(args, d):
+        assert a.grad.dtype == dtype and rel_err(a.grad, e.grad) < tol
+
+
+def test_encoder_backward_cuda():
+    x, W, b, bd = cuda(*encoder_problem(512, 256, 8192, torch.float32))
+    params = [t.clone().requires_grad_() for t in (x, W, b, bd)]
+    R = torch.randn(512, 32, device="cuda")
+    with sk.use_backend("triton"):
+        out = ops.topk_encode(*params[:3], 32, b_dec=params[3], relu=False)
+        (out.values * R).sum().backward()
+    dense = [t.double().clone().requires_grad_() for t in (x, W, b, bd)]
+    kept = ((dense[0] - dense[3]) @ dense[1] + dense[2]).gather(1, out.indices)
+    (kept * R.double()).sum().backward()
+    for p, e in zip(params, dense):
+        assert rel_err(p.grad, e.grad) < 1e-5
+
+
+@pytest.mark.slow
+def test_topk_encode_peak_memory_at_the_issue_shape():
+    """N=4096, d_sae=2^20, d_in=2304, k=64 (bf16): extra memory beyond inputs/outputs <= 1 GiB."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(4096, 2304, device="cuda", generator=g).bfloat16()
+    W = (torch.randn(2304, 1 << 20, device="cuda", generator=g, dtype=torch.bfloat16) / 48)
+    b = torch.zeros(1 << 20, device="cuda", dtype=torch.bfloat16)
+    bd = torch.zeros(2304, device="cuda", dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with sk.use_backend("triton"):
+        out = ops.topk_encode(x, W, b, 64, b_dec=bd)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert out.shape == (4096, 64)
+    assert peak <= 1 << 30, f"peak extra memory {peak / 2**20:.0f} MiB"

@@ -1,0 +1,94 @@
+"""Compile every Triton kernel for a CUDA arch without a GPU (Triton ships ptxas), as the host
+wrappers would launch them. Used by tests/test_triton.py; by hand:
+``python tests/triton_compile.py 90`` prints registers/spills per kernel variant."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from sparsekern.triton import decode, encode
+from sparsekern.triton._common import acc_dtype, tl_dtype
+
+PTR = {torch.float32: "*fp32", torch.float64: "*fp64", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def variants():
+    """(name, jit fn, {arg: type}, constexprs, num_warps) for the configs the wrappers use on CUDA."""
+    out = []
+    for dt in DTYPES:
+        cuda_like = type("T", (), {"device": torch.device("cuda"), "dtype": dt})()
+        acc = acc_dtype(dt)
+        low = dt in (torch.bfloat16, torch.float16)
+        P, A = PTR[dt], PTR[acc]
+        enc_ints = {n: "i32" for n in ("N", "D_IN", "D_SAE", "COLS_PER_SPLIT", "sxm", "sxk", "swk", "swn")}
+        for k in (32, 64, 128, 256):
+            bm, bn, bk, w = encode._tiles(cuda_like, k)
+            sig = {"x_ptr": P, "w_ptr": P, "bdec_ptr": A, "bias_ptr": A, "pv_ptr": A, "pi_ptr": "*i32", **enc_ints}
+            ce = dict(K=k, KP=k, CENTER=not low, BM=bm, BN=bn, BK=bk, ACC=tl_dtype(acc), UPCAST=False,
+                      PREC=encode._prec(cuda_like))
+            out.append((f"topk {dt} k={k}", encode._topk_kernel, sig, ce, w))
+        bm, bn, bk, w = encode._tiles(cuda_like)
+        for fill in (False, True):
+            sig = {"x_ptr": P, "w_ptr": P, "bdec_ptr": A, "bias_ptr": A, "thr_ptr": A, "cnt_ptr": "*i64",
+                   "start_ptr": "*i64", "ov_ptr": P, "oi_ptr": "*i64",
+                   **{n: "i32" for n in ("N", "D_IN", "D_SAE", "COLS_PER_SPLIT", "KMAX")},
+                   **{n: "i32" for n in ("sxm", "sxk", "swk", "swn")}}
+            ce = dict(FILL=fill, CENTER=not low, BM=bm, BN=bn, BK=bk, ACC=tl_dtype(acc), UPCAST=False,
+                      PREC=encode._prec(cuda_like))
+            out.append((f"threshold {dt} fill={fill}", encode._threshold_kernel, sig, ce, w))
+        if low:
+            sig = {"w_ptr": P, "bdec_ptr": P, "benc_ptr": P, "out_ptr": "*fp32", "D_IN": "i32", "D_SAE": "i32",
+                   "swk": "i32", "swn": "i32"}
+            out.append((f"fold_bias {dt}", encode._fold_bias_kernel, sig, dict(BN=128, BK=32), 4))
+        bk, bd, w = decode._blocks(cuda_like, 2304)
+        ints = lambda *names: {n: "i32" for n in names}  # noqa: E731
+        sig = {"v_ptr": P, "i_ptr": "*i64", "w_ptr": P, "b_ptr": P, "out_ptr": P,
+               **ints("K", "D", "svn", "svk", "sin", "sik", "swf", "swd")}
+        out.append((f"decode_fwd {dt}", decode._fwd_kernel, sig,
+                    dict(HAS_B=True, BK=bk, BD=bd, ACC=tl_dtype(acc)), w))
+        sig = {"g_ptr": P, "i_ptr": "*i64", "w_ptr": P, "out_ptr": P,
+               **ints("K", "D", "sgn", "sgd", "sin", "sik", "swf", "swd")}
+        out.append((f"decode_bwd_values {dt}", decode._bwd_values_kernel, sig,
+                    dict(BK=bk, BD=bd, ACC=tl_dtype(acc)), w))
+        sig = {"g_ptr": P, "v_ptr": P, "perm_ptr": "*i64", "bounds_ptr": "*i64", "out_ptr": P,
+               **ints("K", "D", "sgn", "sgd", "svn", "svk")}
+        out.append((f"decode_bwd_weight {dt}", decode._bwd_weight_kernel, sig,
+                    dict(BE=bk, BD=bd, ACC=tl_dtype(acc)), w))
+    return out
+
+
+def compile_one(fn, sig, constexprs, num_warps, arch: int):
+    sig = {**sig, **{k: "constexpr" for k in constexprs}}
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+
+
+def usage(kernel) -> str:
+    """Registers / stack bytes per thread of a compiled kernel (cuobjdump shipped with Triton)."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
+        f.write(kernel.asm["cubin"])
+    try:
+        r = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True)
+    finally:
+        os.unlink(f.name)
+    m = re.search(r"REG:(\d+) STACK:(\d+)", r.stdout)
+    return f"{m.group(1)} regs, {m.group(2)} B stack" if m else "usage unknown"
+
+
+if __name__ == "__main__":
+    arch = int(sys.argv[1]) if len(sys.argv) > 1 else 90
+    for name, fn, sig, ce, w in variants():
+        k = compile_one(fn, sig, ce, w, arch)
+        print(f"sm_{arch} {name:36s} warps={w} shared={k.metadata.shared} {usage(k)}", flush=True)
