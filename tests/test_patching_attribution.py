@@ -121,6 +121,31 @@ def test_linear_case_is_exact(arch):
         assert worst_plain > 1e-3
 
 
+def test_linear_case_broadcast_1d_and_left_padding():
+    # TL also accepts a clean cache of batch 1 (broadcast by its setters) and 1-D tokens; with a
+    # left-padding tokenizer the forward masks pads and shifts rotary positions, which the QK fix
+    # must reproduce (fully masked pad rows included).
+    import types
+
+    model = make_model(seed=6, qk_scale=5.0, n_layers=1, attn_only=True, normalization_type=None,
+                       positional_embedding_type="rotary", rotary_dim=8)
+    clean, corrupted = tokens(3, 6, seed=5)
+    _, cache1 = model.run_with_cache(clean[:1])
+    for name in ["attn_head_out_by_pos", "attn_head_q_by_pos", "attn_head_k_all_pos"]:
+        assert_close(attrib(name, model, corrupted, cache1, linear_metric, qk_fix=True),
+                     exact(name, model, corrupted, cache1, linear_metric))
+    _, cache_1d = model.run_with_cache(clean[0])
+    assert_close(attrib("attn_out", model, corrupted[0], cache_1d, linear_metric),
+                 exact("attn_out", model, corrupted[0], cache_1d, linear_metric))
+    model.tokenizer = types.SimpleNamespace(padding_side="left", pad_token_id=0, bos_token_id=1)
+    clean, corrupted = clean.clamp_min(2), corrupted.clamp_min(2)
+    clean[0, :2] = corrupted[0, :2] = 0
+    _, cache = model.run_with_cache(clean)
+    for name in ["attn_head_q_by_pos", "attn_head_k_by_pos", "attn_head_k_all_pos"]:
+        assert_close(attrib(name, model, corrupted, cache, linear_metric, qk_fix=True),
+                     exact(name, model, corrupted, cache, linear_metric))
+
+
 def test_linear_case_last_mlp_and_frozen_params():
     # 2 layers, no normalisation: logits are linear in the last layer's mlp_out.
     model = make_model(seed=4, normalization_type=None)
