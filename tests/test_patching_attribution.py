@@ -59,7 +59,8 @@ def llama_gqa(**kw):
 
 def tokens(batch, pos, seed, d_vocab=50):
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, d_vocab, (batch, pos), generator=g), torch.randint(0, d_vocab, (batch, pos), generator=g)
+    clean = torch.randint(0, d_vocab, (batch, pos), generator=g)
+    return clean, torch.randint(0, d_vocab, (batch, pos), generator=g)
 
 
 def exact(name, model, corrupted, cache, metric):
@@ -111,12 +112,14 @@ def test_linear_case_is_exact(arch):
     _, cache = model.run_with_cache(clean)
     for name in ["attn_out", "attn_head_out_by_pos", "attn_head_out_all_pos", "attn_head_v_by_pos",
                  "attn_head_v_all_pos"] + PATTERN_FNS:
-        assert_close(attrib(name, model, corrupted, cache, linear_metric), exact(name, model, corrupted, cache, linear_metric))
+        assert_close(attrib(name, model, corrupted, cache, linear_metric),
+                     exact(name, model, corrupted, cache, linear_metric))
     worst_plain = 0.0
     for name in ["attn_head_q_by_pos", "attn_head_k_by_pos", "attn_head_q_all_pos", "attn_head_k_all_pos"]:
         ex = exact(name, model, corrupted, cache, linear_metric)
         assert_close(attrib(name, model, corrupted, cache, linear_metric, qk_fix=True), ex)
-        worst_plain = max(worst_plain, float((attrib(name, model, corrupted, cache, linear_metric) - ex).abs().max()))
+        plain = attrib(name, model, corrupted, cache, linear_metric)
+        worst_plain = max(worst_plain, float((plain - ex).abs().max()))
     if arch == "saturated":  # the test could fail: without the fix the estimate is visibly off
         assert worst_plain > 1e-3
 
@@ -160,7 +163,8 @@ def test_linear_case_last_mlp_and_frozen_params():
     assert_close(delta[-1], ex[-1] - base)
     torch.testing.assert_close(at, delta + base, rtol=0, atol=1e-5)
     model.requires_grad_(False)  # frozen weights: the hooks start the graph themselves
-    torch.testing.assert_close(attrib("mlp_out", model, corrupted, cache, linear_metric), at, rtol=0, atol=1e-6)
+    frozen = attrib("mlp_out", model, corrupted, cache, linear_metric)
+    torch.testing.assert_close(frozen, at, rtol=0, atol=1e-6)
 
 
 def test_first_order_exact_for_small_patches():
@@ -245,13 +249,15 @@ def test_vectorised_paths_match_per_row_paths():
     k = attrib("attn_head_k_by_pos", model, corrupted, cache, metric, qk_fix=True)
     torch.testing.assert_close(every[2, ..., :2], k)
     assert (every[2, ..., 2:] == 0).all()
-    torch.testing.assert_close(every[4], attrib("attn_head_pattern_by_pos", model, corrupted, cache, metric).transpose(1, 2))
+    pattern = attrib("attn_head_pattern_by_pos", model, corrupted, cache, metric)
+    torch.testing.assert_close(every[4], pattern.transpose(1, 2))
     # sparsekern.patching's own setters are recognised as the TL ones (vectorised path)
     import sparsekern.patching as skp
 
     assert ap._setter_dims(skp.layer_pos_head_vector_patch_setter) == (1, 2)
     grid, df = ap.get_act_patch_attn_head_q_by_pos(model, corrupted, cache, metric, return_index_df=True)
-    flat = ap.generic_attribution_patch(model, corrupted, cache, metric, tlp.layer_pos_head_vector_patch_setter,
+    flat = ap.generic_attribution_patch(model, corrupted, cache, metric,
+                                        tlp.layer_pos_head_vector_patch_setter,
                                         "q", index_df=df.iloc[::7])
     torch.testing.assert_close(flat, grid.flatten()[::7])
 
@@ -261,8 +267,9 @@ def test_vectorised_paths_match_per_row_paths():
 def test_rank_correlation_with_exact_patching(capsys):
     # Observed on seeds 0-9 (GPT-2 style, 2 layers, batch 4 x 8, log-prob metric): resid_pre
     # 0.36-0.85 (mean 0.63), attn_head_out_by_pos 0.54-0.92 (mean 0.76); seeds 0-2 run here are on
-    # the low side for heads (0.68, 0.64, 0.53). Bounds sit below the lowest value seen. Attribution is first-order:
-    # whole-residual patches are large changes through LayerNorm, hence the weaker resid_pre numbers.
+    # the low side for heads (0.68, 0.64, 0.53). Bounds sit below the lowest value seen.
+    # Attribution is first-order: whole-residual patches are large changes through LayerNorm, hence
+    # the weaker resid_pre numbers.
     rows, stats = [], {"resid_pre": [], "attn_head_out_by_pos": []}
     for seed in range(3):
         model = make_model(seed=seed)
@@ -274,7 +281,8 @@ def test_rank_correlation_with_exact_patching(capsys):
             return lg[:, -1].log_softmax(-1).gather(-1, answer).mean()
 
         for name in stats:
-            rho = spearman(attrib(name, model, corrupted, cache, metric), exact(name, model, corrupted, cache, metric))
+            rho = spearman(attrib(name, model, corrupted, cache, metric),
+                           exact(name, model, corrupted, cache, metric))
             stats[name].append(rho)
         rows.append(f"seed {seed}: " + ", ".join(f"{n} {v[-1]:.3f}" for n, v in stats.items()))
     with capsys.disabled():
@@ -329,7 +337,8 @@ def test_bad_input():
     with pytest.raises(ValueError, match=r"corrupted_tokens has shape \[2, 4\].*clean_cache"):
         ap.get_act_patch_resid_pre(model, corrupted[:, :4], cache, metric)
     with pytest.raises(ValueError, match=r"corrupted_tokens has shape \[3, 5\]"):
-        ap.get_act_patch_attn_head_pattern_all_pos(model, torch.cat([corrupted, corrupted[:1]]), cache, metric)
+        bigger = torch.cat([corrupted, corrupted[:1]])
+        ap.get_act_patch_attn_head_pattern_all_pos(model, bigger, cache, metric)
     partial_cache = {k: v for k, v in cache.items() if "hook_z" not in k}
     with pytest.raises(KeyError, match=r"clean_cache is missing.*blocks.0.attn.hook_z"):
         ap.get_act_patch_attn_head_out_by_pos(model, corrupted, partial_cache, metric)
@@ -340,6 +349,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="scalar"):
         ap.get_act_patch_resid_pre(model, corrupted, cache, lambda lg: lg[:, -1, 0])
     with pytest.raises(ValueError, match="differentiabl"):
-        ap.get_act_patch_resid_pre(model, corrupted, cache, lambda lg: torch.tensor(lg[:, -1, 0].mean().item()))
+        ap.get_act_patch_resid_pre(model, corrupted, cache,
+                                   lambda lg: torch.tensor(lg[:, -1, 0].mean().item()))
     with pytest.raises(TypeError, match="corrupted_tokens"):
         ap.get_act_patch_resid_pre(model, corrupted.float(), cache, metric)

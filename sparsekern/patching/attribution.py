@@ -88,12 +88,16 @@ class _Spec:
 def _tokens_2d(corrupted_tokens: Any) -> torch.Tensor:
     if not isinstance(corrupted_tokens, torch.Tensor):
         raise TypeError(
-            f"corrupted_tokens must be an integer torch.Tensor of shape [batch, pos]; got {type(corrupted_tokens).__name__}"
+            "corrupted_tokens must be an integer torch.Tensor of shape [batch, pos]; "
+            f"got {type(corrupted_tokens).__name__}"
         )
-    if corrupted_tokens.is_floating_point() or corrupted_tokens.is_complex() or corrupted_tokens.dtype == torch.bool:
+    dtype = corrupted_tokens.dtype
+    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
         raise TypeError(f"corrupted_tokens must have an integer dtype; got {corrupted_tokens.dtype}")
     if corrupted_tokens.ndim not in (1, 2):
-        raise ValueError(f"corrupted_tokens must have shape [batch, pos] or [pos]; got {tuple(corrupted_tokens.shape)}")
+        raise ValueError(
+            f"corrupted_tokens must have shape [batch, pos] or [pos]; got {tuple(corrupted_tokens.shape)}"
+        )
     return corrupted_tokens if corrupted_tokens.ndim == 2 else corrupted_tokens[None]
 
 
@@ -108,7 +112,8 @@ def _make_spec(model, pos: int, patch_setter, activation_name, index_axis_names,
         max_range = {"layer": model.cfg.n_layers, "pos": pos, "src_pos": pos, "dest_pos": pos,
                      "head_index": n_heads, "head": n_heads}
         ranges = [max_range[a] for a in index_axis_names]
-        return _Spec(patch_setter, activation_name, make_df_from_ranges(ranges, index_axis_names), ranges, False)
+        df = make_df_from_ranges(ranges, index_axis_names)
+        return _Spec(patch_setter, activation_name, df, ranges, False)
     if index_axis_names is not None:
         raise ValueError("give index_axis_names or index_df, not both")
     return _Spec(patch_setter, activation_name, index_df, index_df.max().to_list(), True)
@@ -288,14 +293,17 @@ def _attribute(model, corrupted_tokens, clean_cache, metric: Metric, specs: List
     return out
 
 
-def _assemble(spec, per_layer, layers, use_qk, qk, acts, grads, clean_cache, tokens, progress) -> torch.Tensor:
+def _assemble(spec, per_layer, layers, use_qk, qk, acts, grads, clean_cache, tokens, progress
+              ) -> torch.Tensor:
     """Lay the per-layer estimates out like TL: the full grid, or one entry per ``index_df`` row."""
     if not spec.flattened and len(per_layer) == len(layers):
         grid = torch.stack([per_layer[layer] for layer in range(spec.ranges[0])])
         if list(grid.shape) != spec.ranges:
             want = tuple(slice(0, r) for r in spec.ranges)
             if any(r > s for r, s in zip(spec.ranges, grid.shape)):
-                raise IndexError(f"index ranges {spec.ranges} exceed the activation's axes {list(grid.shape)}")
+                raise IndexError(
+                    f"index ranges {spec.ranges} exceed the activation's axes {list(grid.shape)}"
+                )
             grid = grid[want]
         return grid
     rows = [[int(v) for v in r] for r in spec.index_df.itertuples(index=False)]
@@ -367,7 +375,9 @@ def generic_attribution_patch(
 
 def _prebuilt(setter, act: str, axes: Tuple[str, ...], what: str, shape: str):
     f = partial(generic_attribution_patch, patch_setter=setter, activation_name=act, index_axis_names=axes)
-    f.__doc__ = f"""Attribution patching of {what}: ``(model, corrupted_tokens, clean_cache, patching_metric)``.
+    f.__doc__ = f"""Attribution patching of {what}.
+
+    Call as ``(model, corrupted_tokens, clean_cache, patching_metric)``.
 
     Same output as ``transformer_lens.patching``'s function of the same name, shape {shape}, estimated
     by attribution patching (``metric(corrupted) + delta``; keyword-only ``qk_fix=``,
@@ -386,7 +396,8 @@ get_act_patch_attn_out = _prebuilt(_S.layer_pos_patch_setter, "attn_out", ("laye
 get_act_patch_mlp_out = _prebuilt(_S.layer_pos_patch_setter, "mlp_out", ("layer", "pos"),
                                   "each MLP layer's output", "[n_layers, pos]")
 get_act_patch_attn_head_out_by_pos = _prebuilt(
-    _S.layer_pos_head_vector_patch_setter, "z", ("layer", "pos", "head"), "each head's output (hook_z) by position",
+    _S.layer_pos_head_vector_patch_setter, "z", ("layer", "pos", "head"),
+    "each head's output (hook_z) by position",
     "[n_layers, pos, n_heads]")
 get_act_patch_attn_head_q_by_pos = _prebuilt(
     _S.layer_pos_head_vector_patch_setter, "q", ("layer", "pos", "head"), "each head's query by position",
@@ -401,7 +412,8 @@ get_act_patch_attn_head_pattern_by_pos = _prebuilt(
     _S.layer_head_pos_pattern_patch_setter, "pattern", ("layer", "head_index", "dest_pos"),
     "each head's attention pattern row (by destination position)", "[n_layers, n_heads, dest_pos]")
 get_act_patch_attn_head_pattern_dest_src_pos = _prebuilt(
-    _S.layer_head_dest_src_pos_pattern_patch_setter, "pattern", ("layer", "head_index", "dest_pos", "src_pos"),
+    _S.layer_head_dest_src_pos_pattern_patch_setter, "pattern",
+    ("layer", "head_index", "dest_pos", "src_pos"),
     "each attention pattern entry", "[n_layers, n_heads, dest_pos, src_pos]")
 get_act_patch_attn_head_out_all_pos = _prebuilt(
     _S.layer_head_vector_patch_setter, "z", ("layer", "head"), "each head's output over all positions",
@@ -416,7 +428,8 @@ get_act_patch_attn_head_v_all_pos = _prebuilt(
     _S.layer_head_vector_patch_setter, "v", ("layer", "head"), "each head's values over all positions",
     "[n_layers, n_heads or n_key_value_heads]")
 get_act_patch_attn_head_pattern_all_pos = _prebuilt(
-    _S.layer_head_pattern_patch_setter, "pattern", ("layer", "head_index"), "each head's whole attention pattern",
+    _S.layer_head_pattern_patch_setter, "pattern", ("layer", "head_index"),
+    "each head's whole attention pattern",
     "[n_layers, n_heads]")
 
 
@@ -438,7 +451,8 @@ def get_act_patch_block_every(
 ) -> Float[torch.Tensor, "3 layer pos"]:
     """resid_pre, attn_out, mlp_out attribution patching from one shared run: ``[3, n_layers, pos]``."""
     parts = [get_act_patch_resid_pre, get_act_patch_attn_out, get_act_patch_mlp_out]
-    return torch.stack(_every(model, corrupted_tokens, clean_cache, metric, parts, qk_fix, return_delta, progress))
+    res = _every(model, corrupted_tokens, clean_cache, metric, parts, qk_fix, return_delta, progress)
+    return torch.stack(res)
 
 
 def get_act_patch_attn_head_all_pos_every(
