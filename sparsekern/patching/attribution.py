@@ -23,7 +23,9 @@ and the metric is linearised from the pattern onward:
 ``delta = sum((pattern_patched - pattern_corrupted) * d metric / d pattern)``. Pattern patches are
 already linear from the pattern onward, so ``qk_fix`` leaves them (and everything else) unchanged.
 The recomputed corrupted scores are checked against ``hook_attn_scores``; architectures whose scores
-cannot be reproduced raise ``NotImplementedError``.
+cannot be reproduced raise ``NotImplementedError``. The fix removes the softmax linearisation only:
+downstream nonlinearities remain, so it improves the ranking on average (strongly when attention is
+saturated), not for every model (see tests/test_patching_attribution.py).
 
 Costs: one forward + one backward for any number of patches (the ``*_every`` helpers share them),
 plus memory for the autograd graph of one corrupted run. A user-supplied ``patch_setter`` works too:
