@@ -190,3 +190,22 @@ def test_opcheck():
     st_ = FeatureTopKState.empty(30, 3)
     torch.library.opcheck(torch.ops.sparsekern.feature_topk_update_.default,
                           (st_.values, st_.locations, v, i, l))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unsorted_hand_built_state(backend):
+    """A state whose rows are not in the op's order (built by hand) still merges to the exact top-k."""
+    d_sae, k = 30, 4
+    g = torch.Generator().manual_seed(4)
+    vals = torch.rand(d_sae, k, generator=g) + 0.5  # random order, all filled
+    locs = torch.randint(1000, 2000, (d_sae, k, 2), generator=g)
+    v, i, l = stream(40, 5, d_sae, seed=4)
+    want = run("ref", FeatureTopKState(vals.clone(), locs.clone()), [(v, i, l)])
+    got = run(backend, FeatureTopKState(vals.clone(), locs.clone()), [(v, i, l)])
+    assert torch.equal(got.values, want.values) and torch.equal(got.locations, want.locations)
+    # brute force over state entries + candidates
+    dense = torch.zeros(40, d_sae).scatter_(1, i, v)
+    for f in range(d_sae):  # touched rows: exact top-k of (row, candidates); others untouched
+        new = dense[:, f][dense[:, f] > 0]
+        expect = torch.cat([vals[f], new]).sort(descending=True).values[:k] if new.numel() else vals[f]
+        assert torch.equal(want.values[f], expect)

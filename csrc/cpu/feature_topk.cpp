@@ -1,9 +1,11 @@
 // CPU per-feature streaming top-k merge (contract: kernels.h, semantics: sparsekern/ops/feature_topk.py).
 //
 // The batch's candidates (value > 0) are counting-sorted by feature (stable, flat order); then
-// features are split over threads, and each touched feature merges its k state entries with its
-// candidates: a partial sort by (value desc, seq asc, pos asc), written back in place. Untouched
-// features are not read. Work O(M + sum_f (k + c_f) log k), extra memory O(M + threads * k).
+// features are split over threads. Each touched feature drops the candidates that are not better
+// than its current k-th entry, sorts the rest by (value desc, seq asc, pos asc) and merges them
+// with its (already sorted) row, written back in place; a row that is not sorted (a state built
+// by hand) gets a full partial sort instead. Untouched features are not read. Work
+// O(M + sum_f (k + c_f log c_f)), extra memory O(M + threads * k).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -52,18 +54,39 @@ void merge_impl(T* sv, int64_t* sl, int64_t d_sae, int64_t k, const T* vals, con
   }
   // 256 features per task: most features of a batch have no candidates and cost one compare
   at::parallel_for(0, d_sae, 256, [&](int64_t f0, int64_t f1) {
-    std::vector<Entry<T>> buf;
+    std::vector<Entry<T>> row(k), pass, merged(k);
     for (int64_t f = f0; f < f1; ++f) {
       const int64_t c0 = offsets[f], c1 = offsets[f + 1];
       if (c0 == c1) continue;
-      buf.resize(k + (c1 - c0));
-      for (int64_t j = 0; j < k; ++j) buf[j] = Entry<T>{sv[f * k + j], sl[(f * k + j) * 2], sl[(f * k + j) * 2 + 1]};
-      std::copy(cand.begin() + c0, cand.begin() + c1, buf.begin() + k);
-      std::partial_sort(buf.begin(), buf.begin() + k, buf.end(), better<T>);
+      T* rv = sv + f * k;
+      int64_t* rl = sl + f * k * 2;
+      bool sorted = true;
       for (int64_t j = 0; j < k; ++j) {
-        sv[f * k + j] = buf[j].v;
-        sl[(f * k + j) * 2] = buf[j].seq;
-        sl[(f * k + j) * 2 + 1] = buf[j].pos;
+        row[j] = Entry<T>{rv[j], rl[2 * j], rl[2 * j + 1]};
+        if (j > 0 && better(row[j], row[j - 1])) sorted = false;
+      }
+      if (!sorted) {  // a state not written by this op: sort everything once
+        std::vector<Entry<T>> all(row);
+        all.insert(all.end(), cand.begin() + c0, cand.begin() + c1);
+        std::partial_sort(all.begin(), all.begin() + k, all.end(), better<T>);
+        std::copy(all.begin(), all.begin() + k, merged.begin());
+      } else {
+        // only candidates strictly better than the current k-th can enter (an identical key
+        // would be indistinguishable); in a warm state that is few of them
+        pass.clear();
+        for (int64_t e = c0; e < c1; ++e)
+          if (better(cand[e], row[k - 1])) pass.push_back(cand[e]);
+        if (pass.empty()) continue;
+        std::sort(pass.begin(), pass.end(), better<T>);
+        // merge two sorted lists, keep the first k (row first on identical keys: same values)
+        size_t a = 0, b = 0;
+        for (int64_t j = 0; j < k; ++j)
+          merged[j] = (b < pass.size() && better(pass[b], row[a])) ? pass[b++] : row[a++];
+      }
+      for (int64_t j = 0; j < k; ++j) {
+        rv[j] = merged[j].v;
+        rl[2 * j] = merged[j].seq;
+        rl[2 * j + 1] = merged[j].pos;
       }
     }
   });
