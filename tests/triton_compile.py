@@ -68,6 +68,13 @@ def variants():
     return out
 
 
+REPRESENTATIVE = (
+    "topk torch.bfloat16 k=64", "topk torch.float32 k=64", "threshold torch.bfloat16 fill=True",
+    "threshold torch.float32 fill=False", "fold_bias torch.bfloat16", "decode_fwd torch.bfloat16",
+    "decode_bwd_values torch.float32", "decode_bwd_weight torch.bfloat16",
+)
+
+
 def compile_one(fn, sig, constexprs, num_warps, arch: int):
     sig = {**sig, **{k: "constexpr" for k in constexprs}}
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
