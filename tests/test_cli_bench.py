@@ -27,6 +27,7 @@ EXPECTED = {
     ("sae_forwardjumprelu", "sae_lens JumpReLUSAE.forward"),
     ("sae_cachetopk", "sae_lens HookedSAETransformer.run_with_cache_with_saes (dense)"),
     ("sae_cachejumprelu", "sae_lens HookedSAETransformer.run_with_cache_with_saes (dense)"),
+    ("sae_cachetopk acts_post only", "sae_lens HookedSAETransformer.run_with_cache_with_saes (dense)"),
 }
 
 

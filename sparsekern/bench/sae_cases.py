@@ -94,21 +94,24 @@ def sae_cache_cases(w: C.Weights, quick: bool) -> list[C.Case]:
     out = []
     missing = C.sae_lens_missing()
     hook = "blocks.1.hook_resid_pre" if quick else "blocks.6.hook_resid_pre"
-    for arch in ("topk", "jumprelu"):
+    # (variant, architecture, names_filter): the whole cache, and only the SAE's features
+    only_sae = f"{hook}.hook_sae_acts_post"
+    for variant, arch, names in (("topk", "topk", None), ("jumprelu", "jumprelu", None),
+                                 ("topk acts_post only", "topk", only_sae)):
         if missing:
             out.append(C.Case("sae_cache", w.shape, lambda: None, ("topk_encode",),
                               [C.Peer("sae_lens", "sae_lens run_with_cache_with_saes", None, skip=missing)],
-                              variant=arch))
+                              variant=variant))
             continue
         peer_model, model, toks = _models(w, quick)
         peer_sae, sae = _sae_pair(w, arch, hook)
         name = f"{hook}.hook_sae_acts_post"
 
-        def ours(sae: Any = sae) -> Any:
-            return model.run_with_cache_with_saes(toks, saes=[sae], sparse=True)
+        def ours(sae: Any = sae, names: Any = names) -> Any:
+            return model.run_with_cache_with_saes(toks, saes=[sae], sparse=True, names_filter=names)
 
-        def peer(sae: Any = peer_sae) -> Any:
-            return peer_model.run_with_cache_with_saes(toks, saes=[sae])
+        def peer(sae: Any = peer_sae, names: Any = names) -> Any:
+            return peer_model.run_with_cache_with_saes(toks, saes=[sae], names_filter=names)
 
         def check(o: Any, p: Any, name: str = name) -> float:
             acts: SparseActs = o[1][name]
@@ -127,7 +130,7 @@ def sae_cache_cases(w: C.Weights, quick: bool) -> list[C.Case]:
             "sae_cache", w.shape, C._nograd(ours), (enc, "sparse_decode"),
             [C.Peer("sae_lens", "sae_lens HookedSAETransformer.run_with_cache_with_saes (dense)",
                     C._nograd(peer), check=check)],
-            variant=arch, info_fn=info,
+            variant=variant, info_fn=info,
         ))
     return out
 
