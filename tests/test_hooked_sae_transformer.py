@@ -255,3 +255,18 @@ def test_bad_input(models):
     with pytest.raises(ValueError, match="d_in=16"):
         model.run_with_saes(tokens(), saes=[wrong])
     assert model.acts_to_saes == {}
+
+
+@pytest.mark.parametrize("use_error_term", [False, True])
+@torch.no_grad()
+def test_hook_z_sae_matches_sae_lens(models, use_error_term):
+    ref_model, model = models
+    sae = sae_lens_sae("jumprelu", hook="blocks.0.attn.hook_z", reshape_activations="hook_z")
+    toks = tokens()
+    want, cw = ref_model.run_with_cache_with_saes(toks, saes=[sae], use_error_term=use_error_term)
+    got, cg = model.run_with_cache_with_saes(toks, saes=[sae], use_error_term=use_error_term)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert_cache_equal(cw, cg)
+    _, cs = model.run_with_cache_with_saes(toks, saes=[sae], use_error_term=use_error_term, sparse=True)
+    torch.testing.assert_close(cs["blocks.0.attn.hook_z.hook_sae_acts_post"].to_dense(D_SAE),
+                               cw["blocks.0.attn.hook_z.hook_sae_acts_post"], rtol=1e-5, atol=1e-6)
