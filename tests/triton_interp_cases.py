@@ -107,6 +107,14 @@ def test_topk_all_equal_and_k_equals_d_sae():
     assert v.shape == (0, 3) and i.shape == (0, 3)
 
 
+def test_topk_large_k_falls_back_to_reference_with_warning():
+    x, W, b, bd = encoder_problem(3, 4, tenc.MAX_K + 8, torch.float32)
+    with pytest.warns(RuntimeWarning, match="reference"):
+        v, i = tenc.topk_encode(x, W, b, bd, tenc.MAX_K + 1, True)
+    ev, ei = dense_topk64(x, W, b, tenc.MAX_K + 1, bd)
+    assert torch.equal(i, ei) and rel_err(v, ev.clamp_min(0)) < 1e-5
+
+
 @pytest.mark.parametrize("relu", [True, False])
 def test_topk_gradients_through_triton_decode_kernels(relu):
     x, W, b, bd = encoder_problem(9, 12, 70, torch.float64)

@@ -19,15 +19,19 @@ arithmetic); fp32 uses ``input_precision="ieee"`` (no TF32: the 1e-5 contract).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
 
+from .. import ref
 from . import CALLS
 from ._common import acc_dtype, cdiv, next_pow2, num_sms, store_dtype, tl_dtype
 
 _SENT = tl.constexpr(0x7F000000)  # indices of still-empty running slots (unique: _SENT + slot)
 _BIGC = tl.constexpr(0x7FFFFFFF)  # index of taken / out-of-range tile columns
+MAX_K = 512  # the running top-k lives in registers: [16, 512] per program is the largest we compile
 
 
 @triton.jit
@@ -230,10 +234,16 @@ def _prepare(x, W_enc, b_enc, b_dec):
 def topk_encode(x, W_enc, b_enc, b_dec, k: int, relu: bool, *, splits: int | None = None):
     """x [N, d_in], W_enc [d_in, d_sae] -> (values [N, k] in x.dtype, indices [N, k] int64),
     sorted by value desc, ties to the lower index; ReLU after selection. ``splits`` overrides the
-    number of d_sae splits (tests use it to exercise the cross-split merge)."""
+    number of d_sae splits (tests use it to exercise the cross-split merge). k > MAX_K runs the
+    (chunked, memory-bounded) reference instead, with a warning."""
     CALLS["topk_encode"] += 1
     n, d_in = x.shape
     d_sae = W_enc.shape[1]
+    if k > MAX_K:
+        warnings.warn(f"sparsekern: the triton topk_encode keeps k <= {MAX_K} in registers; k={k} runs the "
+                      "reference implementation", RuntimeWarning, stacklevel=2)
+        CALLS["topk_encode_ref_fallback"] += 1
+        return ref.topk_encode(x, W_enc, b_enc, b_dec, k, relu)
     if d_sae >= _SENT.value:
         raise ValueError(f"the triton topk_encode supports d_sae < {_SENT.value}, got {d_sae}")
     if n == 0:
