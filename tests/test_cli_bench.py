@@ -28,6 +28,8 @@ EXPECTED = {
     ("sae_cachetopk", "sae_lens HookedSAETransformer.run_with_cache_with_saes (dense)"),
     ("sae_cachejumprelu", "sae_lens HookedSAETransformer.run_with_cache_with_saes (dense)"),
     ("sae_cachetopk acts_post only", "sae_lens HookedSAETransformer.run_with_cache_with_saes (dense)"),
+    ("feature_topk_update", "sparsekern reference (torch sort)"),
+    ("feature_topk_update", "dense torch.topk over [d_sae, k + n]"),
 }
 
 

@@ -21,7 +21,7 @@ from .. import ops
 from ..sparse_acts import SparseActs
 
 OPS = ("topk_encode", "threshold_encode", "sparse_decode", "sparse_decode_backward", "sae_forward",
-       "sae_cache")
+       "sae_cache", "feature_topk_update")
 CASES_PER_OP = {"sparse_decode": 2, "sae_forward": 2, "sae_cache": 3}
 TOPK_MATMUL_MAX = 1.10  # topk_encode time <= 1.10x bare matmul
 TOPK_PEAK_MIB = 32.0  # topk_encode peak extra memory at N=2048, d_sae=65536
@@ -297,6 +297,51 @@ def sparse_backward_case(w: Weights) -> Case:
     return Case("sparse_decode_backward", s, ours, backend_ops, [peer])
 
 
+def feature_topk_case(w: Weights) -> Case:
+    """One streaming top-examples step: merge an ``[n, k]`` top-k code into a full per-feature
+    top-k state (k examples per feature) vs the reference and vs a dense ``torch.topk`` over
+    ``[d_sae, k + n]`` (state next to the batch's dense code, transposed)."""
+    s = w.shape
+    v, i, _ = topk_code(w)
+    n, kx, d_sae = s.n, s.k, s.d_sae
+    g = torch.Generator().manual_seed(2)
+    loc = torch.stack([torch.arange(n), torch.zeros(n, dtype=torch.int64)], 1).to(w.device)
+    # steady state: a state filled from an earlier (rescaled, tie-free) batch at other locations
+    old = (v.float() * (0.5 + torch.rand(v.shape, generator=g)).to(v.device)).contiguous()
+    with torch.no_grad():
+        state0 = ops.feature_topk_update(ops.FeatureTopKState.empty(d_sae, kx, device=w.device),
+                                         SparseActs(old, i), loc + torch.tensor([n, 0], device=w.device))
+    acts = SparseActs(v.float().contiguous(), i)
+    ours = _nograd(lambda: ops.feature_topk_update(state0, acts, loc))
+
+    def dense_topk() -> ops.FeatureTopKState:
+        dense = torch.zeros(n, d_sae, dtype=torch.float32, device=w.device)
+        dense.scatter_(1, i, acts.values)
+        cand = torch.where(dense > 0, dense, -math.inf).t()  # [d_sae, n]
+        vals, idx = torch.cat([state0.values, cand], 1).topk(kx, dim=1)
+        from_state = (idx < kx)[..., None]
+        sloc = state0.locations.gather(1, idx.clamp(max=kx - 1)[..., None].expand(-1, -1, 2))
+        locs = torch.where(from_state, sloc, loc[(idx - kx).clamp(min=0)])
+        return ops.FeatureTopKState(vals, torch.where((vals == -math.inf)[..., None], -1, locs))
+
+    def check(o: ops.FeatureTopKState, p: ops.FeatureTopKState) -> float:
+        if not (torch.equal(o.locations, p.locations) and torch.equal(o.values == -math.inf, p.values == -math.inf)):
+            return math.inf
+        f = o.values > -math.inf
+        return _max_diff(o.values[f], p.values[f])
+
+    def ref_step() -> ops.FeatureTopKState:
+        from .. import _backend
+
+        with _backend.use_backend("ref"):
+            return ops.feature_topk_update(state0, acts, loc)
+
+    peers = [Peer("ref", "sparsekern reference (torch sort)", _nograd(ref_step), check=check),
+             Peer("dense_topk", "dense torch.topk over [d_sae, k + n]", _nograd(dense_topk), check=check)]
+    return Case("feature_topk_update", s, ours, ("feature_topk_update",), peers,
+                info={"examples_per_feature": kx, "code_k": kx, "rows": n})
+
+
 def build(op: str, w: Weights, *, peak_target_mib: Optional[float] = None) -> list[Case]:
     """Cases for ``op`` (one of :data:`OPS`) at ``w``'s shape."""
     if op == "topk_encode":
@@ -307,6 +352,8 @@ def build(op: str, w: Weights, *, peak_target_mib: Optional[float] = None) -> li
         return sparse_decode_cases(w)
     if op == "sparse_decode_backward":
         return [sparse_backward_case(w)]
+    if op == "feature_topk_update":
+        return [feature_topk_case(w)]
     if op in ("sae_forward", "sae_cache"):
         from .sae_cases import BUILDERS
 
