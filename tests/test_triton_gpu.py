@@ -62,6 +62,21 @@ def test_topk_encode_cuda(dtype, k):
         assert (out.indices == ref_lp.indices).float().mean() > 0.99
 
 
+@pytest.mark.parametrize("prec", ["ieee", "tf32x3"])
+def test_topk_and_threshold_fp32_dot_precisions(prec, monkeypatch):
+    """SPARSEKERN_TRITON_FP32_DOT: both settings must meet the fp32 contract."""
+    monkeypatch.setenv("SPARSEKERN_TRITON_FP32_DOT", prec)
+    x, W, b, bd = cuda(*encoder_problem(512, 2304, 16384, torch.float32))
+    pre = pre64(x, W, b, bd)
+    with sk.use_backend("triton"):
+        out = ops.topk_encode(x, W, b, 64, b_dec=bd, relu=False)
+        thr = ops.threshold_encode(x, W, b, 1.0, b_dec=bd)
+    check_topk(out.values, out.indices, pre, 64, relu=False)
+    dense = thr.to_dense(16384).double()
+    near = (pre - 1.0).abs() <= NEAR * pre.abs().amax(1, keepdim=True)
+    assert bool(((dense != 0) == (pre > 1.0))[~near].all())
+
+
 def test_topk_encode_cuda_forced_splits_and_ragged_shapes():
     from sparsekern.triton import encode
 

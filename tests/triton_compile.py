@@ -38,6 +38,8 @@ def variants():
             ce = dict(K=k, KP=k, CENTER=not low, BM=bm, BN=bn, BK=bk, ACC=tl_dtype(acc), UPCAST=False,
                       PREC=encode._prec(cuda_like))
             out.append((f"topk {dt} k={k}", encode._topk_kernel, sig, ce, w))
+            if dt == torch.float32 and k == 64:  # the opt-in SPARSEKERN_TRITON_FP32_DOT=tf32x3
+                out.append(("topk fp32 tf32x3 k=64", encode._topk_kernel, sig, {**ce, "PREC": "tf32x3"}, w))
         bm, bn, bk, w = encode._tiles(cuda_like)
         for fill in (False, True):
             sig = {"x_ptr": P, "w_ptr": P, "bdec_ptr": A, "bias_ptr": A, "thr_ptr": A, "cnt_ptr": "*i64",

@@ -19,6 +19,7 @@ arithmetic); fp32 uses ``input_precision="ieee"`` (no TF32: the 1e-5 contract).
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -200,9 +201,19 @@ def _upcast(x: torch.Tensor) -> bool:
     return x.device.type != "cuda" and x.dtype in (torch.bfloat16, torch.float16)
 
 
+FP32_DOT_CHOICES = ("ieee", "tf32x3", "tf32")
+
+
 def _prec(x: torch.Tensor) -> str:
-    """tl.dot input precision: IEEE fp32 (no TF32) for fp32; the default for the other dtypes."""
-    return "ieee" if x.dtype == torch.float32 else "tf32"
+    """tl.dot input precision. fp32: ``SPARSEKERN_TRITON_FP32_DOT`` (default "ieee": FMA, exact fp32
+    products; "tf32x3": 3 TF32 tensor-core passes, ~fp32 accuracy, untimed here; "tf32": fast but
+    ~1e-3, outside the 1e-5 contract). Other dtypes: Triton's default (ignored for 16-bit)."""
+    if x.dtype != torch.float32:
+        return "tf32"
+    prec = os.environ.get("SPARSEKERN_TRITON_FP32_DOT", "ieee").strip().lower() or "ieee"
+    if prec not in FP32_DOT_CHOICES:
+        raise ValueError(f"SPARSEKERN_TRITON_FP32_DOT={prec!r}; expected one of {FP32_DOT_CHOICES}")
+    return prec
 
 
 def _splits(x: torch.Tensor, n_rows: int, d_sae: int, bm: int, bn: int, splits: int | None):
