@@ -13,10 +13,6 @@ from . import _backend
 from .bench import report, suite
 from .bench.cases import OPS
 
-PATCHING_MSG = (
-    "sparsekern bench --patching: the fused activation-patching benchmark is not available yet "
-    "— see issue 4."
-)
 DTYPES = ("float32", "bfloat16")
 
 
@@ -63,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--out", default="benchmarks/results", help="results folder (created if missing)")
     b.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    b.add_argument("--patching", action="store_true", help="(reserved) fused patching benchmark")
+    b.add_argument("--patching", action="store_true",
+                   help="benchmark sparsekern.patching against transformer_lens.patching instead of the ops")
     return p
 
 
@@ -78,15 +75,16 @@ def _device(name: Optional[str]) -> torch.device:
 
 
 def bench(args: argparse.Namespace) -> int:
-    """Run the suite; 0 on success, 1 if any row errored, 2 for unavailable features."""
-    if args.patching:
-        print(PATCHING_MSG, file=sys.stderr)
-        return 2
+    """Run the suite (or the patching benchmark); 0 on success, 1 if any row errored or mismatched."""
     device = _device(args.device)
     threads = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(args.threads or report.cpu_cores())
     try:
+        if args.patching:
+            from .bench import patching
+
+            return patching.main(args.quick, device, args.out, progress=not args.no_progress, seed=args.seed)
         ctx = _backend.use_backend(args.backend) if args.backend else contextlib.nullcontext()
         with ctx:
             return _bench(args, device)

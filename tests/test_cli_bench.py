@@ -101,12 +101,16 @@ def test_ops_selection_without_peers(tmp_path, capsys):
     assert "sparse_decode" in capsys.readouterr().out
 
 
-def test_patching_is_reserved(tmp_path, capsys):
-    rc = cli.main(["bench", "--patching", "--out", str(tmp_path)])
-    assert rc != 0
-    err = capsys.readouterr().err
-    assert "not available yet" in err and "issue 4" in err
-    assert not list(tmp_path.iterdir())
+def test_patching_bench_quick(tmp_path, capsys):
+    rc = cli.main(["bench", "--patching", "--quick", "--no-progress", "--out", str(tmp_path)])
+    assert rc == 0
+    doc = json.loads((tmp_path / "latest-patching-quick.json").read_text())
+    rows = doc["rows"]
+    assert {r["case"] for r in rows} == {"resid_pre", "attn_head_out_by_pos"}
+    assert all(r["status"] == "ok" and r["max_abs_diff"] <= 1e-4 * r["metric_scale"] for r in rows)
+    assert all(_pos(r["sk_s"]) and _pos(r["tl_full_s_est"]) and r["ratio"] > 0 for r in rows)
+    assert list(tmp_path.glob("patching-quick-*.csv"))
+    assert "attn_head_out_by_pos" in capsys.readouterr().out
 
 
 def test_unknown_op_is_a_clear_error(capsys):

@@ -162,35 +162,70 @@ class Engine:
         self.k = [cache[f"blocks.{i}.attn.hook_k"] for i in range(L)] if self.causal else None
         self.v = [cache[f"blocks.{i}.attn.hook_v"] for i in range(L)] if self.causal else None
         self.pos_embed = cache["hook_pos_embed"] if self.shortformer else None
+        # TransformerLens's Unembed makes W_U.T contiguous on every call (d_model x d_vocab: 154 MB for GPT-2);
+        # do it once. Same F.linear, same weight layout -> bitwise the same logits.
+        from transformer_lens.components.unembed import Unembed
+
+        self._W_U_T = None
+        if type(model.unembed) is Unembed and type(model.unembed).forward is Unembed.forward:
+            with torch.no_grad():
+                self._W_U_T = model.unembed.W_U.T.contiguous()
+
+    def _unembed(self, x: torch.Tensor) -> torch.Tensor:
+        ue = self.model.unembed
+        if self._W_U_T is None:
+            return ue(x)
+        return ue.hook_out(torch.nn.functional.linear(ue.hook_in(x), self._W_U_T, ue.b_U))
 
     # ---------------------------------------------------------------- forward from a layer
     def forward_from(self, layer: int, start: int, n_rep: int, fwd_hooks) -> torch.Tensor:
         """Logits ``[n_rep, B, T, V]`` of ``n_rep`` copies of the corrupted batch run from ``layer`` with
         ``fwd_hooks``; positions ``< start`` reuse the corrupted keys/values/logits (causal models only)."""
+        return self.forward_staged(start, [layer] * n_rep, fwd_hooks)
+
+    def forward_staged(self, start: int, layers: Sequence[int], fwd_hooks) -> torch.Tensor:
+        """Logits ``[n, B, T, V]`` for ``n = len(layers)`` slices (``layers`` sorted ascending).
+
+        Slice ``j`` joins the batch at block ``layers[j]`` as a copy of the corrupted ``resid_pre`` there
+        (blocks before a patch's layer are unchanged by it, so they are never recomputed); a hook at block
+        ``i`` therefore sees ``#{j: layers[j] <= i}`` slices of ``B`` rows, the ones joined last at the end.
+        Positions ``< start`` are not recomputed: their keys/values come from the corrupted run through a
+        frozen KV-cache entry (causal attention: later positions cannot change them) and their logits are
+        the corrupted logits.
+        """
         from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
         model, cfg, B, T, s = self.model, self.cfg, self.B, self.T, start
-        x = self.resid_pre[layer][:, s:].repeat(n_rep, 1, 1)  # a fresh tensor: hooks may write into it
-        sf = self.pos_embed[:, s:].repeat(n_rep, 1, 1) if self.shortformer else None
+        n_total = len(layers)
+        x, sf, n_cur = None, None, 0
         with torch.no_grad(), model.hooks(fwd_hooks=fwd_hooks):
-            for i in range(layer, cfg.n_layers):
+            for i in range(layers[0], cfg.n_layers):
+                n_new = 0
+                while n_cur + n_new < n_total and layers[n_cur + n_new] == i:
+                    n_new += 1
+                if n_new:
+                    x_new = self.resid_pre[i][:, s:].repeat(n_new, 1, 1)  # fresh: hooks may write into it
+                    x = x_new if x is None else torch.cat([x, x_new])
+                    n_cur += n_new
+                    if self.shortformer:
+                        sf = self.pos_embed[:, s:].repeat(n_cur, 1, 1)
                 entry = None
                 if s > 0:
                     entry = TransformerLensKeyValueCacheEntry(
-                        past_keys=self.k[i][:, :s].repeat(n_rep, 1, 1, 1),
-                        past_values=self.v[i][:, :s].repeat(n_rep, 1, 1, 1),
+                        past_keys=self.k[i][:, :s].repeat(n_cur, 1, 1, 1),
+                        past_values=self.v[i][:, :s].repeat(n_cur, 1, 1, 1),
                         frozen=True,
                     )
                 x = model.blocks[i](x, shortformer_pos_embed=sf, past_kv_cache_entry=entry, attention_mask=None)
             if cfg.normalization_type is not None:
                 x = model.ln_final(x)
-            new = self._softcap(model.unembed(x), cfg.output_logits_soft_cap)
+            new = self._softcap(self._unembed(x), cfg.output_logits_soft_cap)
         V = new.shape[-1]
         if s == 0:
-            return new.view(n_rep, B, T, V)
-        full = torch.empty((n_rep, B, T, V), dtype=new.dtype, device=new.device)
+            return new.view(n_total, B, T, V)
+        full = torch.empty((n_total, B, T, V), dtype=new.dtype, device=new.device)
         full[:, :, :s] = self.logits[:, :s]
-        full[:, :, s:] = new.view(n_rep, B, T - s, V)
+        full[:, :, s:] = new.view(n_total, B, T - s, V)
         return full
 
     # ---------------------------------------------------------------- batched known-setter patches
@@ -203,52 +238,47 @@ class Engine:
         return el * self.B * (n_pos * (per_tok + V) + self.T * V)
 
     def plan(self, patches: Sequence[Patch], max_batch: Optional[int], budget: int, rows_cap: int):
-        """Chunks of patches sharing a layer: list of (layer, start, [patch, ...])."""
-        by_layer: dict[int, list[Patch]] = {}
+        """Chunks ``(start, [patch, ...])``: patches sharing a start position, sorted by layer.
+
+        A chunk runs as one staged forward (see :meth:`forward_staged`), so no position or layer is computed
+        for a patch that cannot change it; the chunk size is capped by ``max_batch`` patches, else by the
+        memory ``budget`` and ``rows_cap`` token rows (bigger GEMMs stop paying off on CPU).
+        """
+        by_start: dict[int, list[Patch]] = {}
         for p in patches:
-            by_layer.setdefault(p.layer, []).append(p)
+            by_start.setdefault(p.start, []).append(p)
         chunks = []
-        for layer in sorted(by_layer):
-            group = sorted(by_layer[layer], key=lambda p: p.start)
-            cur: list[Patch] = []
-            useful = 0
-            for p in group:
-                if cur:
-                    s0, n = cur[0].start, len(cur) + 1
-                    if max_batch is not None:
-                        full = n > max_batch
-                    else:
-                        rows = n * self.B * (self.T - s0)
-                        full = (
-                            n * self._bytes_per_patch(self.T - s0) > budget
-                            or rows > rows_cap
-                            # computing positions s0.. for a patch that starts later is waste: cap it
-                            or n * (self.T - s0) > 1.3 * (useful + self.T - p.start)
-                        )
-                    if full:
-                        chunks.append((layer, cur[0].start, cur))
-                        cur, useful = [], 0
-                cur.append(p)
-                useful += self.T - p.start
-            if cur:
-                chunks.append((layer, cur[0].start, cur))
+        for s in sorted(by_start):
+            group = sorted(by_start[s], key=lambda p: p.layer)
+            if max_batch is not None:
+                cap = max_batch
+            else:
+                cap = min(budget // max(1, self._bytes_per_patch(self.T - s)), rows_cap // (self.B * (self.T - s)))
+            cap = max(1, cap)
+            n_chunks = math.ceil(len(group) / cap)
+            size = math.ceil(len(group) / n_chunks)  # even chunks
+            for k in range(0, len(group), size):
+                chunks.append((s, group[k:k + size]))
         return chunks
 
     def _hooks_for(self, chunk: Sequence[Patch], start: int, clean: dict) -> list:
+        # chunk is sorted by layer; at block l the batch holds the slices of patches with layer <= l
         groups: dict[tuple, _HookGroup] = {}
         for j, p in enumerate(chunk):
-            g = groups.setdefault((p.hook, p.kind), _HookGroup())
+            g = groups.setdefault((p.hook, p.kind, p.layer), _HookGroup())
             g.slots.append(j)
             g.idx.append(p.idx)
-        n_rep, B, dev = len(chunk), self.B, self.device
+        n_upto: dict[int, int] = {}
+        for j, p in enumerate(chunk):
+            n_upto[p.layer] = j + 1
+        B, dev = self.B, self.device
         hooks = []
-        for (name, kind), g in groups.items():
+        for (name, kind, layer), g in groups.items():
             J = torch.tensor(g.slots, device=dev)
             cols = [torch.tensor(c, device=dev) for c in zip(*g.idx)]
             src = clean[name].to(dev)
-            pattern = is_pattern_hook(name)
-            # shift of the position index inside the hooked tensor (only position-local chunks start > 0)
-            hooks.append((name, _vector_hook(kind, n_rep, B, J, cols, src, start, pattern, self.T)))
+            hooks.append((name, _vector_hook(kind, n_upto[layer], B, J, cols, src, start, is_pattern_hook(name),
+                                             self.T)))
         return hooks
 
     def run(self, patches: Sequence[Patch], clean: dict, metric: Callable, metric_name: str,
@@ -261,13 +291,16 @@ class Engine:
         chunks = self.plan(patches, max_batch, budget, rows_cap)
         pos_of = {id(p): i for i, p in enumerate(patches)}
         out = torch.empty(len(patches), device=self.device)
+        self.work_rows = 0  # token rows x blocks computed (plus unembed rows), for the benchmark's work count
         bar = tqdm(total=len(patches), disable=not progress, desc="patching")
         try:
-            for layer, start, chunk in chunks:
-                logits = self.forward_from(layer, start, len(chunk), self._hooks_for(chunk, start, clean))
+            for start, chunk in chunks:
+                layers = [p.layer for p in chunk]
+                logits = self.forward_staged(start, layers, self._hooks_for(chunk, start, clean))
                 vals = torch.stack([as_scalar(metric(logits[j]), metric_name, self.device)
                                     for j in range(len(chunk))])
                 out[torch.tensor([pos_of[id(p)] for p in chunk], device=self.device)] = vals.to(out.dtype)
+                self.work_rows += self.B * (self.T - start) * sum(self.cfg.n_layers - l for l in layers)
                 bar.update(len(chunk))
         finally:
             bar.close()

@@ -1,0 +1,196 @@
+"""``sparsekern bench --patching``: sparsekern.patching vs transformer_lens.patching in one process.
+
+Model: a GPT-2-small-shaped random ``HookedTransformer`` (12 layers, d_model 768, 12 heads, d_mlp 3072,
+d_vocab 50257, gelu_new, LayerNorm), batch 8 x 15 tokens; ``--quick``: a 2-layer toy model.
+
+TransformerLens runs one full forward per patch whatever the patch is, so its cost per patch is measured
+on a sub-sweep (``index_df`` rows: one per layer, positions/heads spread out) timed before *and* after the
+sparsekern run (load drift on a shared machine shows up as a spread), and scaled to the full grid:
+``TL_full = mean(time per patch) x n_patches``. sparsekern runs the full grid. Its output at the sampled
+rows is compared with TransformerLens's. ``flop_ratio`` is the deterministic part of the speed-up: matmul
+FLOPs of TransformerLens's passes over those of sparsekern's plan (layer restart + position prefix reuse);
+the measured ratio adds batching efficiency and load noise.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from . import report
+from . import timing as T
+
+FIELDS = ("case", "model", "patches", "tl_patches_timed", "tl_s_per_patch", "tl_s_per_patch_spread",
+          "tl_full_s_est", "sk_s", "ratio", "target", "target_met", "flop_ratio", "sk_peak_mib",
+          "tl_peak_mib", "max_abs_diff", "metric_scale", "status", "note")
+CASES = (  # (name, sparsekern/TL function name, target speed-up)
+    ("resid_pre", "get_act_patch_resid_pre", 6.0),
+    ("attn_head_out_by_pos", "get_act_patch_attn_head_out_by_pos", 8.0),
+)
+
+
+def build(quick: bool, device: torch.device, seed: int = 0):
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    if quick:
+        dims = dict(n_layers=2, d_model=64, n_heads=4, d_head=16, d_mlp=128, d_vocab=101, n_ctx=16)
+        B, Tn = 2, 6
+    else:
+        dims = dict(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=50257, n_ctx=32)
+        B, Tn = 8, 15
+    cfg = HookedTransformerConfig(**dims, act_fn="gelu_new", normalization_type="LN", seed=seed,
+                                  device=str(device))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        model = HookedTransformer(cfg)
+    model.eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    clean = torch.randint(0, cfg.d_vocab, (B, Tn), generator=g).to(device)
+    corr = torch.randint(0, cfg.d_vocab, (B, Tn), generator=g).to(device)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(clean)
+    right, wrong = 3, 7
+
+    def metric(logits):  # logit difference at the last position
+        return (logits[:, -1, right] - logits[:, -1, wrong]).mean()
+
+    name = "gpt2-small-shaped" if not quick else "toy-2L"
+    return model, clean, corr, cache, metric, f"{name} {dims['n_layers']}L d{dims['d_model']} V{dims['d_vocab']} {B}x{Tn}"
+
+
+def _flops(cfg, B: int, Tn: int, rows: list[list[int]], act: str) -> tuple[float, float]:
+    """Matmul MACs: (TransformerLens, sparsekern) for the patches ``rows`` ([layer, pos, ...])."""
+    block = 4 * cfg.d_model * cfg.d_model + 2 * cfg.d_model * cfg.d_mlp
+    unembed = cfg.d_model * cfg.d_vocab
+    tl = len(rows) * B * Tn * (cfg.n_layers * block + unembed)
+    sk = sum(B * (Tn - r[1]) * ((cfg.n_layers - r[0]) * block + unembed) for r in rows)
+    return float(tl), float(sk)
+
+
+def run_case(name: str, fn_name: str, target: float, quick: bool, device: torch.device, progress: bool,
+             built) -> dict[str, Any]:
+    import transformer_lens.patching as tlp
+
+    import sparsekern.patching as skp
+
+    model, clean, corr, cache, metric, model_desc = built
+    cfg = model.cfg
+    B, Tn = corr.shape
+    f_tl = getattr(tlp, fn_name)
+    setter, act, axes = (f_tl.keywords[k] for k in ("patch_setter", "activation_name", "index_axis_names"))
+    sizes = {"layer": cfg.n_layers, "pos": Tn, "head": cfg.n_heads}
+    shape = [sizes[a] for a in axes]
+    grid = skp.make_df_from_ranges(shape, list(axes))
+    # TransformerLens sub-sweep: one row per layer, positions (and heads) spread out
+    per_layer = len(grid) // cfg.n_layers
+    g = torch.Generator().manual_seed(1234)
+    picks = [l * per_layer + int(torch.randint(per_layer, (1,), generator=g)) for l in range(cfg.n_layers)]
+    sub = grid.iloc[picks].reset_index(drop=True)
+
+    def tl_call():
+        return tlp.generic_activation_patch(model, corr, cache, metric, setter, act, index_df=sub)
+
+    def sk_call():
+        return getattr(skp, fn_name)(model, corr, cache, metric, progress=progress)
+
+    row: dict[str, Any] = {"case": name, "model": model_desc, "patches": len(grid), "tl_patches_timed": len(sub),
+                           "target": f">= {target:g}x"}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tlp.generic_activation_patch(model, corr, cache, metric, setter, act, index_df=sub.iloc[:1])  # warm-up
+            if quick:
+                sk_call()
+            (tl_out1, tl_ms1), tl_peak = T.measure_peak(lambda: T.time_call(tl_call, device), device)
+            (sk_out, sk_ms), sk_peak = T.measure_peak(lambda: T.time_call(sk_call, device), device)
+            tl_out2, tl_ms2 = T.time_call(tl_call, device)
+        per = [tl_ms1 / 1e3 / len(sub), tl_ms2 / 1e3 / len(sub)]
+        tl_full = sum(per) / 2 * len(grid)
+        ref = tl_out1.cpu()
+        diff = float((sk_out.reshape(-1)[picks].cpu() - ref).abs().max())
+        scale = max(1.0, float(ref.abs().max()))
+        tl_fl, sk_fl = _flops(cfg, B, Tn, grid.values.tolist(), act)
+        ratio = tl_full / (sk_ms / 1e3)
+        ok = diff <= 1e-4 * scale
+        row.update(
+            tl_s_per_patch=sum(per) / 2, tl_s_per_patch_spread=abs(per[0] - per[1]) / 2, tl_full_s_est=tl_full,
+            sk_s=sk_ms / 1e3, ratio=ratio, target_met=(ratio >= target) if not quick else None,
+            flop_ratio=tl_fl / sk_fl, sk_peak_mib=sk_peak, tl_peak_mib=tl_peak, max_abs_diff=diff,
+            metric_scale=scale, status="ok" if ok else "mismatch",
+            note=f"TL timed on {len(sub)} of {len(grid)} patches (before and after sparsekern), scaled linearly",
+        )
+        if not ok:
+            row["target_met"] = False
+    except Exception as e:  # report, don't crash the whole bench
+        row.update(status="error", note=f"{type(e).__name__}: {e}")
+    return row
+
+
+def format_table(rows) -> str:
+    head = ("case", "patches", "TL s/patch", "TL full s (est)", "sk s", "TL/sk", "target", "met", "flop ratio",
+            "sk peak MiB", "TL peak MiB", "max|diff|")
+    lines = []
+    for r in rows:
+        f = lambda k, fmt: "-" if r.get(k) is None else format(r[k], fmt)  # noqa: E731
+        met = {True: "yes", False: "NO", None: "-"}[r.get("target_met")] if r["status"] == "ok" else r["status"].upper()
+        lines.append((r["case"], str(r["patches"]), f("tl_s_per_patch", ".3f"), f("tl_full_s_est", ".1f"),
+                      f("sk_s", ".2f"), f("ratio", ".2f") + ("x" if r.get("ratio") else ""), r["target"], met,
+                      f("flop_ratio", ".2f"), f("sk_peak_mib", ".0f"), f("tl_peak_mib", ".0f"),
+                      f("max_abs_diff", ".2e")))
+    widths = [max(len(x[i]) for x in [head, *lines]) for i in range(len(head))]
+    out = ["  ".join(c.ljust(w) for c, w in zip(head, widths))]
+    out += ["  ".join(c.ljust(w) for c, w in zip(x, widths)) for x in lines]
+    return "\n".join(out)
+
+
+def write(rows, meta, out_dir, quick: bool) -> dict[str, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    kind = "patching-quick" if quick else "patching"
+    stem = f"{kind}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{report.machine_tag(meta['machine'])}"
+    text = json.dumps({**meta, "rows": list(rows)}, indent=2, default=str) + "\n"
+    paths = {"json": out / f"{stem}.json", "csv": out / f"{stem}.csv", "latest": out / f"latest-{kind}.json"}
+    paths["json"].write_text(text)
+    paths["latest"].write_text(text)
+    with open(paths["csv"], "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(FIELDS))
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{r[k]:.6g}" if isinstance(r.get(k), float) else r.get(k, "")) for k in FIELDS})
+    return paths
+
+
+def main(quick: bool, device: torch.device, out_dir: str, progress: bool, seed: int = 0,
+         cases: Optional[list[str]] = None) -> int:
+    """Run the patching benchmark, print a table, write JSON/CSV; 0 ok, 1 on an error or mismatch."""
+    t0 = time.perf_counter()
+    meta: dict[str, Any] = {"schema": 1, "suite": "patching-quick" if quick else "patching",
+                            "machine": report.machine_info(device), "settings": {"seed": seed}}
+    busy = report.busy_warning(report.cpu_cores()) if device.type == "cpu" else None
+    if busy:
+        meta["warning"] = busy
+        print(busy)
+    built = build(quick, device, seed)
+    rows = [run_case(n, fn, tgt, quick, device, progress, built) for n, fn, tgt in CASES
+            if cases is None or n in cases]
+    meta["elapsed_s"] = round(time.perf_counter() - t0, 2)
+    meta["loadavg_after"] = report.load_average()
+    paths = write(rows, meta, out_dir, quick)
+    m = meta["machine"]
+    print(f"sparsekern bench --patching ({meta['suite']}) on {m['device']}: {m['cpu_model']}, {m['cpu_cores']} cores, "
+          f"{torch.get_num_threads()} threads, torch {m['torch']}; load average before {m['loadavg']}, "
+          f"after {meta['loadavg_after']}")
+    print(format_table(rows))
+    print("TL full = TransformerLens time per patch (sub-sweep, timed before and after sparsekern) x patches; "
+          "flop ratio = matmul FLOPs TL / sparsekern (deterministic part of the speed-up)")
+    if quick:
+        print("quick model: targets are informational (they are set for the GPT-2-small shape)")
+    print(f"total {meta['elapsed_s']:.1f} s; wrote {paths['json']} (+ .csv, {paths['latest'].name})")
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
