@@ -186,3 +186,17 @@ def test_reference_runs_on_cuda_tensors():
     want = FeatureTopKState.empty(500, 4)
     ref.feature_topk_update_(want.values, want.locations, v, i, l)
     assert torch.equal(st.values.cpu(), want.values) and math.isfinite(float(st.values.max()))
+
+
+def test_top_activating_examples_on_cuda():
+    """The streaming helper end to end on CUDA (auto backend) equals the same run on CPU."""
+    from sparsekern.features import top_activating_examples
+
+    torch.manual_seed(0)
+    sae = sk.TopKSAE(sk.TopKSAEConfig(d_in=64, d_sae=2048, k=16))
+    acts = torch.randn(32, 16, 64)
+    with sk.use_backend("ref"):
+        want = top_activating_examples(sae, acts.split(8), k=8, progress=False)
+    got = top_activating_examples(sae.to(DEV), acts.to(DEV).split(8), k=8, progress=False)
+    assert torch.equal(got.locations.cpu(), want.locations)  # tie-free data: same examples
+    assert torch.allclose(got.values.cpu(), want.values, rtol=1e-5, atol=1e-6)

@@ -182,6 +182,7 @@ def feature_topk_update(
 
     Returns the updated state. Candidates are entries with value > 0; ties go to the smaller
     (seq, pos) (see the module docstring). Values are compared after casting to the state's dtype.
+    On CUDA, k <= 2048 (a state row is staged in shared memory).
     """
     if not isinstance(state, FeatureTopKState):
         raise TypeError(f"state must be a FeatureTopKState, got {type(state).__name__}")
