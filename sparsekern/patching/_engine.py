@@ -4,16 +4,18 @@ TransformerLens runs one full forward pass per patch. Here a sweep is a list of 
 the engine
   * runs the corrupted input once, caching every layer's ``hook_resid_pre`` and (causal models) the
     keys/values, plus the corrupted logits;
-  * starts each patch at its layer ``l`` from the cached corrupted ``resid_pre`` (layers ``< l`` are
-    unchanged by a patch at layer ``l``);
-  * for a position-local patch at position ``p`` of a causal model, recomputes only positions ``>= p``:
-    earlier positions are unchanged at every layer, so their keys/values come from the corrupted run
-    (a frozen TransformerLens KV-cache entry; rotary offsets are handled by TransformerLens) and their
-    logits are copied from the corrupted logits to rebuild the ``[batch, pos, d_vocab]`` tensor;
-  * stacks many patches along the batch axis of one forward (a memory-budgeted chunk), applying each
-    slice's patch with one vectorised index write per hook, and keeps the metrics on the device (one
-    host transfer per sweep, none per patch).
-Unknown setters run one patch per forward (still from the cached layer input when that is exact).
+  * groups patches by the first position they can change (``start``: the patched position for
+    position-local patches under causal attention, else 0) and runs each group as one *staged* forward:
+    a patch at layer ``l`` joins the batch at block ``l`` as a copy of the cached corrupted ``resid_pre``
+    there (blocks ``< l`` are unchanged by it, so they are never recomputed), so each block runs once
+    on all the patches that have reached it;
+  * recomputes only positions ``>= start``: earlier positions are unchanged at every layer, so their
+    keys/values come from the corrupted run (a frozen TransformerLens KV-cache entry; TransformerLens
+    applies the rotary offsets) and their logits are copied from the corrupted logits to rebuild the
+    ``[batch, pos, d_vocab]`` tensor the metric receives;
+  * applies all patches of a hook point with one vectorised index write per hook (slice ``j`` of the
+    batch is patch ``j``), keeps metric values on the device, and caps a chunk by a memory budget.
+Unknown setters run one patch per forward (from the cached layer input when that is exact).
 """
 
 from __future__ import annotations
