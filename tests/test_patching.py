@@ -289,3 +289,28 @@ def test_attribution_submodule_is_lazy():
         with pytest.raises(ModuleNotFoundError):
             skp.attribution  # noqa: B018
     assert "attribution" not in skp.__all__
+
+
+def test_noop_patches_are_skipped_exactly():
+    # corrupted and clean share token 0, so every patch at position 0 is a bitwise no-op (causal model)
+    s = Setup("llama_gqa")
+    from sparsekern.patching import _engine
+
+    seen = []
+    orig = _engine.Engine.run
+
+    def spy(self, *a, **k):
+        out = orig(self, *a, **k)
+        seen.append(self.n_noop)
+        return out
+
+    _engine.Engine.run = spy
+    try:
+        out = skp.get_act_patch_attn_head_v_by_pos(s.model, s.corr, s.cache, logit_diff, progress=False)
+    finally:
+        _engine.Engine.run = orig
+    assert seen == [2 * 2]  # 2 layers x 2 kv heads at position 0
+    with torch.no_grad():
+        base = logit_diff(s.model(s.corr))
+    assert torch.equal(out[:, 0], torch.full((2, 2), float(base)))
+    assert not torch.equal(out[:, 1], torch.full((2, 2), float(base)))

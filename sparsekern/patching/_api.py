@@ -175,23 +175,28 @@ def _run_sweeps(model, corrupted_tokens, clean_cache, metric, metric_name, specs
     flat_vals: list[Optional[torch.Tensor]] = [None] * len(sweeps)
 
     reason = engine_unsupported_reason(model, tokens) if backend == "auto" else "backend='reference'"
-    engine = Engine(model, tokens) if reason is None else None
     if reason is not None and backend == "auto":
         _engine.warn_once("unsupported:" + reason,
                           f"sparsekern.patching: using the one-forward-per-patch path ({reason})")
+    causal = model.cfg.attention_dir == "causal"
     fused: list[Patch] = []
+    unknown: list[int] = []
     for i, sw in enumerate(sweeps):
-        ps = sw.patches(i, model.cfg, tokens.shape[1], engine.causal) if engine is not None else None
+        ps = sw.patches(i, model.cfg, tokens.shape[1], causal) if reason is None else None
         if ps is None:
-            if engine is not None:
-                _engine.warn_once(
-                    "setter:" + getattr(sw.setter, "__qualname__", repr(sw.setter)),
-                    f"sparsekern.patching: patch_setter {getattr(sw.setter, '__name__', sw.setter)!r} is not one "
-                    f"of the known setters (or its index rows do not fit it); running one forward per patch",
-                )
-            flat_vals[i] = _run_reference(model, tokens, sw, clean_cache, metric, metric_name, engine, progress)
+            unknown.append(i)
         else:
             fused.extend(ps)
+    engine = Engine(model, tokens, sorted({p.hook for p in fused})) if reason is None else None
+    for i in unknown:
+        sw = sweeps[i]
+        if engine is not None:
+            _engine.warn_once(
+                "setter:" + getattr(sw.setter, "__qualname__", repr(sw.setter)),
+                f"sparsekern.patching: patch_setter {getattr(sw.setter, '__name__', sw.setter)!r} is not one "
+                f"of the known setters (or its index rows do not fit it); running one forward per patch",
+            )
+        flat_vals[i] = _run_reference(model, tokens, sw, clean_cache, metric, metric_name, engine, progress)
     if fused:
         clean = {name: clean_cache[name] for name in {p.hook for p in fused}}
         vals = engine.run(fused, clean, metric, metric_name, max_batch, memory_budget, progress)

@@ -140,7 +140,8 @@ def engine_unsupported_reason(model, tokens: torch.Tensor) -> Optional[str]:
 class Engine:
     """Cached corrupted run + batched execution of patches for one (model, corrupted_tokens)."""
 
-    def __init__(self, model, tokens: torch.Tensor):
+    def __init__(self, model, tokens: torch.Tensor, patch_hooks: Sequence[str] = ()):
+        """Run the corrupted ``tokens`` once; ``patch_hooks`` are also cached (for the no-op test)."""
         from transformer_lens.utilities.activation_functions import apply_softcap
 
         self._softcap = apply_softcap
@@ -150,7 +151,7 @@ class Engine:
         self.B, self.T = tokens.shape
         self.causal = cfg.attention_dir == "causal"
         L = cfg.n_layers
-        names = {f"blocks.{i}.hook_resid_pre" for i in range(L)}
+        names = {f"blocks.{i}.hook_resid_pre" for i in range(L)} | set(patch_hooks)
         if self.causal:
             names |= {f"blocks.{i}.attn.hook_k" for i in range(L)} | {f"blocks.{i}.attn.hook_v" for i in range(L)}
         self.shortformer = cfg.positional_embedding_type == "shortformer"
@@ -164,6 +165,7 @@ class Engine:
         self.k = [cache[f"blocks.{i}.attn.hook_k"] for i in range(L)] if self.causal else None
         self.v = [cache[f"blocks.{i}.attn.hook_v"] for i in range(L)] if self.causal else None
         self.pos_embed = cache["hook_pos_embed"] if self.shortformer else None
+        self.acts = {n: cache[n] for n in patch_hooks if n in cache.cache_dict}
         # TransformerLens's Unembed makes W_U.T contiguous on every call (d_model x d_vocab: 154 MB for GPT-2);
         # do it once. Same F.linear, same weight layout -> bitwise the same logits.
         from transformer_lens.components.unembed import Unembed
@@ -283,6 +285,23 @@ class Engine:
                                              self.T)))
         return hooks
 
+    def _noops(self, patches: Sequence[Patch], clean: dict) -> list[Patch]:
+        """Patches whose clean slice equals the corrupted one bitwise (so the patch changes nothing)."""
+        groups: dict[tuple, list[Patch]] = {}
+        for p in patches:
+            if p.hook in self.acts:
+                groups.setdefault((p.hook, p.kind), []).append(p)
+        found = []
+        for (name, kind), ps in groups.items():
+            cols = [torch.tensor(c, device=self.device) for c in zip(*(p.idx for p in ps))]
+            a = _gather(kind, clean[name].to(self.device), cols)
+            b = _gather(kind, self.acts[name], cols)
+            if a.shape != b.shape:
+                continue
+            same = (a == b).flatten(1).all(1).tolist()
+            found += [p for p, eq in zip(ps, same) if eq]
+        return found
+
     def run(self, patches: Sequence[Patch], clean: dict, metric: Callable, metric_name: str,
             max_batch: Optional[int], budget: Optional[int], progress: bool) -> torch.Tensor:
         """Metric value per patch (in ``patches`` order), on the model device."""
@@ -290,11 +309,19 @@ class Engine:
 
         budget = default_budget(self.device) if budget is None else budget
         rows_cap = 1 << 30 if self.device.type == "cuda" else int(os.environ.get("SPARSEKERN_PATCH_ROWS", 1024))
-        chunks = self.plan(patches, max_batch, budget, rows_cap)
         pos_of = {id(p): i for i, p in enumerate(patches)}
         out = torch.empty(len(patches), device=self.device)
-        self.work_rows = 0  # token rows x blocks computed (plus unembed rows), for the benchmark's work count
-        bar = tqdm(total=len(patches), disable=not progress, desc="patching")
+        noop = self._noops(patches, clean)
+        if noop:
+            # clean == corrupted on the patched slice: TransformerLens's forward is then the corrupted run
+            base = as_scalar(metric(self.logits), metric_name, self.device)
+            out[torch.tensor([pos_of[id(p)] for p in noop], device=self.device)] = base.to(out.dtype)
+            skip = {id(p) for p in noop}
+            patches = [p for p in patches if id(p) not in skip]
+        self.n_noop = len(noop)
+        chunks = self.plan(patches, max_batch, budget, rows_cap)
+        self.work_rows = 0  # token rows x blocks computed, for the benchmark's work count
+        bar = tqdm(total=len(patches) + len(noop), initial=len(noop), disable=not progress, desc="patching")
         try:
             for start, chunk in chunks:
                 layers = [p.layer for p in chunk]
@@ -309,6 +336,19 @@ class Engine:
         return out
 
 
+def _gather(kind: str, src: torch.Tensor, cols) -> torch.Tensor:
+    """The slices the known setter ``kind`` copies, for ``n`` index tuples: ``[n, batch, ...]``."""
+    if kind in ("pos", "pattern_head"):  # a[:, pos] / a[:, head]
+        return src[:, cols[0]].movedim(1, 0)
+    if kind in ("pos_head", "pattern_dest"):  # a[:, pos, head] / a[:, head, dest]
+        return src[:, cols[0], cols[1]].movedim(1, 0)
+    if kind == "head":  # a[:, :, head]
+        return src[:, :, cols[0]].movedim(2, 0)
+    if kind == "pattern_dest_src":  # a[:, head, dest, src]
+        return src[:, cols[0], cols[1], cols[2]].movedim(1, 0)
+    raise AssertionError(kind)  # pragma: no cover
+
+
 def _vector_hook(kind: str, n_rep: int, B: int, J, cols, clean, s: int, pattern: bool, T: int):
     """Hook applying ``len(J)`` known-setter patches, one per batch slice ``J[i]``, in one index write.
 
@@ -316,30 +356,20 @@ def _vector_hook(kind: str, n_rep: int, B: int, J, cols, clean, s: int, pattern:
     the hooked tensor holds positions ``s..T-1`` on its position axis (axis 1, or the dest axis 2 of a
     pattern), so position indices are shifted by ``s``.
     """
-    if kind == "pos":  # a[:, pos]
-        (c1,) = cols
-        val = clean[:, c1].movedim(1, 0)
-        sel = lambda a: (J, slice(None), c1 - (0 if pattern else s))  # noqa: E731
-    elif kind == "pos_head":  # a[:, pos, head]
-        c1, c2 = cols
-        val = clean[:, c1, c2].movedim(1, 0)
-        sel = lambda a: (J, slice(None), c1 - (0 if pattern else s), c2)  # noqa: E731
-    elif kind == "head":  # a[:, :, head]
-        (c1,) = cols
-        val = clean[:, :, c1].movedim(2, 0)
-        sel = lambda a: (J, slice(None), slice(None), c1)  # noqa: E731
-    elif kind == "pattern_head":  # a[:, head]
-        (c1,) = cols
-        val = clean[:, c1].movedim(1, 0)
-        sel = lambda a: (J, slice(None), c1)  # noqa: E731
-    elif kind == "pattern_dest":  # a[:, head, dest]
-        c1, c2 = cols
-        val = clean[:, c1, c2].movedim(1, 0)
-        sel = lambda a: (J, slice(None), c1, c2 - (s if pattern else 0))  # noqa: E731
-    elif kind == "pattern_dest_src":  # a[:, head, dest, src]
-        c1, c2, c3 = cols
-        val = clean[:, c1, c2, c3].movedim(1, 0)
-        sel = lambda a: (J, slice(None), c1, c2 - (s if pattern else 0), c3)  # noqa: E731
+    val = _gather(kind, clean, cols)
+    full = slice(None)
+    if kind == "pos":
+        sel = (J, full, cols[0] - (0 if pattern else s))
+    elif kind == "pos_head":
+        sel = (J, full, cols[0] - (0 if pattern else s), cols[1])
+    elif kind == "head":
+        sel = (J, full, full, cols[0])
+    elif kind == "pattern_head":
+        sel = (J, full, cols[0])
+    elif kind == "pattern_dest":
+        sel = (J, full, cols[0], cols[1] - (s if pattern else 0))
+    elif kind == "pattern_dest_src":
+        sel = (J, full, cols[0], cols[1] - (s if pattern else 0), cols[2])
     else:  # pragma: no cover
         raise AssertionError(kind)
 
@@ -348,7 +378,7 @@ def _vector_hook(kind: str, n_rep: int, B: int, J, cols, clean, s: int, pattern:
         if s and act.shape[axis] != T - s:  # pragma: no cover - guarded by is_position_local_hook
             raise RuntimeError(f"internal: {hook.name if hook else ''} has {act.shape[axis]} positions, expected {T - s}")
         a = act.view(n_rep, B, *act.shape[1:])
-        a[sel(a)] = val.to(dtype=act.dtype)
+        a[sel] = val.to(dtype=act.dtype)
         return act
 
     return hook
