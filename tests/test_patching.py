@@ -195,6 +195,9 @@ def test_index_df_and_return_index_df():
                                                           return_index_df=True, progress=False)
     pd.testing.assert_frame_equal(idx, tlp.make_df_from_ranges([2, 4, T], ["layer", "head_index", "dest_pos"]))
     assert out.shape == (2, 4, T)
+    empty = skp.generic_activation_patch(s.model, s.corr, s.cache, logit_diff, skp.layer_pos_patch_setter,
+                                         "resid_pre", index_df=df.iloc[:0, :2], progress=False)
+    assert empty.shape == (0,)
     with pytest.raises(ValueError, match="index_axis_names"):
         skp.generic_activation_patch(s.model, s.corr, s.cache, logit_diff, skp.layer_pos_patch_setter,
                                      "resid_pre", index_axis_names=("layer", "head"), index_df=df, progress=False)

@@ -212,7 +212,8 @@ def _run_sweeps(model, corrupted_tokens, clean_cache, metric, metric_name, specs
     outs = []
     for sw, v in zip(sweeps, flat_vals):
         out = torch.zeros(sw.shape, device=device)  # TransformerLens: default dtype, model device
-        out.view(-1)[:] = v.to(device=device, dtype=out.dtype)
+        if v is not None and v.numel():
+            out.view(-1)[:] = v.to(device=device, dtype=out.dtype)
         outs.append(out)
     return outs, sweeps
 
