@@ -34,7 +34,8 @@ def variants():
         enc_ints = {n: "i32" for n in ("N", "D_IN", "D_SAE", "COLS_PER_SPLIT", "sxm", "sxk", "swk", "swn")}
         for k in (32, 64, 128, 256):
             bm, bn, bk, w = encode._tiles(cuda_like, k)
-            sig = {"x_ptr": P, "w_ptr": P, "bdec_ptr": A, "bias_ptr": A, "pv_ptr": A, "pi_ptr": "*i32", **enc_ints}
+            sig = {"x_ptr": P, "w_ptr": P, "bdec_ptr": A, "bias_ptr": A, "pv_ptr": A, "pi_ptr": "*i32",
+                   **enc_ints}
             ce = dict(K=k, KP=k, CENTER=not low, BM=bm, BN=bn, BK=bk, ACC=tl_dtype(acc), UPCAST=False,
                       PREC=encode._prec(cuda_like))
             out.append((f"topk {dt} k={k}", encode._topk_kernel, sig, ce, w))
@@ -50,8 +51,8 @@ def variants():
                       PREC=encode._prec(cuda_like))
             out.append((f"threshold {dt} fill={fill}", encode._threshold_kernel, sig, ce, w))
         if low:
-            sig = {"w_ptr": P, "bdec_ptr": P, "benc_ptr": P, "out_ptr": "*fp32", "D_IN": "i32", "D_SAE": "i32",
-                   "swk": "i32", "swn": "i32"}
+            sig = {"w_ptr": P, "bdec_ptr": P, "benc_ptr": P, "out_ptr": "*fp32",
+                   **{n: "i32" for n in ("D_IN", "D_SAE", "swk", "swn")}}
             out.append((f"fold_bias {dt}", encode._fold_bias_kernel, sig, dict(BN=128, BK=32), 4))
         bk, bd, w = decode._blocks(cuda_like, 2304)
         ints = lambda *names: {n: "i32" for n in names}  # noqa: E731

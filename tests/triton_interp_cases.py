@@ -65,8 +65,9 @@ def test_topk_public_op_noncontiguous_and_leading_dims(relu):
 
 
 @pytest.mark.parametrize("dtype", LOW)
-def test_topk_low_precision_within_twice_reference_error(dtype):
-    x, W, b, bd = encoder_problem(16, 32, 256, dtype)
+@pytest.mark.parametrize("b_dec", [True, False])  # True: b_dec folded into the bias (fp32)
+def test_topk_low_precision_within_twice_reference_error(dtype, b_dec):
+    x, W, b, bd = encoder_problem(16, 32, 256, dtype, b_dec=b_dec)
     ev, ei = dense_topk64(x, W, b, 8, bd)
     with sk.use_backend("ref"):
         ref_lp = ops.topk_encode(x, W, b, 8, b_dec=bd, relu=False)
@@ -141,7 +142,8 @@ def check_threshold(values, indices, l0, expected_dense, d_sae, tol):
         assert bool((indices[r, 1:n] > indices[r, : n - 1]).all())
     dense = torch.zeros(values.shape[0], d_sae, dtype=torch.float64)
     live = torch.arange(values.shape[1]) < l0[:, None]
-    dense[torch.arange(values.shape[0])[:, None].expand_as(indices)[live], indices[live]] = values[live].double()
+    rows = torch.arange(values.shape[0])[:, None].expand_as(indices)
+    dense[rows[live], indices[live]] = values[live].double()
     assert rel_err(dense, expected_dense) < tol
 
 
@@ -150,7 +152,7 @@ def check_threshold(values, indices, l0, expected_dense, d_sae, tol):
 @pytest.mark.parametrize("splits", [1, 3])
 def test_threshold_kernel_exact_counts(dtype, per_feature, splits):
     x, W, b, bd = encoder_problem(14, 20, 150, dtype)
-    thr = torch.rand(150, dtype=torch.float64) * 0.8 if per_feature else torch.full((150,), 0.5, dtype=torch.float64)
+    thr = torch.rand(150, dtype=torch.float64) * 0.8 if per_feature else torch.full((150,), 0.5)
     thr = thr.to(dtype)
     v, i, l0 = tenc.threshold_encode(x, W, b, thr, bd, splits=splits)
     pre = dense_pre64(x, W, b, bd)
@@ -191,7 +193,8 @@ def test_threshold_gradients():
     dense = [t.clone().requires_grad_() for t in (x, W, b, bd)]
     R = torch.randn(8, 60, dtype=torch.float64)
     with sk.use_backend("triton"):
-        (ops.threshold_encode(params[0], params[1], params[2], thr, b_dec=params[3]).to_dense(60) * R).sum().backward()
+        out = ops.threshold_encode(params[0], params[1], params[2], thr, b_dec=params[3])
+        (out.to_dense(60) * R).sum().backward()
     pre = (dense[0] - dense[3]) @ dense[1] + dense[2]
     (pre * (pre > thr) * R).sum().backward()
     for p, d in zip(params, dense):
@@ -222,7 +225,9 @@ def test_decode_kernels_match_float64(dtype):
         dense_decode64(v, i, W, b),
         dense_decode64(v, i, W),
         torch.einsum("nkd,nd->nk", W64[i], G64),
-        torch.zeros(90, 40, dtype=torch.float64).index_add_(0, i.reshape(-1), (v64[..., None] * G64[:, None]).reshape(-1, 40)),
+        torch.zeros(90, 40, dtype=torch.float64).index_add_(
+            0, i.reshape(-1), (v64[..., None] * G64[:, None]).reshape(-1, 40)
+        ),
     ]
     # bf16: fp32 accumulation, so the error is the output rounding (2^-8), not k * that
     tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2 ** -8}[dtype]
