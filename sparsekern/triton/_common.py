@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -39,3 +40,17 @@ def store_dtype(t: torch.Tensor) -> torch.dtype:
     bf16 (compiled kernels round to nearest even), so off CUDA bf16 outputs are written in fp32
     and rounded by torch."""
     return torch.float32 if t.device.type != "cuda" and t.dtype == torch.bfloat16 else t.dtype
+
+
+def on_first_tensor_device(fn):
+    """Launch on the device of the first tensor argument (Triton launches on the current CUDA
+    device, which need not be the tensors' one)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        dev = next(a.device for a in args if isinstance(a, torch.Tensor))
+        ctx = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
+        with ctx:
+            return fn(*args, **kwargs)
+
+    return wrapper

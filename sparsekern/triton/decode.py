@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from . import CALLS
-from ._common import acc_dtype, cdiv, next_pow2, store_dtype, tl_dtype
+from ._common import acc_dtype, cdiv, next_pow2, on_first_tensor_device, store_dtype, tl_dtype
 
 
 @triton.jit
@@ -88,6 +88,7 @@ def _blocks(t: torch.Tensor, d: int) -> tuple[int, int, int]:
     return 16, min(256, max(32, next_pow2(d))), 4
 
 
+@on_first_tensor_device
 def sparse_decode(values, indices, W_dec, b_dec):
     """values/indices [N, k], W_dec [d_sae, d] (any strides) -> [N, d] in W_dec.dtype."""
     CALLS["sparse_decode"] += 1
@@ -105,6 +106,7 @@ def sparse_decode(values, indices, W_dec, b_dec):
     return out.to(W_dec.dtype)
 
 
+@on_first_tensor_device
 def sparse_decode_backward_values(grad_out, indices, W_dec):
     """grad_out [N, d], indices [N, k] -> dvalues [N, k] in W_dec.dtype."""
     CALLS["sparse_decode_backward_values"] += 1
@@ -121,6 +123,7 @@ def sparse_decode_backward_values(grad_out, indices, W_dec):
     return out.to(W_dec.dtype)
 
 
+@on_first_tensor_device
 def sparse_decode_backward_weight(grad_out, values, indices, d_sae: int):
     """grad_out [N, d], values/indices [N, k] -> dW_dec [d_sae, d] in grad_out.dtype."""
     CALLS["sparse_decode_backward_weight"] += 1

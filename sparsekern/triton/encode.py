@@ -28,7 +28,7 @@ import triton.language as tl
 
 from .. import ref
 from . import CALLS
-from ._common import acc_dtype, cdiv, next_pow2, num_sms, store_dtype, tl_dtype
+from ._common import acc_dtype, cdiv, next_pow2, num_sms, on_first_tensor_device, store_dtype, tl_dtype
 
 _SENT = tl.constexpr(0x7F000000)  # indices of still-empty running slots (unique: _SENT + slot)
 _BIGC = tl.constexpr(0x7FFFFFFF)  # index of taken / out-of-range tile columns
@@ -243,6 +243,7 @@ def _prepare(x, W_enc, b_enc, b_dec):
     return acc, False, None, bias
 
 
+@on_first_tensor_device
 def topk_encode(x, W_enc, b_enc, b_dec, k: int, relu: bool, *, splits: int | None = None):
     """x [N, d_in], W_enc [d_in, d_sae] -> (values [N, k] in x.dtype, indices [N, k] int64),
     sorted by value desc, ties to the lower index; ReLU after selection. ``splits`` overrides the
@@ -283,6 +284,7 @@ def topk_encode(x, W_enc, b_enc, b_dec, k: int, relu: bool, *, splits: int | Non
     return values.to(x.dtype), indices
 
 
+@on_first_tensor_device
 def threshold_encode(x, W_enc, b_enc, threshold, b_dec, *, splits: int | None = None):
     """x [N, d_in] -> (values [N, K], indices [N, K], l0 [N]); K = max row L0, rows in ascending
     feature order with 0/0 padding (the reference's contract). ``threshold``: [d_sae]."""
