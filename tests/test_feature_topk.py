@@ -199,6 +199,10 @@ def test_unsorted_hand_built_state(backend):
     g = torch.Generator().manual_seed(4)
     vals = torch.rand(d_sae, k, generator=g) + 0.5  # random order, all filled
     locs = torch.randint(1000, 2000, (d_sae, k, 2), generator=g)
+    vals[::3, 1] = -math.inf  # odd -inf entries at real locations (they precede no empty slot)...
+    vals[1::3, 2] = -math.inf  # ...next to empty slots, which sort before them
+    locs[1::3, 2] = -1
+    vals[1::3, 0] = -math.inf
     v, i, l = stream(40, 5, d_sae, seed=4)
     want = run("ref", FeatureTopKState(vals.clone(), locs.clone()), [(v, i, l)])
     got = run(backend, FeatureTopKState(vals.clone(), locs.clone()), [(v, i, l)])
