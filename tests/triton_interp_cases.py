@@ -108,6 +108,18 @@ def test_topk_all_equal_and_k_equals_d_sae():
     assert v.shape == (0, 3) and i.shape == (0, 3)
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+def test_topk_minus_inf_pre_activations_rank_last_by_index(splits):
+    # only 3 finite features per row: the rest of the top 5 are -inf, lowest indices first
+    x, W, b, _ = encoder_problem(4, 8, 150, torch.float32, b_dec=False)
+    b[:] = float("-inf")
+    b[[140, 7, 77]] = 0.0
+    v, i = tenc.topk_encode(x, W, b, None, 5, False, splits=splits)
+    ev, ei = dense_topk64(x, W, b, 5)
+    assert torch.equal(i, ei)
+    assert torch.equal(v.isinf(), ev.isinf()) and rel_err(v[:, :3], ev[:, :3]) < 1e-5
+
+
 def test_topk_large_k_falls_back_to_reference_with_warning():
     x, W, b, bd = encoder_problem(3, 4, tenc.MAX_K + 8, torch.float32)
     with pytest.warns(RuntimeWarning, match="reference"):

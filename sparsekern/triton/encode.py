@@ -70,24 +70,29 @@ def _worst(run_v, run_i):
 
 
 @triton.jit
-def _merge_tile(run_v, run_i, tv, tc, K: tl.constexpr):
-    """Merge a tile (values tv, column ids tc; invalid columns have tc=_BIGC, tv=-inf) into the
-    running top-k. Round r moves the tile's best remaining entry into the worst running slot if it
-    ranks higher; the trip count is the most entries any row can gain, so late tiles (whose
-    values rarely beat the k-th best) cost one count."""
+def _merge_tile(run_v, run_i, tv, cols, K: tl.constexpr):
+    """Merge a tile into the running top-k. tv [BM, BN]: pre-activations; cols [BN]: feature ids,
+    _BIGC for columns outside this program's split. Round r takes the tile's next entry in
+    (value desc, index asc) order -- the first one ranking below (lm, lc), the entry taken last, so
+    the tile is never rewritten -- and moves it into the worst running slot if it ranks higher.
+    The trip count is the most entries any row can gain, so late tiles (whose values rarely beat
+    the k-th best) cost one count."""
     wv, wi = _worst(run_v, run_i)
-    beats = (tv > wv[:, None]) | ((tv == wv[:, None]) & (tc < wi[:, None]))
+    ok = (cols < _BIGC)[None, :]
+    col = cols[None, :]
+    beats = ok & ((tv > wv[:, None]) | ((tv == wv[:, None]) & (col < wi[:, None])))
     n_rounds = tl.minimum(tl.max(tl.sum(beats.to(tl.int32), axis=1), axis=0), K)
+    lm = tl.full(wv.shape, float("inf"), wv.dtype)
+    lc = tl.full(wi.shape, -1, tl.int32)
     for _ in range(n_rounds):
-        m = tl.max(tv, axis=1)
-        c = tl.min(tl.where(tv == m[:, None], tc, _BIGC), axis=1)
-        win = (m > wv) | ((m == wv) & (c < wi))
+        elig = ok & ((tv < lm[:, None]) | ((tv == lm[:, None]) & (col > lc[:, None])))
+        m = tl.max(tl.where(elig, tv, float("-inf")), axis=1)
+        c = tl.min(tl.where(elig & (tv == m[:, None]), col, _BIGC), axis=1)
+        win = (c < _BIGC) & ((m > wv) | ((m == wv) & (c < wi)))
         slot = (run_i == wi[:, None]) & win[:, None]
         run_v = tl.where(slot, m[:, None], run_v)
         run_i = tl.where(slot, c[:, None], run_i)
-        taken = tc == c[:, None]
-        tv = tl.where(taken, float("-inf"), tv)
-        tc = tl.where(taken, _BIGC, tc)
+        lm, lc = m, c
         wv, wi = _worst(run_v, run_i)
     return run_v, run_i
 
@@ -114,10 +119,7 @@ def _topk_kernel(x_ptr, w_ptr, bdec_ptr, bias_ptr, pv_ptr, pi_ptr,
         cols = c0 + tl.arange(0, BN)
         pre = _pre_tile(x_ptr, w_ptr, bdec_ptr, bias_ptr, rows, cols, N, D_IN, D_SAE,
                         sxm, sxk, swk, swn, CENTER, BM, BN, BK, ACC, UPCAST, PREC)
-        valid = (rows >= 0)[:, None] & (cols < c_end)[None, :]
-        tv = tl.where(valid, pre, float("-inf"))
-        tc = tl.where(valid, cols[None, :], _BIGC)
-        run_v, run_i = _merge_tile(run_v, run_i, tv, tc, K)
+        run_v, run_i = _merge_tile(run_v, run_i, pre, tl.where(cols < c_end, cols, _BIGC), K)
     off = (rows.to(tl.int64)[:, None] * n_splits + pid_s) * K + slots[None, :]
     mask = (rows < N)[:, None] & real[None, :]
     tl.store(pv_ptr + off, run_v, mask=mask)
