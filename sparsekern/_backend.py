@@ -101,7 +101,7 @@ def forced_backend() -> str:
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Force ``name`` ('auto', 'cpp', 'cuda', 'triton', 'ref') for ops called in this thread."""
+    """Force ``name`` ('auto', 'cpp', 'cuda', 'triton', 'metal', 'ref') for ops called in this thread."""
     name = name.lower()
     if name != "auto" and name not in BACKEND_NAMES:
         raise ValueError(f"unknown backend {name!r}; expected auto or one of {BACKEND_NAMES}")
