@@ -185,10 +185,21 @@ class Engine:
     def forward_from(self, layer: int, start: int, n_rep: int, fwd_hooks) -> torch.Tensor:
         """Logits ``[n_rep, B, T, V]`` of ``n_rep`` copies of the corrupted batch run from ``layer`` with
         ``fwd_hooks``; positions ``< start`` reuse the corrupted keys/values/logits (causal models only)."""
-        return self.forward_staged(start, [layer] * n_rep, fwd_hooks)
+        new = self.forward_staged(start, [layer] * n_rep, fwd_hooks)
+        return torch.stack([self.full_logits(new, j, start) for j in range(n_rep)])
+
+    def full_logits(self, new: torch.Tensor, j: int, start: int) -> torch.Tensor:
+        """``[B, T, V]`` logits of slice ``j``: corrupted logits before ``start``, recomputed ones after.
+
+        Built one slice at a time so a chunk never holds ``n`` full logit tensors (for a late start
+        position the recomputed part is a small fraction of them)."""
+        if start == 0:
+            return new[j]
+        return torch.cat([self.logits[:, :start], new[j]], dim=1)
 
     def forward_staged(self, start: int, layers: Sequence[int], fwd_hooks) -> torch.Tensor:
-        """Logits ``[n, B, T, V]`` for ``n = len(layers)`` slices (``layers`` sorted ascending).
+        """Logits ``[n, B, T - start, V]`` of positions ``start..T-1`` for ``n = len(layers)`` slices
+        (``layers`` sorted ascending); :meth:`full_logits` adds the unchanged positions.
 
         Slice ``j`` joins the batch at block ``layers[j]`` as a copy of the corrupted ``resid_pre`` there
         (blocks before a patch's layer are unchanged by it, so they are never recomputed); a hook at block
@@ -224,13 +235,7 @@ class Engine:
             if cfg.normalization_type is not None:
                 x = model.ln_final(x)
             new = self._softcap(self._unembed(x), cfg.output_logits_soft_cap)
-        V = new.shape[-1]
-        if s == 0:
-            return new.view(n_total, B, T, V)
-        full = torch.empty((n_total, B, T, V), dtype=new.dtype, device=new.device)
-        full[:, :, :s] = self.logits[:, :s]
-        full[:, :, s:] = new.view(n_total, B, T - s, V)
-        return full
+        return new.view(n_total, B, T - s, new.shape[-1])
 
     # ---------------------------------------------------------------- batched known-setter patches
     def _bytes_per_patch(self, n_pos: int) -> int:
@@ -239,7 +244,7 @@ class Engine:
         d, H, dh, dm = cfg.d_model, cfg.n_heads, cfg.d_head, (cfg.d_mlp or 0)
         per_tok = 8 * d + 4 * H * dh + 3 * H * self.T + (3 if cfg.gated_mlp else 2) * dm
         V = self.logits.shape[-1]
-        return el * self.B * (n_pos * (per_tok + V) + self.T * V)
+        return el * self.B * n_pos * (per_tok + V)
 
     def plan(self, patches: Sequence[Patch], max_batch: Optional[int], budget: int, rows_cap: int):
         """Chunks ``(start, [patch, ...])``: patches sharing a start position, sorted by layer.
@@ -325,9 +330,10 @@ class Engine:
         try:
             for start, chunk in chunks:
                 layers = [p.layer for p in chunk]
-                logits = self.forward_staged(start, layers, self._hooks_for(chunk, start, clean))
-                vals = torch.stack([as_scalar(metric(logits[j]), metric_name, self.device)
+                new = self.forward_staged(start, layers, self._hooks_for(chunk, start, clean))
+                vals = torch.stack([as_scalar(metric(self.full_logits(new, j, start)), metric_name, self.device)
                                     for j in range(len(chunk))])
+                del new  # free before the next chunk allocates
                 out[torch.tensor([pos_of[id(p)] for p in chunk], device=self.device)] = vals.to(out.dtype)
                 self.work_rows += self.B * (self.T - start) * sum(self.cfg.n_layers - l for l in layers)
                 bar.update(len(chunk))
