@@ -317,3 +317,30 @@ def test_noop_patches_are_skipped_exactly():
         base = logit_diff(s.model(s.corr))
     assert torch.equal(out[:, 0], torch.full((2, 2), float(base)))
     assert not torch.equal(out[:, 1], torch.full((2, 2), float(base)))
+
+
+@pytest.mark.parametrize("act,setter,axes", [
+    ("pre", "layer_pos_patch_setter", ["layer", "pos"]),  # mlp.hook_pre: runs through the fused gelu
+    ("attn_scores", "layer_head_pos_pattern_patch_setter", ["layer", "head_index", "dest_pos"]),
+    ("rot_k", "layer_pos_head_vector_patch_setter", ["layer", "pos", "head"]),  # full-length keys: no prefix reuse
+])
+def test_other_hook_points_match_transformer_lens(act, setter, axes):
+    s = Setup("gpt2" if act != "rot_k" else "parallel")  # parallel: rotary
+    sizes = {"layer": 2, "pos": T, "dest_pos": T, "head": 4, "head_index": 4}
+    df, picks = sample_rows([sizes[a] for a in axes], axes, k=4, seed=3)
+    ours = skp.generic_activation_patch(s.model, s.corr, s.cache, mean_logprob, getattr(skp, setter), act,
+                                        index_axis_names=axes, progress=False)
+    close(ours.reshape(-1)[picks], oracle(s, getattr(tlp, setter), act, df, (mean_logprob,))[0])
+
+
+def test_user_hooks_on_layer_norm_still_fire():
+    # the engine swaps in fused LayerNorm/gelu only for modules whose hook points carry no hooks
+    s = Setup("gpt2")
+    calls = []
+    s.model.blocks[1].ln2.hook_normalized.add_hook(lambda act, hook: calls.append(act.shape[0]), is_permanent=True)
+    try:
+        skp.get_act_patch_mlp_out(s.model, s.corr, s.cache, logit_diff, progress=False)
+    finally:
+        s.model.reset_hooks(including_permanent=True)
+    assert calls and max(calls) > B  # it ran inside the batched (patches x batch) forward
+    assert type(s.model.blocks[0].ln1).forward is s.model.blocks[0].ln1.forward.__func__  # restored

@@ -213,7 +213,9 @@ class Engine:
         model, cfg, B, T, s = self.model, self.cfg, self.B, self.T, start
         n_total = len(layers)
         x, sf, n_cur = None, None, 0
-        with torch.no_grad(), model.hooks(fwd_hooks=fwd_hooks):
+        from ._fast import fast_elementwise
+
+        with torch.no_grad(), model.hooks(fwd_hooks=fwd_hooks), fast_elementwise(model):
             for i in range(layers[0], cfg.n_layers):
                 n_new = 0
                 while n_cur + n_new < n_total and layers[n_cur + n_new] == i:
