@@ -29,6 +29,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ._fast import fast_elementwise
+
 _POS_LOCAL_SUFFIXES = (  # hooks whose axis 1 (axis 2 for patterns) is the query position, length T - s
     "hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "hook_mlp_in",
     "hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input",
@@ -213,8 +215,6 @@ class Engine:
         model, cfg, B, T, s = self.model, self.cfg, self.B, self.T, start
         n_total = len(layers)
         x, sf, n_cur = None, None, 0
-        from ._fast import fast_elementwise
-
         with torch.no_grad(), model.hooks(fwd_hooks=fwd_hooks), fast_elementwise(model):
             for i in range(layers[0], cfg.n_layers):
                 n_new = 0
