@@ -34,7 +34,9 @@ def _rows(model, fn_name, T):
     sizes = {"layer": model.cfg.n_layers, "pos": T, "head": model.cfg.n_heads}
     grid = skp.make_df_from_ranges([sizes[a] for a in axes], list(axes))
     per = len(grid) // model.cfg.n_layers
-    return f, grid.iloc[[l * per + (l * 5 + 2) % per for l in range(model.cfg.n_layers)]].reset_index(drop=True)
+    return f, grid.iloc[[l * per + (l * 5 + 2) % per for l in range(model.cfg.n_layers)]].reset_index(
+        drop=True
+    )
 
 
 @pytest.mark.benchmark(group="patching")
@@ -49,12 +51,17 @@ def test_patching_subsweep(benchmark, built, fn_name, impl):
     f, df = _rows(model, fn_name, corr.shape[1])
     setter, act = f.keywords["patch_setter"], f.keywords["activation_name"]
     if impl == "sparsekern":
+
         def call():
-            return skp.generic_activation_patch(model, corr, cache, metric, setter, act, index_df=df, progress=False)
+            return skp.generic_activation_patch(
+                model, corr, cache, metric, setter, act, index_df=df, progress=False
+            )
     else:
+
         def call():
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 return tlp.generic_activation_patch(model, corr, cache, metric, setter, act, index_df=df)
+
     benchmark.extra_info.update(fn=fn_name, patches=len(df))
     benchmark.pedantic(call, rounds=1 if not QUICK else 3, iterations=1)

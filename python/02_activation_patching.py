@@ -12,12 +12,22 @@ import warnings
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-import sparsekern.patching as patching
+from sparsekern import patching
 
 warnings.simplefilter("ignore", DeprecationWarning)
 torch.manual_seed(0)
-cfg = HookedTransformerConfig(n_layers=4, d_model=128, n_heads=4, d_head=32, d_mlp=512, d_vocab=1000,
-                              n_ctx=32, act_fn="gelu_new", normalization_type="LN", seed=0)
+cfg = HookedTransformerConfig(
+    n_layers=4,
+    d_model=128,
+    n_heads=4,
+    d_head=32,
+    d_mlp=512,
+    d_vocab=1000,
+    n_ctx=32,
+    act_fn="gelu_new",
+    normalization_type="LN",
+    seed=0,
+)
 model = HookedTransformer(cfg).eval()
 
 # an IOI-style pair: the prompts differ in one token (position 5), so most patches are exact no-ops
@@ -38,14 +48,27 @@ print(f"resid_pre [layer, pos] {tuple(resid.shape)} in {time.perf_counter() - t:
 print(resid)
 
 t = time.perf_counter()
-every = patching.get_act_patch_attn_head_by_pos_every(model, corrupted, clean_cache, logit_diff, progress=False)
+every = patching.get_act_patch_attn_head_by_pos_every(
+    model, corrupted, clean_cache, logit_diff, progress=False
+)
 print(f"heads by position for z, q, k, v, pattern {tuple(every.shape)} in {time.perf_counter() - t:.2f} s")
 layer, pos, head = (int(i) for i in torch.unravel_index(every[0].abs().argmax(), every[0].shape))
-print(f"strongest head output patch: layer {layer}, position {pos}, head {head}: {every[0, layer, pos, head]:.4f}")
+print(
+    f"strongest head output patch: layer {layer}, position {pos}, head {head}: {every[0, layer, pos, head]:.4f}"
+)
 
 # explicit index rows: a flat result in row order (TransformerLens's index_df behaviour)
 df = patching.make_df_from_ranges([cfg.n_layers, 12], ["layer", "pos"]).query("pos >= 5")
-vals, df = patching.generic_activation_patch(model, corrupted, clean_cache, logit_diff,
-                                             patching.layer_pos_patch_setter, "resid_pre", index_df=df,
-                                             return_index_df=True, progress=False, max_batch=8)
+vals, df = patching.generic_activation_patch(
+    model,
+    corrupted,
+    clean_cache,
+    logit_diff,
+    patching.layer_pos_patch_setter,
+    "resid_pre",
+    index_df=df,
+    return_index_df=True,
+    progress=False,
+    max_batch=8,
+)
 print("index_df rows:", len(df), "values:", vals.shape)

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 tl = pytest.importorskip("transformer_lens")
-import transformer_lens.patching as tlp  # noqa: E402
-from transformer_lens import HookedTransformer, HookedTransformerConfig  # noqa: E402
+import transformer_lens.patching as tlp
+from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-import sparsekern.patching as skp  # noqa: E402
+import sparsekern.patching as skp
 
 B, T, V = 2, 5, 50
 ARCHS = ("gpt2", "attn_only", "llama_gqa", "parallel")
@@ -34,15 +34,34 @@ def _one_thread():
 
 
 def make_model(arch: str) -> HookedTransformer:
-    base = dict(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, d_vocab=V, n_ctx=16,
-                act_fn="gelu_new", normalization_type="LN", seed=0)
-    base.update({
-        "gpt2": {},
-        "attn_only": dict(attn_only=True, d_mlp=None),
-        "llama_gqa": dict(positional_embedding_type="rotary", rotary_dim=8, normalization_type="RMS",
-                          gated_mlp=True, act_fn="silu", n_key_value_heads=2, final_rms=True),
-        "parallel": dict(parallel_attn_mlp=True, positional_embedding_type="rotary", rotary_dim=4),
-    }[arch])
+    base = dict(
+        n_layers=2,
+        d_model=32,
+        n_heads=4,
+        d_head=8,
+        d_mlp=64,
+        d_vocab=V,
+        n_ctx=16,
+        act_fn="gelu_new",
+        normalization_type="LN",
+        seed=0,
+    )
+    base.update(
+        {
+            "gpt2": {},
+            "attn_only": dict(attn_only=True, d_mlp=None),
+            "llama_gqa": dict(
+                positional_embedding_type="rotary",
+                rotary_dim=8,
+                normalization_type="RMS",
+                gated_mlp=True,
+                act_fn="silu",
+                n_key_value_heads=2,
+                final_rms=True,
+            ),
+            "parallel": dict(parallel_attn_mlp=True, positional_embedding_type="rotary", rotary_dim=4),
+        }[arch]
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         model = HookedTransformer(HookedTransformerConfig(**base))
@@ -80,7 +99,8 @@ METRICS = (logit_diff, mean_logprob)
 # name -> (TL setter, activation name, axes)
 FUNCS = {
     name: (f.keywords["patch_setter"], f.keywords["activation_name"], f.keywords["index_axis_names"])
-    for name, f in vars(tlp).items() if name.startswith("get_act_patch") and hasattr(f, "keywords")
+    for name, f in vars(tlp).items()
+    if name.startswith("get_act_patch") and hasattr(f, "keywords")
 }
 MLP_ACTS = {"resid_mid", "mlp_out"}  # absent in attention-only models (and resid_mid in parallel ones)
 
@@ -120,9 +140,17 @@ def test_prebuilt_matches_transformer_lens(setup, name):
         with pytest.raises(ValueError, match="clean_cache"):
             getattr(skp, name)(s.model, s.corr, s.cache, logit_diff, progress=False)
         return
-    metric_list = METRICS if name in ("get_act_patch_resid_pre", "get_act_patch_attn_head_out_by_pos",
-                                      "get_act_patch_attn_head_pattern_by_pos", "get_act_patch_attn_head_k_all_pos") \
+    metric_list = (
+        METRICS
+        if name
+        in (
+            "get_act_patch_resid_pre",
+            "get_act_patch_attn_head_out_by_pos",
+            "get_act_patch_attn_head_pattern_by_pos",
+            "get_act_patch_attn_head_k_all_pos",
+        )
         else (logit_diff,)
+    )
     for metric in metric_list:
         ours = getattr(skp, name)(s.model, s.corr, s.cache, metric, progress=False)
         n_heads = s.model.cfg.n_heads
@@ -140,7 +168,10 @@ def test_prebuilt_matches_transformer_lens(setup, name):
 
 def test_every_helpers_match_transformer_lens():
     s = Setup("llama_gqa")  # GQA: k/v results are right-padded to n_heads
-    small = {"get_act_patch_block_every": 3 * 2 * T, "get_act_patch_attn_head_all_pos_every": 2 * (4 + 4 + 2 + 2 + 4)}
+    small = {
+        "get_act_patch_block_every": 3 * 2 * T,
+        "get_act_patch_attn_head_all_pos_every": 2 * (4 + 4 + 2 + 2 + 4),
+    }
     for name in small:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -151,12 +182,16 @@ def test_every_helpers_match_transformer_lens():
     # by_pos_every: check layout against our individually-verified functions (TL's own run is 2*T*16 passes)
     ours = skp.get_act_patch_attn_head_by_pos_every(s.model, s.corr, s.cache, logit_diff, progress=False)
     assert ours.shape == (5, 2, T, 4)
-    parts = [skp.get_act_patch_attn_head_out_by_pos, skp.get_act_patch_attn_head_q_by_pos,
-             skp.get_act_patch_attn_head_k_by_pos, skp.get_act_patch_attn_head_v_by_pos]
+    parts = [
+        skp.get_act_patch_attn_head_out_by_pos,
+        skp.get_act_patch_attn_head_q_by_pos,
+        skp.get_act_patch_attn_head_k_by_pos,
+        skp.get_act_patch_attn_head_v_by_pos,
+    ]
     for i, f in enumerate(parts):
         part = f(s.model, s.corr, s.cache, logit_diff, progress=False)
         close(ours[i, ..., : part.shape[-1]], part, 1e-6)
-        assert (ours[i, ..., part.shape[-1]:] == 0).all()
+        assert (ours[i, ..., part.shape[-1] :] == 0).all()
     pat = skp.get_act_patch_attn_head_pattern_by_pos(s.model, s.corr, s.cache, logit_diff, progress=False)
     close(ours[4], pat.transpose(1, 2), 1e-6)
 
@@ -164,43 +199,83 @@ def test_every_helpers_match_transformer_lens():
 @pytest.mark.parametrize("arch", ["gpt2", "llama_gqa"])
 def test_chunk_size_does_not_change_results(arch):
     s = Setup(arch)
-    for f in (skp.get_act_patch_resid_pre, skp.get_act_patch_attn_head_v_by_pos,
-              skp.get_act_patch_attn_head_pattern_all_pos, skp.get_act_patch_attn_head_pattern_dest_src_pos):
-        outs = [f(s.model, s.corr, s.cache, mean_logprob, progress=False, max_batch=mb) for mb in (1, 3, 10**6)]
+    for f in (
+        skp.get_act_patch_resid_pre,
+        skp.get_act_patch_attn_head_v_by_pos,
+        skp.get_act_patch_attn_head_pattern_all_pos,
+        skp.get_act_patch_attn_head_pattern_dest_src_pos,
+    ):
+        outs = [
+            f(s.model, s.corr, s.cache, mean_logprob, progress=False, max_batch=mb) for mb in (1, 3, 10**6)
+        ]
         for o in outs[1:]:
             assert (o - outs[0]).abs().max() <= 1e-6
     # a tiny memory budget (one patch per chunk) and the one-forward-per-patch reference agree too
-    ref = skp.get_act_patch_resid_pre(s.model, s.corr, s.cache, mean_logprob, progress=False, backend="reference")
-    tiny = skp.get_act_patch_resid_pre(s.model, s.corr, s.cache, mean_logprob, progress=False, memory_budget=1)
+    ref = skp.get_act_patch_resid_pre(
+        s.model, s.corr, s.cache, mean_logprob, progress=False, backend="reference"
+    )
+    tiny = skp.get_act_patch_resid_pre(
+        s.model, s.corr, s.cache, mean_logprob, progress=False, memory_budget=1
+    )
     close(tiny, ref)
 
 
 def test_index_df_and_return_index_df():
     s = Setup("gpt2")
     df = pd.DataFrame({"layer": [1, 0, 1, 0], "pos": [4, 2, -1, 0], "head": [3, 0, 1, 2]})
-    ours = skp.generic_activation_patch(s.model, s.corr, s.cache, logit_diff, skp.layer_pos_head_vector_patch_setter,
-                                        "z", index_df=df, progress=False)
+    ours = skp.generic_activation_patch(
+        s.model,
+        s.corr,
+        s.cache,
+        logit_diff,
+        skp.layer_pos_head_vector_patch_setter,
+        "z",
+        index_df=df,
+        progress=False,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ref = tlp.generic_activation_patch(s.model, s.corr, s.cache, logit_diff,
-                                           tlp.layer_pos_head_vector_patch_setter, "z", index_df=df)
+        ref = tlp.generic_activation_patch(
+            s.model, s.corr, s.cache, logit_diff, tlp.layer_pos_head_vector_patch_setter, "z", index_df=df
+        )
     assert ours.shape == ref.shape == (4,)
     close(ours, ref)
     # the prebuilt partials take index_df too (TransformerLens needs index_axis_names=None there)
-    ours2, df2 = skp.get_act_patch_attn_head_out_by_pos(s.model, s.corr, s.cache, logit_diff, index_df=df,
-                                                        return_index_df=True, progress=False)
+    ours2, df2 = skp.get_act_patch_attn_head_out_by_pos(
+        s.model, s.corr, s.cache, logit_diff, index_df=df, return_index_df=True, progress=False
+    )
     assert df2 is df
     close(ours2, ref, 1e-6)
-    out, idx = skp.get_act_patch_attn_head_pattern_by_pos(s.model, s.corr, s.cache, logit_diff,
-                                                          return_index_df=True, progress=False)
-    pd.testing.assert_frame_equal(idx, tlp.make_df_from_ranges([2, 4, T], ["layer", "head_index", "dest_pos"]))
+    out, idx = skp.get_act_patch_attn_head_pattern_by_pos(
+        s.model, s.corr, s.cache, logit_diff, return_index_df=True, progress=False
+    )
+    pd.testing.assert_frame_equal(
+        idx, tlp.make_df_from_ranges([2, 4, T], ["layer", "head_index", "dest_pos"])
+    )
     assert out.shape == (2, 4, T)
-    empty = skp.generic_activation_patch(s.model, s.corr, s.cache, logit_diff, skp.layer_pos_patch_setter,
-                                         "resid_pre", index_df=df.iloc[:0, :2], progress=False)
+    empty = skp.generic_activation_patch(
+        s.model,
+        s.corr,
+        s.cache,
+        logit_diff,
+        skp.layer_pos_patch_setter,
+        "resid_pre",
+        index_df=df.iloc[:0, :2],
+        progress=False,
+    )
     assert empty.shape == (0,)
     with pytest.raises(ValueError, match="index_axis_names"):
-        skp.generic_activation_patch(s.model, s.corr, s.cache, logit_diff, skp.layer_pos_patch_setter,
-                                     "resid_pre", index_axis_names=("layer", "head"), index_df=df, progress=False)
+        skp.generic_activation_patch(
+            s.model,
+            s.corr,
+            s.cache,
+            logit_diff,
+            skp.layer_pos_patch_setter,
+            "resid_pre",
+            index_axis_names=("layer", "head"),
+            index_df=df,
+            progress=False,
+        )
 
 
 def test_custom_setter_falls_back_exactly():
@@ -213,10 +288,12 @@ def test_custom_setter_falls_back_exactly():
 
     df, _ = sample_rows([2, T], ["layer", "pos"], k=3)
     with pytest.warns(UserWarning, match="half_patch"):
-        skp.generic_activation_patch(s.model, s.corr, s.cache, logit_diff, half_patch, "resid_mid",
-                                     index_df=df, progress=False)
-    ours = skp.generic_activation_patch(s.model, s.corr, s.cache, mean_logprob, half_patch, "resid_mid",
-                                        index_df=df, progress=False)
+        skp.generic_activation_patch(
+            s.model, s.corr, s.cache, logit_diff, half_patch, "resid_mid", index_df=df, progress=False
+        )
+    ours = skp.generic_activation_patch(
+        s.model, s.corr, s.cache, mean_logprob, half_patch, "resid_mid", index_df=df, progress=False
+    )
     close(ours, oracle(s, half_patch, "resid_mid", df, (mean_logprob,))[0])
 
 
@@ -224,25 +301,51 @@ def test_tl_setters_are_recognised_and_own_setters_match():
     s = Setup("gpt2")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a fallback warning would fail here
-        a = skp.generic_activation_patch(s.model, s.corr, s.cache, logit_diff, tlp.layer_head_pattern_patch_setter,
-                                         "pattern", ["layer", "head_index"], progress=False)
+        a = skp.generic_activation_patch(
+            s.model,
+            s.corr,
+            s.cache,
+            logit_diff,
+            tlp.layer_head_pattern_patch_setter,
+            "pattern",
+            ["layer", "head_index"],
+            progress=False,
+        )
     b = skp.get_act_patch_attn_head_pattern_all_pos(s.model, s.corr, s.cache, logit_diff, progress=False)
     assert torch.equal(a, b)
-    for name in ("layer_pos_patch_setter", "layer_pos_head_vector_patch_setter", "layer_head_vector_patch_setter",
-                 "layer_head_pattern_patch_setter", "layer_head_pos_pattern_patch_setter",
-                 "layer_head_dest_src_pos_pattern_patch_setter"):
+    for name in (
+        "layer_pos_patch_setter",
+        "layer_pos_head_vector_patch_setter",
+        "layer_head_vector_patch_setter",
+        "layer_head_pattern_patch_setter",
+        "layer_head_pos_pattern_patch_setter",
+        "layer_head_dest_src_pos_pattern_patch_setter",
+    ):
         x, c = torch.randn(2, 4, 5, 5), torch.randn(2, 4, 5, 5)
         n = len(inspect.signature(getattr(tlp, name)).parameters)
-        idx = [1, 2, 3, 4][: {"layer_pos_patch_setter": 2, "layer_head_vector_patch_setter": 2,
-                              "layer_head_pattern_patch_setter": 2}.get(name, 3 if "dest_src" not in name else 4)]
+        idx = [1, 2, 3, 4][
+            : {
+                "layer_pos_patch_setter": 2,
+                "layer_head_vector_patch_setter": 2,
+                "layer_head_pattern_patch_setter": 2,
+            }.get(name, 3 if "dest_src" not in name else 4)
+        ]
         assert n == 3
         assert torch.equal(getattr(skp, name)(x.clone(), idx, c), getattr(tlp, name)(x.clone(), idx, c))
 
 
 def test_api_surface_matches_transformer_lens():
-    public = {n for n, v in vars(tlp).items() if not n.startswith("_") and callable(v)
-              and getattr(v, "__module__", None) in (tlp.__name__, "functools")
-              and (getattr(v, "func", None) is tlp.generic_activation_patch or getattr(v, "__module__", "") == tlp.__name__)}
+    public = {
+        n
+        for n, v in vars(tlp).items()
+        if not n.startswith("_")
+        and callable(v)
+        and getattr(v, "__module__", None) in (tlp.__name__, "functools")
+        and (
+            getattr(v, "func", None) is tlp.generic_activation_patch
+            or getattr(v, "__module__", "") == tlp.__name__
+        )
+    }
     public -= {"overload"}
     missing = {n for n in public if not hasattr(skp, n)}
     assert not missing, missing
@@ -250,7 +353,7 @@ def test_api_surface_matches_transformer_lens():
     theirs = inspect.signature(tlp.generic_activation_patch).parameters
     assert list(ours)[: len(theirs)] == list(theirs)
     assert all(ours[k].default == theirs[k].default for k in theirs)
-    assert all(ours[k].kind == inspect.Parameter.KEYWORD_ONLY for k in list(ours)[len(theirs):])
+    assert all(ours[k].kind == inspect.Parameter.KEYWORD_ONLY for k in list(ours)[len(theirs) :])
     for n in public:
         f, g = getattr(tlp, n), getattr(skp, n)
         if hasattr(f, "keywords"):
@@ -270,7 +373,9 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(TypeError, match="corrupted_tokens"):
         skp.get_act_patch_resid_pre(s.model, s.corr.float(), s.cache, logit_diff, progress=False)
     with torch.no_grad():
-        _, partial_cache = s.model.run_with_cache(s.clean, names_filter=lambda n: n.endswith("hook_resid_pre"))
+        _, partial_cache = s.model.run_with_cache(
+            s.clean, names_filter=lambda n: n.endswith("hook_resid_pre")
+        )
     with pytest.raises(ValueError, match="clean_cache.*blocks.0.attn.hook_z"):
         skp.get_act_patch_attn_head_out_by_pos(s.model, s.corr, partial_cache, logit_diff, progress=False)
     with pytest.raises(TypeError, match="patching_metric"):
@@ -280,7 +385,9 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="max_batch"):
         skp.get_act_patch_resid_pre(s.model, s.corr, s.cache, logit_diff, progress=False, max_batch=0)
     # a plain-float metric is accepted (TransformerLens would fail on .item())
-    out = skp.get_act_patch_attn_out(s.model, s.corr, s.cache, lambda lg: float(logit_diff(lg)), progress=False)
+    out = skp.get_act_patch_attn_out(
+        s.model, s.corr, s.cache, lambda lg: float(logit_diff(lg)), progress=False
+    )
     close(out, skp.get_act_patch_attn_out(s.model, s.corr, s.cache, logit_diff, progress=False), 1e-7)
 
 
@@ -319,17 +426,32 @@ def test_noop_patches_are_skipped_exactly():
     assert not torch.equal(out[:, 1], torch.full((2, 2), float(base)))
 
 
-@pytest.mark.parametrize("act,setter,axes", [
-    ("pre", "layer_pos_patch_setter", ["layer", "pos"]),  # mlp.hook_pre: runs through the fused gelu
-    ("attn_scores", "layer_head_pos_pattern_patch_setter", ["layer", "head_index", "dest_pos"]),
-    ("rot_k", "layer_pos_head_vector_patch_setter", ["layer", "pos", "head"]),  # full-length keys: no prefix reuse
-])
+@pytest.mark.parametrize(
+    "act,setter,axes",
+    [
+        ("pre", "layer_pos_patch_setter", ["layer", "pos"]),  # mlp.hook_pre: runs through the fused gelu
+        ("attn_scores", "layer_head_pos_pattern_patch_setter", ["layer", "head_index", "dest_pos"]),
+        (
+            "rot_k",
+            "layer_pos_head_vector_patch_setter",
+            ["layer", "pos", "head"],
+        ),  # full-length keys: no prefix reuse
+    ],
+)
 def test_other_hook_points_match_transformer_lens(act, setter, axes):
     s = Setup("gpt2" if act != "rot_k" else "parallel")  # parallel: rotary
     sizes = {"layer": 2, "pos": T, "dest_pos": T, "head": 4, "head_index": 4}
     df, picks = sample_rows([sizes[a] for a in axes], axes, k=4, seed=3)
-    ours = skp.generic_activation_patch(s.model, s.corr, s.cache, mean_logprob, getattr(skp, setter), act,
-                                        index_axis_names=axes, progress=False)
+    ours = skp.generic_activation_patch(
+        s.model,
+        s.corr,
+        s.cache,
+        mean_logprob,
+        getattr(skp, setter),
+        act,
+        index_axis_names=axes,
+        progress=False,
+    )
     close(ours.reshape(-1)[picks], oracle(s, getattr(tlp, setter), act, df, (mean_logprob,))[0])
 
 
@@ -337,7 +459,9 @@ def test_user_hooks_on_layer_norm_still_fire():
     # the engine swaps in fused LayerNorm/gelu only for modules whose hook points carry no hooks
     s = Setup("gpt2")
     calls = []
-    s.model.blocks[1].ln2.hook_normalized.add_hook(lambda act, hook: calls.append(act.shape[0]), is_permanent=True)
+    s.model.blocks[1].ln2.hook_normalized.add_hook(
+        lambda act, hook: calls.append(act.shape[0]), is_permanent=True
+    )
     try:
         skp.get_act_patch_mlp_out(s.model, s.corr, s.cache, logit_diff, progress=False)
     finally:

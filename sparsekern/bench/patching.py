@@ -20,16 +20,33 @@ import json
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 from . import report
 from . import timing as T
 
-FIELDS = ("case", "model", "patches", "tl_patches_timed", "tl_s_per_patch", "tl_s_per_patch_spread",
-          "tl_full_s_est", "sk_s", "ratio", "target", "target_met", "flop_ratio", "sk_peak_mib",
-          "tl_peak_mib", "max_abs_diff", "metric_scale", "status", "note")
+FIELDS = (
+    "case",
+    "model",
+    "patches",
+    "tl_patches_timed",
+    "tl_s_per_patch",
+    "tl_s_per_patch_spread",
+    "tl_full_s_est",
+    "sk_s",
+    "ratio",
+    "target",
+    "target_met",
+    "flop_ratio",
+    "sk_peak_mib",
+    "tl_peak_mib",
+    "max_abs_diff",
+    "metric_scale",
+    "status",
+    "note",
+)
 CASES = (  # (name, sparsekern/TL function name, target speed-up)
     ("resid_pre", "get_act_patch_resid_pre", 6.0),
     ("attn_head_out_by_pos", "get_act_patch_attn_head_out_by_pos", 8.0),
@@ -45,8 +62,9 @@ def build(quick: bool, device: torch.device, seed: int = 0):
     else:
         dims = dict(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=50257, n_ctx=32)
         B, Tn = 8, 15
-    cfg = HookedTransformerConfig(**dims, act_fn="gelu_new", normalization_type="LN", seed=seed,
-                                  device=str(device))
+    cfg = HookedTransformerConfig(
+        **dims, act_fn="gelu_new", normalization_type="LN", seed=seed, device=str(device)
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         model = HookedTransformer(cfg)
@@ -62,7 +80,14 @@ def build(quick: bool, device: torch.device, seed: int = 0):
         return (logits[:, -1, right] - logits[:, -1, wrong]).mean()
 
     name = "gpt2-small-shaped" if not quick else "toy-2L"
-    return model, clean, corr, cache, metric, f"{name} {dims['n_layers']}L d{dims['d_model']} V{dims['d_vocab']} {B}x{Tn}"
+    return (
+        model,
+        clean,
+        corr,
+        cache,
+        metric,
+        f"{name} {dims['n_layers']}L d{dims['d_model']} V{dims['d_vocab']} {B}x{Tn}",
+    )
 
 
 def _flops(cfg, B: int, Tn: int, rows: list[list[int]], act: str) -> tuple[float, float]:
@@ -74,8 +99,9 @@ def _flops(cfg, B: int, Tn: int, rows: list[list[int]], act: str) -> tuple[float
     return float(tl), float(sk)
 
 
-def run_case(name: str, fn_name: str, target: float, quick: bool, device: torch.device, progress: bool,
-             built) -> dict[str, Any]:
+def run_case(
+    name: str, fn_name: str, target: float, quick: bool, device: torch.device, progress: bool, built
+) -> dict[str, Any]:
     import transformer_lens.patching as tlp
 
     import sparsekern.patching as skp
@@ -100,12 +126,19 @@ def run_case(name: str, fn_name: str, target: float, quick: bool, device: torch.
     def sk_call():
         return getattr(skp, fn_name)(model, corr, cache, metric, progress=progress)
 
-    row: dict[str, Any] = {"case": name, "model": model_desc, "patches": len(grid), "tl_patches_timed": len(sub),
-                           "target": f">= {target:g}x"}
+    row: dict[str, Any] = {
+        "case": name,
+        "model": model_desc,
+        "patches": len(grid),
+        "tl_patches_timed": len(sub),
+        "target": f">= {target:g}x",
+    }
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            tlp.generic_activation_patch(model, corr, cache, metric, setter, act, index_df=sub.iloc[:1])  # warm-up
+            tlp.generic_activation_patch(
+                model, corr, cache, metric, setter, act, index_df=sub.iloc[:1]
+            )  # warm-up
             if quick:
                 sk_call()
             (tl_out1, tl_ms1), tl_peak = T.measure_peak(lambda: T.time_call(tl_call, device), device)
@@ -120,10 +153,18 @@ def run_case(name: str, fn_name: str, target: float, quick: bool, device: torch.
         ratio = tl_full / (sk_ms / 1e3)
         ok = diff <= 1e-4 * scale
         row.update(
-            tl_s_per_patch=sum(per) / 2, tl_s_per_patch_spread=abs(per[0] - per[1]) / 2, tl_full_s_est=tl_full,
-            sk_s=sk_ms / 1e3, ratio=ratio, target_met=(ratio >= target) if not quick else None,
-            flop_ratio=tl_fl / sk_fl, sk_peak_mib=sk_peak, tl_peak_mib=tl_peak, max_abs_diff=diff,
-            metric_scale=scale, status="ok" if ok else "mismatch",
+            tl_s_per_patch=sum(per) / 2,
+            tl_s_per_patch_spread=abs(per[0] - per[1]) / 2,
+            tl_full_s_est=tl_full,
+            sk_s=sk_ms / 1e3,
+            ratio=ratio,
+            target_met=(ratio >= target) if not quick else None,
+            flop_ratio=tl_fl / sk_fl,
+            sk_peak_mib=sk_peak,
+            tl_peak_mib=tl_peak,
+            max_abs_diff=diff,
+            metric_scale=scale,
+            status="ok" if ok else "mismatch",
             note=f"TL timed on {len(sub)} of {len(grid)} patches (before and after sparsekern), scaled linearly",
         )
         if not ok:
@@ -134,16 +175,44 @@ def run_case(name: str, fn_name: str, target: float, quick: bool, device: torch.
 
 
 def format_table(rows) -> str:
-    head = ("case", "patches", "TL s/patch", "TL full s (est)", "sk s", "TL/sk", "target", "met", "flop ratio",
-            "sk peak MiB", "TL peak MiB", "max|diff|")
+    head = (
+        "case",
+        "patches",
+        "TL s/patch",
+        "TL full s (est)",
+        "sk s",
+        "TL/sk",
+        "target",
+        "met",
+        "flop ratio",
+        "sk peak MiB",
+        "TL peak MiB",
+        "max|diff|",
+    )
     lines = []
     for r in rows:
-        f = lambda k, fmt: "-" if r.get(k) is None else format(r[k], fmt)  # noqa: E731
-        met = {True: "yes", False: "NO", None: "-"}[r.get("target_met")] if r["status"] == "ok" else r["status"].upper()
-        lines.append((r["case"], str(r["patches"]), f("tl_s_per_patch", ".3f"), f("tl_full_s_est", ".1f"),
-                      f("sk_s", ".2f"), f("ratio", ".2f") + ("x" if r.get("ratio") else ""), r["target"], met,
-                      f("flop_ratio", ".2f"), f("sk_peak_mib", ".0f"), f("tl_peak_mib", ".0f"),
-                      f("max_abs_diff", ".2e")))
+        f = lambda k, fmt: "-" if r.get(k) is None else format(r[k], fmt)
+        met = (
+            {True: "yes", False: "NO", None: "-"}[r.get("target_met")]
+            if r["status"] == "ok"
+            else r["status"].upper()
+        )
+        lines.append(
+            (
+                r["case"],
+                str(r["patches"]),
+                f("tl_s_per_patch", ".3f"),
+                f("tl_full_s_est", ".1f"),
+                f("sk_s", ".2f"),
+                f("ratio", ".2f") + ("x" if r.get("ratio") else ""),
+                r["target"],
+                met,
+                f("flop_ratio", ".2f"),
+                f("sk_peak_mib", ".0f"),
+                f("tl_peak_mib", ".0f"),
+                f("max_abs_diff", ".2e"),
+            )
+        )
     widths = [max(len(x[i]) for x in [head, *lines]) for i in range(len(head))]
     out = ["  ".join(c.ljust(w) for c, w in zip(head, widths))]
     out += ["  ".join(c.ljust(w) for c, w in zip(x, widths)) for x in lines]
@@ -167,29 +236,46 @@ def write(rows, meta, out_dir, quick: bool) -> dict[str, Path]:
     return paths
 
 
-def main(quick: bool, device: torch.device, out_dir: str, progress: bool, seed: int = 0,
-         cases: Optional[list[str]] = None) -> int:
+def main(
+    quick: bool,
+    device: torch.device,
+    out_dir: str,
+    progress: bool,
+    seed: int = 0,
+    cases: list[str] | None = None,
+) -> int:
     """Run the patching benchmark, print a table, write JSON/CSV; 0 ok, 1 on an error or mismatch."""
     t0 = time.perf_counter()
-    meta: dict[str, Any] = {"schema": 1, "suite": "patching-quick" if quick else "patching",
-                            "machine": report.machine_info(device), "settings": {"seed": seed}}
+    meta: dict[str, Any] = {
+        "schema": 1,
+        "suite": "patching-quick" if quick else "patching",
+        "machine": report.machine_info(device),
+        "settings": {"seed": seed},
+    }
     busy = report.busy_warning(report.cpu_cores()) if device.type == "cpu" else None
     if busy:
         meta["warning"] = busy
         print(busy)
     built = build(quick, device, seed)
-    rows = [run_case(n, fn, tgt, quick, device, progress, built) for n, fn, tgt in CASES
-            if cases is None or n in cases]
+    rows = [
+        run_case(n, fn, tgt, quick, device, progress, built)
+        for n, fn, tgt in CASES
+        if cases is None or n in cases
+    ]
     meta["elapsed_s"] = round(time.perf_counter() - t0, 2)
     meta["loadavg_after"] = report.load_average()
     paths = write(rows, meta, out_dir, quick)
     m = meta["machine"]
-    print(f"sparsekern bench --patching ({meta['suite']}) on {m['device']}: {m['cpu_model']}, {m['cpu_cores']} cores, "
-          f"{torch.get_num_threads()} threads, torch {m['torch']}; load average before {m['loadavg']}, "
-          f"after {meta['loadavg_after']}")
+    print(
+        f"sparsekern bench --patching ({meta['suite']}) on {m['device']}: {m['cpu_model']}, {m['cpu_cores']} cores, "
+        f"{torch.get_num_threads()} threads, torch {m['torch']}; load average before {m['loadavg']}, "
+        f"after {meta['loadavg_after']}"
+    )
     print(format_table(rows))
-    print("TL full = TransformerLens time per patch (sub-sweep, timed before and after sparsekern) x patches; "
-          "flop ratio = matmul FLOPs TL / sparsekern (deterministic part of the speed-up)")
+    print(
+        "TL full = TransformerLens time per patch (sub-sweep, timed before and after sparsekern) x patches; "
+        "flop ratio = matmul FLOPs TL / sparsekern (deterministic part of the speed-up)"
+    )
     if quick:
         print("quick model: targets are informational (they are set for the GPT-2-small shape)")
     print(f"total {meta['elapsed_s']:.1f} s; wrote {paths['json']} (+ .csv, {paths['latest'].name})")

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Callable, Optional, Sequence, Tuple, Union
 
 import pandas as pd
 import torch
 from jaxtyping import Float, Int
 
 from . import _engine
-from ._engine import Engine, Patch, as_scalar, engine_unsupported_reason, is_pattern_hook, is_position_local_hook
+from ._engine import (
+    Engine,
+    Patch,
+    as_scalar,
+    engine_unsupported_reason,
+    is_pattern_hook,
+    is_position_local_hook,
+)
 from ._setters import (
     INDEX_LEN,
     layer_head_dest_src_pos_pattern_patch_setter,
@@ -44,7 +51,9 @@ class _Sweep:
             max_range.update(src_pos=max_range["pos"], dest_pos=max_range["pos"], head=n_heads)
             bad = [a for a in index_axis_names if a not in max_range]
             if bad:
-                raise ValueError(f"index_axis_names: unknown axis name(s) {bad}; choose from {sorted(max_range)}")
+                raise ValueError(
+                    f"index_axis_names: unknown axis name(s) {bad}; choose from {sorted(max_range)}"
+                )
             self.shape = [max_range[a] for a in index_axis_names]
             index_df = make_df_from_ranges(self.shape, index_axis_names)
             self.flat = False
@@ -88,7 +97,7 @@ class _Sweep:
                     f"the same batch size and sequence length"
                 )
 
-    def patches(self, sweep_id: int, cfg, T: int, causal: bool) -> Optional[list[Patch]]:
+    def patches(self, sweep_id: int, cfg, T: int, causal: bool) -> list[Patch] | None:
         """Engine patches, or None when the setter is unknown or an index does not fit its kind."""
         if self.kind is None:
             return None
@@ -108,7 +117,9 @@ class _Sweep:
                     start = idx[0] % T
                 elif self.kind in ("pattern_dest", "pattern_dest_src") and pattern:
                     start = idx[1] % T
-            out.append(Patch(sweep_id, slot, layer, start, name, self.kind, _normalise(idx, self.kind, T, name)))
+            out.append(
+                Patch(sweep_id, slot, layer, start, name, self.kind, _normalise(idx, self.kind, T, name))
+            )
         return out
 
 
@@ -123,9 +134,13 @@ def _normalise(idx: tuple, kind: str, T: int, name: str) -> tuple:
 
 def _check_tokens(model, corrupted_tokens) -> torch.Tensor:
     if not isinstance(corrupted_tokens, torch.Tensor):
-        raise TypeError(f"corrupted_tokens must be an integer tensor [batch, pos], got {type(corrupted_tokens).__name__}")
+        raise TypeError(
+            f"corrupted_tokens must be an integer tensor [batch, pos], got {type(corrupted_tokens).__name__}"
+        )
     if corrupted_tokens.dtype.is_floating_point or corrupted_tokens.dtype == torch.bool:
-        raise TypeError(f"corrupted_tokens must be an integer tensor [batch, pos], got dtype {corrupted_tokens.dtype}")
+        raise TypeError(
+            f"corrupted_tokens must be an integer tensor [batch, pos], got dtype {corrupted_tokens.dtype}"
+        )
     if corrupted_tokens.dim() == 1:  # TransformerLens adds the batch axis itself
         corrupted_tokens = corrupted_tokens[None]
     if corrupted_tokens.dim() != 2:
@@ -148,8 +163,12 @@ def _run_reference(model, tokens, sweep: _Sweep, clean_cache, metric, metric_nam
             return sweep.setter(act, index, clean_act)
 
         layer = row[0]
-        if engine is not None and isinstance(layer, int) and 0 <= layer < model.cfg.n_layers \
-                and name.startswith(f"blocks.{layer}."):
+        if (
+            engine is not None
+            and isinstance(layer, int)
+            and 0 <= layer < model.cfg.n_layers
+            and name.startswith(f"blocks.{layer}.")
+        ):
             logits = engine.forward_from(layer, 0, 1, [(name, hook)])[0]
         else:
             with torch.no_grad():
@@ -158,8 +177,19 @@ def _run_reference(model, tokens, sweep: _Sweep, clean_cache, metric, metric_nam
     return torch.stack(vals) if vals else torch.zeros(0, device=device)
 
 
-def _run_sweeps(model, corrupted_tokens, clean_cache, metric, metric_name, specs, *, progress, max_batch,
-                memory_budget, backend):
+def _run_sweeps(
+    model,
+    corrupted_tokens,
+    clean_cache,
+    metric,
+    metric_name,
+    specs,
+    *,
+    progress,
+    max_batch,
+    memory_budget,
+    backend,
+):
     """Resolve and run several sweeps sharing one corrupted run; returns (outputs, sweeps)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -172,12 +202,13 @@ def _run_sweeps(model, corrupted_tokens, clean_cache, metric, metric_name, specs
     tokens = _check_tokens(model, corrupted_tokens)
     sweeps = [_Sweep(model, tokens, clean_cache, *spec) for spec in specs]
     device = torch.device(model.cfg.device)
-    flat_vals: list[Optional[torch.Tensor]] = [None] * len(sweeps)
+    flat_vals: list[torch.Tensor | None] = [None] * len(sweeps)
 
     reason = engine_unsupported_reason(model, tokens) if backend == "auto" else "backend='reference'"
     if reason is not None and backend == "auto":
-        _engine.warn_once("unsupported:" + reason,
-                          f"sparsekern.patching: using the one-forward-per-patch path ({reason})")
+        _engine.warn_once(
+            "unsupported:" + reason, f"sparsekern.patching: using the one-forward-per-patch path ({reason})"
+        )
     causal = model.cfg.attention_dir == "causal"
     fused: list[Patch] = []
     unknown: list[int] = []
@@ -225,15 +256,15 @@ def generic_activation_patch(
     patching_metric: Metric,
     patch_setter: Callable,
     activation_name: str,
-    index_axis_names: Optional[Sequence[str]] = None,
-    index_df: Optional[pd.DataFrame] = None,
+    index_axis_names: Sequence[str] | None = None,
+    index_df: pd.DataFrame | None = None,
     return_index_df: bool = False,
     *,
     progress: bool = True,
-    max_batch: Optional[int] = None,
-    memory_budget: Optional[int] = None,
+    max_batch: int | None = None,
+    memory_budget: int | None = None,
     backend: str = "auto",
-) -> Union[torch.Tensor, Tuple[torch.Tensor, pd.DataFrame]]:
+) -> torch.Tensor | tuple[torch.Tensor, pd.DataFrame]:
     """Activation patching with ``transformer_lens.patching.generic_activation_patch`` semantics, fused.
 
     For every index row (layer first) the clean activation slice selected by ``patch_setter`` is patched
@@ -262,9 +293,16 @@ def generic_activation_patch(
         and the index DataFrame when ``return_index_df``.
     """
     (out,), (sw,) = _run_sweeps(
-        model, corrupted_tokens, clean_cache, patching_metric, "patching_metric",
+        model,
+        corrupted_tokens,
+        clean_cache,
+        patching_metric,
+        "patching_metric",
         [(patch_setter, activation_name, index_axis_names, index_df)],
-        progress=progress, max_batch=max_batch, memory_budget=memory_budget, backend=backend,
+        progress=progress,
+        max_batch=max_batch,
+        memory_budget=memory_budget,
+        backend=backend,
     )
     return (out, sw.index_df) if return_index_df else out
 
@@ -280,48 +318,108 @@ def _prebuilt(name: str, setter, act: str, axes: tuple, shape_doc: str):
 
 
 _P = ("layer", "pos")
-get_act_patch_resid_pre = _prebuilt("get_act_patch_resid_pre", layer_pos_patch_setter, "resid_pre", _P, "[n_layers, pos]")
-get_act_patch_resid_mid = _prebuilt("get_act_patch_resid_mid", layer_pos_patch_setter, "resid_mid", _P, "[n_layers, pos]")
-get_act_patch_attn_out = _prebuilt("get_act_patch_attn_out", layer_pos_patch_setter, "attn_out", _P, "[n_layers, pos]")
-get_act_patch_mlp_out = _prebuilt("get_act_patch_mlp_out", layer_pos_patch_setter, "mlp_out", _P, "[n_layers, pos]")
+get_act_patch_resid_pre = _prebuilt(
+    "get_act_patch_resid_pre", layer_pos_patch_setter, "resid_pre", _P, "[n_layers, pos]"
+)
+get_act_patch_resid_mid = _prebuilt(
+    "get_act_patch_resid_mid", layer_pos_patch_setter, "resid_mid", _P, "[n_layers, pos]"
+)
+get_act_patch_attn_out = _prebuilt(
+    "get_act_patch_attn_out", layer_pos_patch_setter, "attn_out", _P, "[n_layers, pos]"
+)
+get_act_patch_mlp_out = _prebuilt(
+    "get_act_patch_mlp_out", layer_pos_patch_setter, "mlp_out", _P, "[n_layers, pos]"
+)
 _PH = ("layer", "pos", "head")
 get_act_patch_attn_head_out_by_pos = _prebuilt(
-    "get_act_patch_attn_head_out_by_pos", layer_pos_head_vector_patch_setter, "z", _PH, "[n_layers, pos, n_heads]")
+    "get_act_patch_attn_head_out_by_pos",
+    layer_pos_head_vector_patch_setter,
+    "z",
+    _PH,
+    "[n_layers, pos, n_heads]",
+)
 get_act_patch_attn_head_q_by_pos = _prebuilt(
-    "get_act_patch_attn_head_q_by_pos", layer_pos_head_vector_patch_setter, "q", _PH, "[n_layers, pos, n_heads]")
+    "get_act_patch_attn_head_q_by_pos",
+    layer_pos_head_vector_patch_setter,
+    "q",
+    _PH,
+    "[n_layers, pos, n_heads]",
+)
 get_act_patch_attn_head_k_by_pos = _prebuilt(
-    "get_act_patch_attn_head_k_by_pos", layer_pos_head_vector_patch_setter, "k", _PH,
-    "[n_layers, pos, n_key_value_heads or n_heads]")
+    "get_act_patch_attn_head_k_by_pos",
+    layer_pos_head_vector_patch_setter,
+    "k",
+    _PH,
+    "[n_layers, pos, n_key_value_heads or n_heads]",
+)
 get_act_patch_attn_head_v_by_pos = _prebuilt(
-    "get_act_patch_attn_head_v_by_pos", layer_pos_head_vector_patch_setter, "v", _PH,
-    "[n_layers, pos, n_key_value_heads or n_heads]")
+    "get_act_patch_attn_head_v_by_pos",
+    layer_pos_head_vector_patch_setter,
+    "v",
+    _PH,
+    "[n_layers, pos, n_key_value_heads or n_heads]",
+)
 get_act_patch_attn_head_pattern_by_pos = _prebuilt(
-    "get_act_patch_attn_head_pattern_by_pos", layer_head_pos_pattern_patch_setter, "pattern",
-    ("layer", "head_index", "dest_pos"), "[n_layers, n_heads, dest_pos]")
+    "get_act_patch_attn_head_pattern_by_pos",
+    layer_head_pos_pattern_patch_setter,
+    "pattern",
+    ("layer", "head_index", "dest_pos"),
+    "[n_layers, n_heads, dest_pos]",
+)
 get_act_patch_attn_head_pattern_dest_src_pos = _prebuilt(
-    "get_act_patch_attn_head_pattern_dest_src_pos", layer_head_dest_src_pos_pattern_patch_setter, "pattern",
-    ("layer", "head_index", "dest_pos", "src_pos"), "[n_layers, n_heads, dest_pos, src_pos]")
+    "get_act_patch_attn_head_pattern_dest_src_pos",
+    layer_head_dest_src_pos_pattern_patch_setter,
+    "pattern",
+    ("layer", "head_index", "dest_pos", "src_pos"),
+    "[n_layers, n_heads, dest_pos, src_pos]",
+)
 _H = ("layer", "head")
 get_act_patch_attn_head_out_all_pos = _prebuilt(
-    "get_act_patch_attn_head_out_all_pos", layer_head_vector_patch_setter, "z", _H, "[n_layers, n_heads]")
+    "get_act_patch_attn_head_out_all_pos", layer_head_vector_patch_setter, "z", _H, "[n_layers, n_heads]"
+)
 get_act_patch_attn_head_q_all_pos = _prebuilt(
-    "get_act_patch_attn_head_q_all_pos", layer_head_vector_patch_setter, "q", _H, "[n_layers, n_heads]")
+    "get_act_patch_attn_head_q_all_pos", layer_head_vector_patch_setter, "q", _H, "[n_layers, n_heads]"
+)
 get_act_patch_attn_head_k_all_pos = _prebuilt(
-    "get_act_patch_attn_head_k_all_pos", layer_head_vector_patch_setter, "k", _H,
-    "[n_layers, n_key_value_heads or n_heads]")
+    "get_act_patch_attn_head_k_all_pos",
+    layer_head_vector_patch_setter,
+    "k",
+    _H,
+    "[n_layers, n_key_value_heads or n_heads]",
+)
 get_act_patch_attn_head_v_all_pos = _prebuilt(
-    "get_act_patch_attn_head_v_all_pos", layer_head_vector_patch_setter, "v", _H,
-    "[n_layers, n_key_value_heads or n_heads]")
+    "get_act_patch_attn_head_v_all_pos",
+    layer_head_vector_patch_setter,
+    "v",
+    _H,
+    "[n_layers, n_key_value_heads or n_heads]",
+)
 get_act_patch_attn_head_pattern_all_pos = _prebuilt(
-    "get_act_patch_attn_head_pattern_all_pos", layer_head_pattern_patch_setter, "pattern",
-    ("layer", "head_index"), "[n_layers, n_heads]")
+    "get_act_patch_attn_head_pattern_all_pos",
+    layer_head_pattern_patch_setter,
+    "pattern",
+    ("layer", "head_index"),
+    "[n_layers, n_heads]",
+)
 
 
 def _every(model, corrupted_tokens, clean_cache, metric, fns, *, progress, max_batch, memory_budget, backend):
-    specs = [(f.keywords["patch_setter"], f.keywords["activation_name"], f.keywords["index_axis_names"], None)
-             for f in fns]
-    outs, _ = _run_sweeps(model, corrupted_tokens, clean_cache, metric, "metric", specs, progress=progress,
-                          max_batch=max_batch, memory_budget=memory_budget, backend=backend)
+    specs = [
+        (f.keywords["patch_setter"], f.keywords["activation_name"], f.keywords["index_axis_names"], None)
+        for f in fns
+    ]
+    outs, _ = _run_sweeps(
+        model,
+        corrupted_tokens,
+        clean_cache,
+        metric,
+        "metric",
+        specs,
+        progress=progress,
+        max_batch=max_batch,
+        memory_budget=memory_budget,
+        backend=backend,
+    )
     return outs
 
 
@@ -330,39 +428,96 @@ def _pad_heads(x: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def get_act_patch_attn_head_all_pos_every(
-    model, corrupted_tokens, clean_cache, metric, *, progress: bool = True, max_batch: Optional[int] = None,
-    memory_budget: Optional[int] = None, backend: str = "auto",
+    model,
+    corrupted_tokens,
+    clean_cache,
+    metric,
+    *,
+    progress: bool = True,
+    max_batch: int | None = None,
+    memory_budget: int | None = None,
+    backend: str = "auto",
 ) -> Float[torch.Tensor, "5 layer head"]:
     """Head patching over all positions for z, q, k, v and pattern in one shared plan: ``[5, n_layers, n_heads]``
     (k/v right-padded with zeros to n_heads under GQA, as in TransformerLens)."""
     out, q, k, v, pat = _every(
-        model, corrupted_tokens, clean_cache, metric,
-        [get_act_patch_attn_head_out_all_pos, get_act_patch_attn_head_q_all_pos, get_act_patch_attn_head_k_all_pos,
-         get_act_patch_attn_head_v_all_pos, get_act_patch_attn_head_pattern_all_pos],
-        progress=progress, max_batch=max_batch, memory_budget=memory_budget, backend=backend)
+        model,
+        corrupted_tokens,
+        clean_cache,
+        metric,
+        [
+            get_act_patch_attn_head_out_all_pos,
+            get_act_patch_attn_head_q_all_pos,
+            get_act_patch_attn_head_k_all_pos,
+            get_act_patch_attn_head_v_all_pos,
+            get_act_patch_attn_head_pattern_all_pos,
+        ],
+        progress=progress,
+        max_batch=max_batch,
+        memory_budget=memory_budget,
+        backend=backend,
+    )
     return torch.stack([out, q, _pad_heads(k, q.size(-1)), _pad_heads(v, q.size(-1)), pat], dim=0)
 
 
 def get_act_patch_attn_head_by_pos_every(
-    model, corrupted_tokens, clean_cache, metric, *, progress: bool = True, max_batch: Optional[int] = None,
-    memory_budget: Optional[int] = None, backend: str = "auto",
+    model,
+    corrupted_tokens,
+    clean_cache,
+    metric,
+    *,
+    progress: bool = True,
+    max_batch: int | None = None,
+    memory_budget: int | None = None,
+    backend: str = "auto",
 ) -> Float[torch.Tensor, "5 layer pos head"]:
     """Head-by-position patching for z, q, k, v and pattern (dest) in one shared plan: ``[5, n_layers, pos, n_heads]``
     (k/v right-padded to n_heads; pattern rearranged from ``[layer, head, pos]``)."""
     out, q, k, v, pat = _every(
-        model, corrupted_tokens, clean_cache, metric,
-        [get_act_patch_attn_head_out_by_pos, get_act_patch_attn_head_q_by_pos, get_act_patch_attn_head_k_by_pos,
-         get_act_patch_attn_head_v_by_pos, get_act_patch_attn_head_pattern_by_pos],
-        progress=progress, max_batch=max_batch, memory_budget=memory_budget, backend=backend)
-    return torch.stack([out, q, _pad_heads(k, q.size(-1)), _pad_heads(v, q.size(-1)), pat.transpose(1, 2)], dim=0)
+        model,
+        corrupted_tokens,
+        clean_cache,
+        metric,
+        [
+            get_act_patch_attn_head_out_by_pos,
+            get_act_patch_attn_head_q_by_pos,
+            get_act_patch_attn_head_k_by_pos,
+            get_act_patch_attn_head_v_by_pos,
+            get_act_patch_attn_head_pattern_by_pos,
+        ],
+        progress=progress,
+        max_batch=max_batch,
+        memory_budget=memory_budget,
+        backend=backend,
+    )
+    return torch.stack(
+        [out, q, _pad_heads(k, q.size(-1)), _pad_heads(v, q.size(-1)), pat.transpose(1, 2)], dim=0
+    )
 
 
 def get_act_patch_block_every(
-    model, corrupted_tokens, clean_cache, metric, *, progress: bool = True, max_batch: Optional[int] = None,
-    memory_budget: Optional[int] = None, backend: str = "auto",
+    model,
+    corrupted_tokens,
+    clean_cache,
+    metric,
+    *,
+    progress: bool = True,
+    max_batch: int | None = None,
+    memory_budget: int | None = None,
+    backend: str = "auto",
 ) -> Float[torch.Tensor, "3 layer pos"]:
     """resid_pre, attn_out and mlp_out patching by (layer, pos) in one shared plan: ``[3, n_layers, pos]``."""
-    return torch.stack(_every(
-        model, corrupted_tokens, clean_cache, metric,
-        [get_act_patch_resid_pre, get_act_patch_attn_out, get_act_patch_mlp_out],
-        progress=progress, max_batch=max_batch, memory_budget=memory_budget, backend=backend), dim=0)
+    return torch.stack(
+        _every(
+            model,
+            corrupted_tokens,
+            clean_cache,
+            metric,
+            [get_act_patch_resid_pre, get_act_patch_attn_out, get_act_patch_mlp_out],
+            progress=progress,
+            max_batch=max_batch,
+            memory_budget=memory_budget,
+            backend=backend,
+        ),
+        dim=0,
+    )

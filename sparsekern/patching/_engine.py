@@ -24,20 +24,39 @@ import math
 import numbers
 import os
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
 
 import torch
 
 from ._fast import fast_elementwise
 
 _POS_LOCAL_SUFFIXES = (  # hooks whose axis 1 (axis 2 for patterns) is the query position, length T - s
-    "hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "hook_mlp_in",
-    "hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input",
-    "attn.hook_z", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_result", "attn.hook_rot_q",
-    "attn.hook_pattern", "attn.hook_attn_scores",
-    "mlp.hook_pre", "mlp.hook_post", "mlp.hook_pre_linear",
-    "ln1.hook_normalized", "ln1.hook_scale", "ln2.hook_normalized", "ln2.hook_scale",
+    "hook_resid_pre",
+    "hook_resid_mid",
+    "hook_resid_post",
+    "hook_attn_out",
+    "hook_mlp_out",
+    "hook_mlp_in",
+    "hook_attn_in",
+    "hook_q_input",
+    "hook_k_input",
+    "hook_v_input",
+    "attn.hook_z",
+    "attn.hook_q",
+    "attn.hook_k",
+    "attn.hook_v",
+    "attn.hook_result",
+    "attn.hook_rot_q",
+    "attn.hook_pattern",
+    "attn.hook_attn_scores",
+    "mlp.hook_pre",
+    "mlp.hook_post",
+    "mlp.hook_pre_linear",
+    "ln1.hook_normalized",
+    "ln1.hook_scale",
+    "ln2.hook_normalized",
+    "ln2.hook_scale",
 )
 _PATTERN_SUFFIXES = ("attn.hook_pattern", "attn.hook_attn_scores")
 _WARNED: set[str] = set()
@@ -118,7 +137,7 @@ def default_budget(device: torch.device) -> int:
     return max(64 << 20, min(avail // 4, cap))
 
 
-def engine_unsupported_reason(model, tokens: torch.Tensor) -> Optional[str]:
+def engine_unsupported_reason(model, tokens: torch.Tensor) -> str | None:
     """Why the layer-restart engine cannot reproduce ``model.run_with_hooks(tokens)`` exactly (None if it can)."""
     try:
         from transformer_lens import HookedTransformer
@@ -155,12 +174,16 @@ class Engine:
         L = cfg.n_layers
         names = {f"blocks.{i}.hook_resid_pre" for i in range(L)} | set(patch_hooks)
         if self.causal:
-            names |= {f"blocks.{i}.attn.hook_k" for i in range(L)} | {f"blocks.{i}.attn.hook_v" for i in range(L)}
+            names |= {f"blocks.{i}.attn.hook_k" for i in range(L)} | {
+                f"blocks.{i}.attn.hook_v" for i in range(L)
+            }
         self.shortformer = cfg.positional_embedding_type == "shortformer"
         if self.shortformer:
             names.add("hook_pos_embed")
         with torch.no_grad():
-            logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names, return_type="logits")
+            logits, cache = model.run_with_cache(
+                tokens, names_filter=lambda n: n in names, return_type="logits"
+            )
         self.logits = logits  # [B, T, V]
         self.device = logits.device
         self.resid_pre = [cache[f"blocks.{i}.hook_resid_pre"] for i in range(L)]
@@ -233,7 +256,9 @@ class Engine:
                         past_values=self.v[i][:, :s].repeat(n_cur, 1, 1, 1),
                         frozen=True,
                     )
-                x = model.blocks[i](x, shortformer_pos_embed=sf, past_kv_cache_entry=entry, attention_mask=None)
+                x = model.blocks[i](
+                    x, shortformer_pos_embed=sf, past_kv_cache_entry=entry, attention_mask=None
+                )
             if cfg.normalization_type is not None:
                 x = model.ln_final(x)
             new = self._softcap(self._unembed(x), cfg.output_logits_soft_cap)
@@ -248,7 +273,7 @@ class Engine:
         V = self.logits.shape[-1]
         return el * self.B * n_pos * (per_tok + V)
 
-    def plan(self, patches: Sequence[Patch], max_batch: Optional[int], budget: int, rows_cap: int):
+    def plan(self, patches: Sequence[Patch], max_batch: int | None, budget: int, rows_cap: int):
         """Chunks ``(start, [patch, ...])``: patches sharing a start position, sorted by layer.
 
         A chunk runs as one staged forward (see :meth:`forward_staged`), so no position or layer is computed
@@ -264,12 +289,14 @@ class Engine:
             if max_batch is not None:
                 cap = max_batch
             else:
-                cap = min(budget // max(1, self._bytes_per_patch(self.T - s)), rows_cap // (self.B * (self.T - s)))
+                cap = min(
+                    budget // max(1, self._bytes_per_patch(self.T - s)), rows_cap // (self.B * (self.T - s))
+                )
             cap = max(1, cap)
             n_chunks = math.ceil(len(group) / cap)
             size = math.ceil(len(group) / n_chunks)  # even chunks
             for k in range(0, len(group), size):
-                chunks.append((s, group[k:k + size]))
+                chunks.append((s, group[k : k + size]))
         return chunks
 
     def _hooks_for(self, chunk: Sequence[Patch], start: int, clean: dict) -> list:
@@ -288,8 +315,12 @@ class Engine:
             J = torch.tensor(g.slots, device=dev)
             cols = [torch.tensor(c, device=dev) for c in zip(*g.idx)]
             src = clean[name].to(dev)
-            hooks.append((name, _vector_hook(kind, n_upto[layer], B, J, cols, src, start, is_pattern_hook(name),
-                                             self.T)))
+            hooks.append(
+                (
+                    name,
+                    _vector_hook(kind, n_upto[layer], B, J, cols, src, start, is_pattern_hook(name), self.T),
+                )
+            )
         return hooks
 
     def _noops(self, patches: Sequence[Patch], clean: dict) -> list[Patch]:
@@ -309,13 +340,23 @@ class Engine:
             found += [p for p, eq in zip(ps, same) if eq]
         return found
 
-    def run(self, patches: Sequence[Patch], clean: dict, metric: Callable, metric_name: str,
-            max_batch: Optional[int], budget: Optional[int], progress: bool) -> torch.Tensor:
+    def run(
+        self,
+        patches: Sequence[Patch],
+        clean: dict,
+        metric: Callable,
+        metric_name: str,
+        max_batch: int | None,
+        budget: int | None,
+        progress: bool,
+    ) -> torch.Tensor:
         """Metric value per patch (in ``patches`` order), on the model device."""
         from tqdm.auto import tqdm
 
         budget = default_budget(self.device) if budget is None else budget
-        rows_cap = 1 << 30 if self.device.type == "cuda" else int(os.environ.get("SPARSEKERN_PATCH_ROWS", 1024))
+        rows_cap = (
+            1 << 30 if self.device.type == "cuda" else int(os.environ.get("SPARSEKERN_PATCH_ROWS", "1024"))
+        )
         pos_of = {id(p): i for i, p in enumerate(patches)}
         out = torch.empty(len(patches), device=self.device)
         noop = self._noops(patches, clean)
@@ -333,8 +374,12 @@ class Engine:
             for start, chunk in chunks:
                 layers = [p.layer for p in chunk]
                 new = self.forward_staged(start, layers, self._hooks_for(chunk, start, clean))
-                vals = torch.stack([as_scalar(metric(self.full_logits(new, j, start)), metric_name, self.device)
-                                    for j in range(len(chunk))])
+                vals = torch.stack(
+                    [
+                        as_scalar(metric(self.full_logits(new, j, start)), metric_name, self.device)
+                        for j in range(len(chunk))
+                    ]
+                )
                 del new  # free before the next chunk allocates
                 out[torch.tensor([pos_of[id(p)] for p in chunk], device=self.device)] = vals.to(out.dtype)
                 self.work_rows += self.B * (self.T - start) * sum(self.cfg.n_layers - l for l in layers)
@@ -384,7 +429,9 @@ def _vector_hook(kind: str, n_rep: int, B: int, J, cols, clean, s: int, pattern:
     def hook(act, hook=None):
         axis = 2 if pattern else 1
         if s and act.shape[axis] != T - s:  # pragma: no cover - guarded by is_position_local_hook
-            raise RuntimeError(f"internal: {hook.name if hook else ''} has {act.shape[axis]} positions, expected {T - s}")
+            raise RuntimeError(
+                f"internal: {hook.name if hook else ''} has {act.shape[axis]} positions, expected {T - s}"
+            )
         a = act.view(n_rep, B, *act.shape[1:])
         a[sel] = val.to(dtype=act.dtype)
         return act

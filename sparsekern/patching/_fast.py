@@ -35,8 +35,12 @@ def fast_elementwise(model):
     swapped_fwd, swapped_act = [], []
     try:
         for mod in model.modules():
-            if (type(mod) is LayerNorm and mod.cfg.dtype in (torch.float32, torch.float64)
-                    and not mod.hook_scale._forward_hooks and not mod.hook_normalized._forward_hooks):
+            if (
+                type(mod) is LayerNorm
+                and mod.cfg.dtype in (torch.float32, torch.float64)
+                and not mod.hook_scale._forward_hooks
+                and not mod.hook_normalized._forward_hooks
+            ):
                 mod.forward = partial(_fast_layer_norm, mod)
                 swapped_fwd.append(mod)
             elif getattr(mod, "act_fn", None) is gelu_new:

@@ -9,19 +9,19 @@ once; any other setter is run one patch at a time.
 from __future__ import annotations
 
 import itertools
-from typing import Sequence
+from collections.abc import Sequence
 
 import pandas as pd
 import torch
 
 __all__ = [
-    "make_df_from_ranges",
-    "layer_pos_patch_setter",
-    "layer_pos_head_vector_patch_setter",
-    "layer_head_vector_patch_setter",
+    "layer_head_dest_src_pos_pattern_patch_setter",
     "layer_head_pattern_patch_setter",
     "layer_head_pos_pattern_patch_setter",
-    "layer_head_dest_src_pos_pattern_patch_setter",
+    "layer_head_vector_patch_setter",
+    "layer_pos_head_vector_patch_setter",
+    "layer_pos_patch_setter",
+    "make_df_from_ranges",
 ]
 
 
@@ -42,7 +42,9 @@ def layer_pos_patch_setter(corrupted_activation: torch.Tensor, index, clean_acti
     return corrupted_activation
 
 
-def layer_pos_head_vector_patch_setter(corrupted_activation: torch.Tensor, index, clean_activation: torch.Tensor):
+def layer_pos_head_vector_patch_setter(
+    corrupted_activation: torch.Tensor, index, clean_activation: torch.Tensor
+):
     """index = [layer, pos, head]; activation ``[batch, pos, head, d_head]``: copy ``clean[:, pos, head]``."""
     assert len(index) == 3
     _, pos, head_index = index
@@ -58,7 +60,9 @@ def layer_head_vector_patch_setter(corrupted_activation: torch.Tensor, index, cl
     return corrupted_activation
 
 
-def layer_head_pattern_patch_setter(corrupted_activation: torch.Tensor, index, clean_activation: torch.Tensor):
+def layer_head_pattern_patch_setter(
+    corrupted_activation: torch.Tensor, index, clean_activation: torch.Tensor
+):
     """index = [layer, head]; activation ``[batch, head, dest, src]``: copy ``clean[:, head]``."""
     assert len(index) == 2
     _, head_index = index
@@ -66,7 +70,9 @@ def layer_head_pattern_patch_setter(corrupted_activation: torch.Tensor, index, c
     return corrupted_activation
 
 
-def layer_head_pos_pattern_patch_setter(corrupted_activation: torch.Tensor, index, clean_activation: torch.Tensor):
+def layer_head_pos_pattern_patch_setter(
+    corrupted_activation: torch.Tensor, index, clean_activation: torch.Tensor
+):
     """index = [layer, head, dest]; activation ``[batch, head, dest, src]``: copy ``clean[:, head, dest]``."""
     assert len(index) == 3
     _, head_index, dest_pos = index
@@ -80,7 +86,9 @@ def layer_head_dest_src_pos_pattern_patch_setter(
     """index = [layer, head, dest, src]; activation ``[batch, head, dest, src]``: copy one entry per batch."""
     assert len(index) == 4
     _, head_index, dest_pos, src_pos = index
-    corrupted_activation[:, head_index, dest_pos, src_pos] = clean_activation[:, head_index, dest_pos, src_pos]
+    corrupted_activation[:, head_index, dest_pos, src_pos] = clean_activation[
+        :, head_index, dest_pos, src_pos
+    ]
     return corrupted_activation
 
 
