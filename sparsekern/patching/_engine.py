@@ -355,7 +355,7 @@ class Engine:
 
         budget = default_budget(self.device) if budget is None else budget
         rows_cap = (
-            1 << 30 if self.device.type == "cuda" else int(os.environ.get("SPARSEKERN_PATCH_ROWS", "1024"))
+            1 << 30 if self.device.type == "cuda" else int(os.environ.get("SPARSEKERN_PATCH_ROWS", "2048"))
         )
         pos_of = {id(p): i for i, p in enumerate(patches)}
         out = torch.empty(len(patches), device=self.device)
