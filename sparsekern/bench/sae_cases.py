@@ -9,7 +9,7 @@ against sparsekern's with ``sparse=True``; peak memory is where they differ most
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -32,14 +32,18 @@ def _model_cfg(d_model: int, quick: bool) -> Any:
                                    normalization_type="LN", seed=0)
 
 
-def _sae_pair(w: C.Weights, arch: str, hook: str) -> tuple[Any, Any]:
-    """(sae_lens SAE holding w's tensors, the sparsekern SAE sharing them)."""
+def _sae_pair(w: C.Weights, arch: str, hook: str, acts: Optional[Tensor] = None) -> tuple[Any, Any]:
+    """(sae_lens SAE holding w's tensors, the sparsekern SAE sharing them).
+
+    A JumpReLU threshold is set for L0 ≈ 64 on ``acts`` (the activations it will see; default ``w.x``).
+    """
     from ..sae import SAE
 
     if arch == "topk":
         peer = C.topk_sae(w)
     else:
-        thr = torch.full((w.shape.d_sae,), C.calibrate_threshold(w, C.THRESHOLD_L0), dtype=w.dtype,
+        cal = w if acts is None else C.Weights(w.shape, acts, w.W_enc, w.b_enc, w.W_dec, w.b_dec)
+        thr = torch.full((w.shape.d_sae,), C.calibrate_threshold(cal, C.THRESHOLD_L0), dtype=w.dtype,
                          device=w.device)
         peer = C.jumprelu_sae(w, thr)
     peer.cfg.metadata.hook_name = hook
@@ -104,7 +108,9 @@ def sae_cache_cases(w: C.Weights, quick: bool) -> list[C.Case]:
                               variant=variant))
             continue
         peer_model, model, toks = _models(w, quick)
-        peer_sae, sae = _sae_pair(w, arch, hook)
+        with torch.no_grad():
+            acts = model.run_with_cache(toks, names_filter=hook)[1][hook].flatten(0, 1)
+        peer_sae, sae = _sae_pair(w, arch, hook, acts)
         name = f"{hook}.hook_sae_acts_post"
 
         def ours(sae: Any = sae, names: Any = names) -> Any:
