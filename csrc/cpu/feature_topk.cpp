@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "../torch/feature_topk_args.h"
 
 namespace sparsekern {
 namespace {
@@ -101,28 +102,10 @@ void feature_topk_update_cpu(const at::Tensor& state_values, const at::Tensor& s
   TORCH_CHECK(state_values.device().is_cpu() && state_locations.device().is_cpu() &&
                   values.device().is_cpu() && indices.device().is_cpu() && locations.device().is_cpu(),
               fn, ": all tensors must be on the CPU");
-  TORCH_CHECK(state_values.dim() == 2, fn, ": state_values must be [d_sae, k], got ", state_values.sizes());
-  const int64_t d_sae = state_values.size(0), k = state_values.size(1);
-  TORCH_CHECK(state_values.scalar_type() == at::kFloat || state_values.scalar_type() == at::kDouble, fn,
-              ": state_values must be float32 or float64, got ", state_values.scalar_type());
-  TORCH_CHECK(state_locations.scalar_type() == at::kLong && state_locations.dim() == 3 &&
-                  state_locations.size(0) == d_sae && state_locations.size(1) == k &&
-                  state_locations.size(2) == 2,
-              fn, ": state_locations must be int64 [d_sae=", d_sae, ", k=", k, ", 2], got ",
-              state_locations.scalar_type(), " ", state_locations.sizes());
-  TORCH_CHECK(state_values.is_contiguous() && state_locations.is_contiguous(), fn,
-              ": the state tensors must be contiguous (they are updated in place)");
-  TORCH_CHECK(values.dim() == 2, fn, ": values must be [R, kc], got ", values.sizes());
-  TORCH_CHECK(values.scalar_type() == state_values.scalar_type(), fn, ": values dtype ",
-              values.scalar_type(), " must equal state_values dtype ", state_values.scalar_type());
-  TORCH_CHECK(indices.scalar_type() == at::kLong && indices.sizes() == values.sizes(), fn,
-              ": indices must be int64 of values' shape ", values.sizes(), ", got ",
-              indices.scalar_type(), " ", indices.sizes());
-  const int64_t R = values.size(0), kc = values.size(1);
-  TORCH_CHECK(locations.scalar_type() == at::kLong && locations.dim() == 2 && locations.size(0) == R &&
-                  locations.size(1) == 2,
-              fn, ": locations must be int64 [R=", R, ", 2], got ", locations.scalar_type(), " ",
-              locations.sizes());
+  const FeatureTopKDims dims =
+      check_feature_topk_args(fn, state_values, state_locations, values, indices, locations);
+  const int64_t d_sae = dims.d_sae, k = dims.k, R = dims.rows, kc = dims.kc;
+  TORCH_CHECK(indices.scalar_type() == at::kLong, fn, ": indices must be int64, got ", indices.scalar_type());
   at::Tensor V = values.contiguous(), I = indices.contiguous(), L = locations.contiguous();
   const int64_t* ip = I.const_data_ptr<int64_t>();
   for (int64_t p = 0, M = I.numel(); p < M; ++p)

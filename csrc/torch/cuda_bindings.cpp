@@ -12,6 +12,7 @@
 #include <tuple>
 
 #include "../cuda/feature_topk.cuh"
+#include "feature_topk_args.h"
 #include "../cuda/sparse_decode.cuh"
 
 namespace sparsekern {
@@ -209,28 +210,10 @@ void feature_topk_update_cuda(const at::Tensor& state_values, const at::Tensor& 
   for (const at::Tensor* t : {&state_locations, &values, &locations})
     TORCH_CHECK(t->is_cuda() && t->device() == dev, fn, ": every tensor must be on ", dev,
                 ", got one on ", t->device());
-  TORCH_CHECK(state_values.dim() == 2, fn, ": state_values must be [d_sae, k], got ", state_values.sizes());
-  const int64_t d_sae = state_values.size(0), k = state_values.size(1);
-  TORCH_CHECK(state_values.scalar_type() == at::kFloat || state_values.scalar_type() == at::kDouble, fn,
-              ": state_values must be float32 or float64, got ", state_values.scalar_type());
-  TORCH_CHECK(state_locations.scalar_type() == at::kLong && state_locations.dim() == 3 &&
-                  state_locations.size(0) == d_sae && state_locations.size(1) == k &&
-                  state_locations.size(2) == 2,
-              fn, ": state_locations must be int64 [d_sae=", d_sae, ", k=", k, ", 2], got ",
-              state_locations.scalar_type(), " ", state_locations.sizes());
-  TORCH_CHECK(state_values.is_contiguous() && state_locations.is_contiguous(), fn,
-              ": the state tensors must be contiguous (they are updated in place)");
+  const FeatureTopKDims dims =
+      check_feature_topk_args(fn, state_values, state_locations, values, indices, locations);
+  const int64_t d_sae = dims.d_sae, k = dims.k, R = dims.rows, kc = dims.kc;
   TORCH_CHECK(k <= cuda::kFeatureTopKMaxK, fn, ": k must be <= ", cuda::kFeatureTopKMaxK, ", got ", k);
-  TORCH_CHECK(values.dim() == 2 && values.scalar_type() == state_values.scalar_type(), fn,
-              ": values must be [R, kc] of the state dtype ", state_values.scalar_type(), ", got ",
-              values.scalar_type(), " ", values.sizes());
-  TORCH_CHECK(indices.sizes() == values.sizes(), fn, ": indices ", indices.sizes(),
-              " must have the shape of values ", values.sizes());
-  const int64_t R = values.size(0), kc = values.size(1);
-  TORCH_CHECK(locations.scalar_type() == at::kLong && locations.dim() == 2 && locations.size(0) == R &&
-                  locations.size(1) == 2,
-              fn, ": locations must be int64 [R=", R, ", 2], got ", locations.scalar_type(), " ",
-              locations.sizes());
   const c10::cuda::CUDAGuard guard(dev);
   at::Tensor idx = checked_indices(fn, indices, d_sae, dev);
   if (R == 0 || kc == 0 || d_sae == 0) return;
