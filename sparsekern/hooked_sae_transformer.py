@@ -59,16 +59,9 @@ def as_sparsekern_sae(sae: AnySAE) -> SAE:
     return hit[0]
 
 
-def _path_get(root: nn.Module, path: str) -> Any:
-    obj: Any = root
-    for part in path.split("."):
-        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
-    return obj
-
-
 def _path_set(root: nn.Module, path: str, value: nn.Module) -> None:
     parent, _, last = path.rpartition(".")
-    setattr(_path_get(root, parent) if parent else root, last, value)
+    setattr(root.get_submodule(parent), last, value)
 
 
 def _add_mlp_hook_in(mlp: nn.Module) -> None:
@@ -171,7 +164,7 @@ class HookedSAETransformer(HookedTransformer):
         uet = ours.use_error_term if use_error_term is None else bool(use_error_term)
         wrapper = SAEWrapper(ours, sae, uet, exclude_special_tokens)
         if hook_in != hook_out:
-            hp = _path_get(self, hook_in)
+            hp = self.get_submodule(hook_in)
             hp.add_hook(wrapper.capture, dir="fwd", is_permanent=True)
             self._output_hooks[hook_in] = hook_out
         self._acts_to_saes[hook_in] = wrapper
@@ -183,7 +176,7 @@ class HookedSAETransformer(HookedTransformer):
             return
         hook_out = self._output_hooks.pop(hook_in, hook_in)
         if hook_out != hook_in:
-            hp = _path_get(self, hook_in)
+            hp = self.get_submodule(hook_in)
             if isinstance(hp, HookPoint):
                 hp.remove_hooks(dir="fwd", including_permanent=True)
         _path_set(self, hook_out, HookPoint())
@@ -295,13 +288,15 @@ class HookedSAETransformer(HookedTransformer):
         wanted = _names_filter(kwargs.pop("names_filter", None))
         captured: dict[str, SparseActs] = {}
         sinks: list[SAE] = []
+        sparse_names: set[str] = set()
         for hook_in, w in self._acts_to_saes.items():
-            prefix = _path_prefix(self, w)
-            names = {h: f"{prefix}.{h}" for h in SPARSE_HOOKS if wanted(f"{prefix}.{h}")}
+            prefix = self._output_hooks.get(hook_in, hook_in)  # where the wrapper sits
+            names = {h: f"{prefix}.{h}" for h in SPARSE_HOOKS}
+            sparse_names.update(names.values())
+            names = {h: n for h, n in names.items() if wanted(n)}
             if names:
                 w.sae._sparse_sink = _sink(captured, names)
                 sinks.append(w.sae)
-        sparse_names = {f"{_path_prefix(self, w)}.{h}" for w in self._acts_to_saes.values() for h in SPARSE_HOOKS}
         try:
             out, cache = self.run_with_cache(
                 *model_args, return_cache_object=False, remove_batch_dim=remove_batch_dim,
@@ -333,13 +328,6 @@ def _in_run_order(cache: dict[str, Any], sparse: dict[str, SparseActs]) -> dict[
 
 def _as_list(saes: Union[AnySAE, Sequence[AnySAE]]) -> list[AnySAE]:
     return list(saes) if isinstance(saes, (list, tuple)) else [saes]
-
-
-def _path_prefix(model: nn.Module, wrapper: SAEWrapper) -> str:
-    for name, mod in model.named_modules():
-        if mod is wrapper:
-            return name
-    raise RuntimeError("SAE wrapper not found in the model (was it detached during the run?)")
 
 
 def _names_filter(f: Union[None, str, Sequence[str], Callable[[str], bool]]) -> Callable[[str], bool]:
