@@ -187,16 +187,24 @@ def _fold_bias_kernel(w_ptr, bdec_ptr, benc_ptr, out_ptr, D_IN, D_SAE, swk, swn,
 
 
 # ---- host side -----------------------------------------------------------------------------
-def _tiles(x: torch.Tensor, kp: int = 1) -> tuple[int, int, int, int]:
-    """(BM, BN, BK, num_warps). CUDA sizes are untuned defaults (no GPU was available to tune);
-    the interpreter gets small tiles because every program runs in Python."""
+def _tiles(x: torch.Tensor, kp: int = 0) -> tuple[int, int, int, int]:
+    """(BM, BN, BK, num_warps); ``kp`` = padded k for topk_encode, 0 for threshold_encode.
+    CUDA topk sizes come from the H100 sweep of benchmarks/tune_triton.py
+    (benchmarks/results/tune-triton-*-h100.json): 16-bit 64x64x32/4 warps was 1.3x faster than
+    64x128x64/8, fp32 32x128x32/4 up to 1.2x faster than 64x128x16/8. threshold_encode measured
+    1.2-1.3x slower with those tiles on the same machine, so it keeps the wider 8-warp ones.
+    The interpreter gets small tiles because every program runs in Python."""
     if x.device.type != "cuda":
         return 16, 32, 16, 1
     if x.dtype == torch.float64:
         return 32, 64, 16, 4
-    bm = 64 if kp <= 64 else 32 if kp <= 256 else 16  # the running top-k lives in registers
-    # fp32 BK=16: the FMA (ieee) dot at BK=32 spilled 176-304 B/thread on sm_90 (tests/triton_compile.py)
-    return bm, 128, (64 if x.dtype in (torch.bfloat16, torch.float16) else 16), 8
+    low = x.dtype in (torch.bfloat16, torch.float16)
+    if kp == 0:
+        # fp32 BK=16: the FMA (ieee) dot at BK=32 spilled 176-304 B/thread on sm_90 at 64x128
+        return 64, 128, (64 if low else 16), 8
+    if low:  # the running top-k [BM, KP] lives in registers
+        return (64 if kp <= 64 else 32 if kp <= 256 else 16), 64, 32, 4
+    return (32 if kp <= 256 else 16), 128, 32, 4
 
 
 def _upcast(x: torch.Tensor) -> bool:

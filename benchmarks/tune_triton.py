@@ -1,0 +1,131 @@
+"""Tile sweep for the Triton encoders/decoder on a CUDA GPU (run on the GPU machine, prints a table
+and writes JSON). Not part of CI: `python benchmarks/tune_triton.py --out DIR`.
+
+For each shape and dtype it times ``topk_encode`` under several (BM, BN, BK, warps) tiles and split
+targets, the bare cuBLAS matmul, and a chunked cuBLAS + ``torch.topk`` encoder (memory bounded by
+the chunk), so the defaults in ``sparsekern/triton/encode._tiles`` / ``decode._blocks`` can be chosen
+from measurements. Times are medians of CUDA-event timings after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+SHAPES = {  # (N, d_in, d_sae, k): the bench's gpt2-small and gemma-2-2b encoder shapes
+    "gpt2-small": (2048, 768, 24576, 32),
+    "gemma-2-2b": (512, 2304, 65536, 64),
+}
+ENC_TILES = [  # (BM, BN, BK, warps)
+    (64, 128, 16, 8), (64, 128, 32, 8), (64, 64, 32, 4), (128, 64, 32, 8), (32, 128, 32, 4),
+    (128, 128, 32, 8), (64, 128, 64, 8),
+]
+DEC_BLOCKS = [(16, 256, 4), (32, 256, 4), (16, 128, 4), (16, 512, 8), (32, 1024, 8)]
+
+
+def bench(fn: Callable[[], object], reps: int = 20) -> float:
+    fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        ts.append(a.elapsed_time(b))
+    return statistics.median(ts)
+
+
+def chunked_cublas_topk(x, W, b, bd, k, chunk):
+    """(values, indices) via cuBLAS on [N, chunk] column blocks + torch.topk, merged at the end."""
+    xc = x - bd
+    vs, ids = [], []
+    for c0 in range(0, W.shape[1], chunk):
+        pre = torch.addmm(b[c0:c0 + chunk], xc, W[:, c0:c0 + chunk])
+        v, i = pre.topk(k, dim=1)
+        vs.append(v)
+        ids.append(i + c0)
+    v, i = torch.cat(vs, 1), torch.cat(ids, 1)
+    top = v.topk(k, dim=1)
+    return top.values.clamp_min(0), i.gather(1, top.indices)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    from sparsekern import ops
+    from sparsekern import _backend
+    from sparsekern.triton import decode as tdec
+    from sparsekern.triton import encode as tenc
+
+    dev = torch.device("cuda")
+    rows = []
+    orig_tiles, orig_blocks = tenc._tiles, tdec._blocks
+    for name, (n, d_in, d_sae, k) in SHAPES.items():
+        g = torch.Generator(device=dev).manual_seed(0)
+        for dt, prec in ((torch.float32, "ieee"), (torch.float32, "tf32x3"), (torch.bfloat16, "-")):
+            os.environ["SPARSEKERN_TRITON_FP32_DOT"] = prec if prec != "-" else "ieee"
+            x = torch.randn(n, d_in, device=dev, generator=g).to(dt)
+            W = (torch.randn(d_in, d_sae, device=dev, generator=g) / d_in**0.5).to(dt)
+            b = torch.randn(d_sae, device=dev, generator=g).to(dt) * 0.1
+            bd = torch.randn(d_in, device=dev, generator=g).to(dt) * 0.1
+            base = dict(shape=name, dtype=str(dt).split(".")[1], prec=prec)
+            rows.append({**base, "what": "matmul", "ms": bench(lambda: x @ W)})
+            for chunk in (4096, 8192, 16384):
+                rows.append({**base, "what": f"cublas+topk chunk={chunk}",
+                             "ms": bench(lambda: chunked_cublas_topk(x, W, b, bd, k, chunk))})
+            ref_v, ref_i = None, None
+            for t in ENC_TILES[: 3 if args.quick else None]:
+                tenc._tiles = lambda x_, kp=1, t=t: t
+                try:
+                    with _backend.use_backend("triton"):
+                        fn = lambda: ops.topk_encode(x, W, b, k, b_dec=bd)
+                        ms = bench(fn)
+                        out = fn()
+                    if ref_v is None:
+                        ref_v, ref_i = out.values, out.indices
+                    same = bool(torch.equal(out.indices, ref_i))
+                    rows.append({**base, "what": f"triton topk tiles={t}", "ms": ms, "same_idx": same})
+                except Exception as e:  # a tile that does not compile / runs out of resources
+                    rows.append({**base, "what": f"triton topk tiles={t}", "error": f"{type(e).__name__}: {e}"[:200]})
+            tenc._tiles = orig_tiles
+        # decode (the bench's shape: n rows, k active, d = d_in)
+        for dt in (torch.float32, torch.bfloat16):
+            Wd = (torch.randn(d_sae, d_in, device=dev, generator=g)).to(dt)
+            vals = torch.rand(n, k, device=dev, generator=g).to(dt)
+            idx = torch.stack([torch.randperm(d_sae, device=dev, generator=g)[:k] for _ in range(n)])
+            base = dict(shape=name, dtype=str(dt).split(".")[1], prec="-")
+            rows.append({**base, "what": "embedding_bag", "ms": bench(
+                lambda: torch.nn.functional.embedding_bag(idx, Wd, per_sample_weights=vals, mode="sum"))})
+            with _backend.use_backend("cuda"):
+                rows.append({**base, "what": "cuda decode", "ms": bench(lambda: ops.sparse_decode(vals, idx, Wd))})
+            for blk in DEC_BLOCKS:
+                tdec._blocks = lambda t_, d_, blk=blk: blk
+                try:
+                    with _backend.use_backend("triton"):
+                        rows.append({**base, "what": f"triton decode blocks={blk}",
+                                     "ms": bench(lambda: ops.sparse_decode(vals, idx, Wd))})
+                except Exception as e:
+                    rows.append({**base, "what": f"triton decode blocks={blk}", "error": str(e)[:200]})
+            tdec._blocks = orig_blocks
+    for r in rows:
+        print(f"{r['shape']:11s} {r['dtype']:9s} {r['prec']:7s} {r['what']:45s} "
+              f"{r.get('ms', float('nan')):8.3f} ms {r.get('same_idx', '')} {r.get('error', '')}")
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, when=time.strftime("%Y%m%d-%H%M%S"))
+    path = os.path.join(args.out, f"tune-triton-{meta['when']}.json")
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
