@@ -106,7 +106,7 @@ def test_patching_bench_quick(tmp_path, capsys):
     assert rc == 0
     doc = json.loads((tmp_path / "latest-patching-quick.json").read_text())
     rows = doc["rows"]
-    assert {r["case"] for r in rows} == {"resid_pre", "attn_head_out_by_pos"}
+    assert {r["case"] for r in rows} == {"resid_pre", "attn_head_out_by_pos", "resid_pre, all-position metric"}
     assert all(r["status"] == "ok" and r["max_abs_diff"] <= 1e-4 * r["metric_scale"] for r in rows)
     assert all(_pos(r["sk_s"]) and _pos(r["tl_full_s_est"]) and r["ratio"] > 0 for r in rows)
     assert list(tmp_path.glob("patching-quick-*.csv"))

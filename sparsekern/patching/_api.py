@@ -275,7 +275,11 @@ def generic_activation_patch(
         model: a ``HookedTransformer``.
         corrupted_tokens: ``[batch, pos]`` int tokens of the corrupted run.
         clean_cache: ``ActivationCache`` (or mapping) of the clean run; same batch and pos.
-        patching_metric: logits ``[batch, pos, d_vocab]`` -> scalar.
+        patching_metric: logits ``[batch, pos, d_vocab]`` -> scalar. With the fused engine it receives a
+            ``LazyLogits``: a ``torch.Tensor`` subclass equal to the full logits under every operation,
+            whose ``logits[b, p, ...]`` indexing (``p`` an int or slice) unembeds only position(s) ``p``
+            (positions the metric read on the corrupted run are unembedded for a whole chunk at once).
+            ``SPARSEKERN_PATCH_LAZY=0`` hands it plain tensors instead.
         patch_setter: ``(corrupted_activation, index, clean_activation) -> patched``; the six setters of
             ``transformer_lens.patching`` (or ``sparsekern.patching``) run batched, any other setter runs one
             forward per patch (with a one-time warning).

@@ -13,6 +13,9 @@ the engine
     keys/values come from the corrupted run (a frozen TransformerLens KV-cache entry; TransformerLens
     applies the rotary offsets) and their logits are copied from the corrupted logits to rebuild the
     ``[batch, pos, d_vocab]`` tensor the metric receives;
+  * unembeds only the positions the metric reads: it gets a :class:`LazyLogits` (full logits for any
+    operation; ``x[b, p, ...]`` indexing touches position ``p`` only), the positions read on the
+    corrupted run are unembedded for a whole chunk in one GEMM, others on demand;
   * applies all patches of a hook point with one vectorised index write per hook (slice ``j`` of the
     batch is patch ``j``), keeps metric values on the device, and caps a chunk by a memory budget.
 Unknown setters run one patch per forward (from the cached layer input when that is exact).
@@ -30,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ._fast import fast_elementwise
+from ._lazy_logits import LazyLogits, ReadLog
 
 _POS_LOCAL_SUFFIXES = (  # hooks whose axis 1 (axis 2 for patterns) is the query position, length T - s
     "hook_resid_pre",
@@ -206,6 +210,16 @@ class Engine:
             return ue(x)
         return ue.hook_out(torch.nn.functional.linear(ue.hook_in(x), self._W_U_T, ue.b_U))
 
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., d_model]`` final (normalised) residual -> ``[..., d_vocab]`` logits."""
+        return self._softcap(self._unembed(x), self.cfg.output_logits_soft_cap)
+
+    def lazy_logits_ok(self) -> bool:
+        """Unembedding positions separately is invisible only to an unhooked, standard Unembed."""
+        ue = self.model.unembed
+        hooked = ue.hook_in._forward_hooks or ue.hook_out._forward_hooks
+        return self._W_U_T is not None and not hooked and os.environ.get("SPARSEKERN_PATCH_LAZY", "1") != "0"
+
     # ---------------------------------------------------------------- forward from a layer
     def forward_from(self, layer: int, start: int, n_rep: int, fwd_hooks) -> torch.Tensor:
         """Logits ``[n_rep, B, T, V]`` of ``n_rep`` copies of the corrupted batch run from ``layer`` with
@@ -222,9 +236,12 @@ class Engine:
             return new[j]
         return torch.cat([self.logits[:, :start], new[j]], dim=1)
 
-    def forward_staged(self, start: int, layers: Sequence[int], fwd_hooks) -> torch.Tensor:
+    def forward_staged(
+        self, start: int, layers: Sequence[int], fwd_hooks, unembed: bool = True
+    ) -> torch.Tensor:
         """Logits ``[n, B, T - start, V]`` of positions ``start..T-1`` for ``n = len(layers)`` slices
-        (``layers`` sorted ascending); :meth:`full_logits` adds the unchanged positions.
+        (``layers`` sorted ascending); :meth:`full_logits` adds the unchanged positions. With
+        ``unembed=False``: the final normalised residual ``[n, B, T - start, d_model]`` instead.
 
         Slice ``j`` joins the batch at block ``layers[j]`` as a copy of the corrupted ``resid_pre`` there
         (blocks before a patch's layer are unchanged by it, so they are never recomputed); a hook at block
@@ -261,24 +278,32 @@ class Engine:
                 )
             if cfg.normalization_type is not None:
                 x = model.ln_final(x)
-            new = self._softcap(self._unembed(x), cfg.output_logits_soft_cap)
+            new = self._logits(x) if unembed else x
         return new.view(n_total, B, T - s, new.shape[-1])
 
     # ---------------------------------------------------------------- batched known-setter patches
-    def _bytes_per_patch(self, n_pos: int) -> int:
+    def _bytes_per_patch(self, n_pos: int, n_logit_pos: int) -> int:
         cfg = self.cfg
         el = torch.finfo(self.logits.dtype).bits // 8
         d, H, dh, dm = cfg.d_model, cfg.n_heads, cfg.d_head, (cfg.d_mlp or 0)
         per_tok = 8 * d + 4 * H * dh + 3 * H * self.T + (3 if cfg.gated_mlp else 2) * dm
         V = self.logits.shape[-1]
-        return el * self.B * n_pos * (per_tok + V)
+        return el * self.B * (n_pos * per_tok + n_logit_pos * V)
 
-    def plan(self, patches: Sequence[Patch], max_batch: int | None, budget: int, rows_cap: int):
+    def plan(
+        self,
+        patches: Sequence[Patch],
+        max_batch: int | None,
+        budget: int,
+        rows_cap: int,
+        read: set[int] | None = None,
+    ):
         """Chunks ``(start, [patch, ...])``: patches sharing a start position, sorted by layer.
 
         A chunk runs as one staged forward (see :meth:`forward_staged`), so no position or layer is computed
         for a patch that cannot change it; the chunk size is capped by ``max_batch`` patches, else by the
-        memory ``budget`` and ``rows_cap`` token rows (bigger GEMMs stop paying off on CPU).
+        memory ``budget`` and ``rows_cap`` token rows (bigger GEMMs stop paying off on CPU). ``read``: the
+        logit positions unembedded per patch (None: all recomputed ones).
         """
         by_start: dict[int, list[Patch]] = {}
         for p in patches:
@@ -289,8 +314,10 @@ class Engine:
             if max_batch is not None:
                 cap = max_batch
             else:
+                n_logit = self.T - s if read is None else sum(p >= s for p in read)
                 cap = min(
-                    budget // max(1, self._bytes_per_patch(self.T - s)), rows_cap // (self.B * (self.T - s))
+                    budget // max(1, self._bytes_per_patch(self.T - s, n_logit)),
+                    rows_cap // (self.B * (self.T - s)),
                 )
             cap = max(1, cap)
             n_chunks = math.ceil(len(group) / cap)
@@ -359,34 +386,63 @@ class Engine:
         )
         pos_of = {id(p): i for i, p in enumerate(patches)}
         out = torch.empty(len(patches), device=self.device)
+        # the metric on the corrupted run: the value of every no-op patch, and which positions it reads
+        log = ReadLog()
+        lazy = self.lazy_logits_ok()
+        probe = LazyLogits(self.logits, self.T, self.logits[:, :0], {}, self._logits, log) if lazy else self.logits
+        base = as_scalar(metric(probe), metric_name, self.device)
+        read = set(log.read) if lazy and not log.materialized else None
         noop = self._noops(patches, clean)
         if noop:
             # clean == corrupted on the patched slice: TransformerLens's forward is then the corrupted run
-            base = as_scalar(metric(self.logits), metric_name, self.device)
             out[torch.tensor([pos_of[id(p)] for p in noop], device=self.device)] = base.to(out.dtype)
             skip = {id(p) for p in noop}
             patches = [p for p in patches if id(p) not in skip]
         self.n_noop = len(noop)
-        chunks = self.plan(patches, max_batch, budget, rows_cap)
+        chunks = self.plan(patches, max_batch, budget, rows_cap, read)
         self.work_rows = 0  # token rows x blocks computed, for the benchmark's work count
+        self.logit_rows = 0  # token rows unembedded
         bar = tqdm(total=len(patches) + len(noop), initial=len(noop), disable=not progress, desc="patching")
         try:
-            for start, chunk in chunks:
+            while chunks:
+                start, chunk = chunks.pop(0)
                 layers = [p.layer for p in chunk]
-                new = self.forward_staged(start, layers, self._hooks_for(chunk, start, clean))
-                vals = torch.stack(
-                    [
-                        as_scalar(metric(self.full_logits(new, j, start)), metric_name, self.device)
-                        for j in range(len(chunk))
-                    ]
-                )
-                del new  # free before the next chunk allocates
+                lazy = read is not None
+                x = self.forward_staged(start, layers, self._hooks_for(chunk, start, clean), unembed=not lazy)
+                vals, read = self._metric_values(x, start, read, metric, metric_name)
+                del x  # free before the next chunk allocates
                 out[torch.tensor([pos_of[id(p)] for p in chunk], device=self.device)] = vals.to(out.dtype)
                 self.work_rows += self.B * (self.T - start) * sum(self.cfg.n_layers - l for l in layers)
                 bar.update(len(chunk))
+                if lazy and read is None and chunks:
+                    # the metric needed every position: re-plan the rest for full logits (memory budget)
+                    rest = [p for _, c in chunks for p in c]
+                    chunks = self.plan(rest, max_batch, budget, rows_cap, None)
         finally:
             bar.close()
         return out
+
+    def _metric_values(self, x: torch.Tensor, start: int, read: set[int] | None, metric, metric_name):
+        """Metric per slice of a chunk. ``x``: logits ``[n, B, T - start, V]`` (``read`` None) or the final
+        residual ``[n, B, T - start, d]`` (lazy logits: ``read`` positions unembedded up front).
+        Returns (values [n], the positions to unembed for the next chunk, None once all were needed)."""
+        n = x.shape[0]
+        if read is None:
+            self.logit_rows += x.shape[0] * x.shape[1] * x.shape[2]
+            return torch.stack(
+                [as_scalar(metric(self.full_logits(x, j, start)), metric_name, self.device) for j in range(n)]
+            ), None
+        pos = sorted(p for p in read if p >= start)
+        with torch.no_grad():
+            slab = self._logits(x[:, :, [p - start for p in pos]]) if pos else None  # [n, B, len(pos), V]
+        log = ReadLog()
+        vals = []
+        for j in range(n):
+            known = {p: slab[j, :, i] for i, p in enumerate(pos)}
+            vals.append(as_scalar(metric(LazyLogits(self.logits, start, x[j], known, self._logits, log)),
+                                  metric_name, self.device))
+        self.logit_rows += n * self.B * len(pos)
+        return torch.stack(vals), (None if log.materialized else read | log.missed)
 
 
 def _gather(kind: str, src: torch.Tensor, cols) -> torch.Tensor:
