@@ -463,8 +463,32 @@ def test_user_hooks_on_layer_norm_still_fire():
         lambda act, hook: calls.append(act.shape[0]), is_permanent=True
     )
     try:
-        skp.get_act_patch_mlp_out(s.model, s.corr, s.cache, logit_diff, progress=False)
+        skp.get_act_patch_resid_pre(s.model, s.corr, s.cache, logit_diff, progress=False)
     finally:
         s.model.reset_hooks(including_permanent=True)
     assert calls and max(calls) > B  # it ran inside the batched (patches x batch) forward
     assert type(s.model.blocks[0].ln1).forward is s.model.blocks[0].ln1.forward.__func__  # restored
+
+
+def test_single_position_patches_after_the_keys_join_one_block_later():
+    """z / q / mlp_out at one position change only that position of their own block's output, so the
+    engine runs that block at one position and joins the batch a block later; k / v / patterns /
+    all-position patches cannot (their change reaches other positions of the same block)."""
+    from sparsekern.patching._engine import Engine, Patch
+
+    s = Setup("gpt2")
+    eng = Engine(s.model, s.corr)
+    late = {
+        ("blocks.0.attn.hook_z", "pos_head", (2, 1)): 1,
+        ("blocks.0.attn.hook_q", "pos_head", (2, 1)): 1,
+        ("blocks.1.hook_mlp_out", "pos", (3,)): 2,  # last block: joins at the final norm
+        ("blocks.0.attn.hook_k", "pos_head", (2, 1)): 0,
+        ("blocks.0.attn.hook_v", "pos_head", (2, 1)): 0,
+        ("blocks.0.hook_resid_pre", "pos", (2,)): 0,
+        ("blocks.0.attn.hook_pattern", "pattern_dest", (1, 2)): 0,
+        ("blocks.0.attn.hook_z", "head", (1,)): 0,  # every position
+    }
+    for (hook, kind, idx), want in late.items():
+        layer = int(hook.split(".")[1])
+        p = Patch(0, 0, layer, idx[0] if kind != "pattern_dest" else idx[1], hook, kind, idx)
+        assert eng.join_layer(p) == want, (hook, kind)

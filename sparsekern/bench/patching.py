@@ -95,13 +95,17 @@ def build(quick: bool, device: torch.device, seed: int = 0):
     )
 
 
-def _flops(cfg, B: int, Tn: int, rows: list[list[int]], last_only: bool) -> tuple[float, float]:
+def _flops(cfg, B: int, Tn: int, rows: list[list[int]], last_only: bool, act: str) -> tuple[float, float]:
     """Matmul MACs: (TransformerLens, sparsekern) for the patches ``rows`` ([layer, pos, ...]);
-    ``last_only``: the metric reads the last position's logits, the only one sparsekern unembeds."""
+    ``last_only``: the metric reads the last position's logits, the only one sparsekern unembeds. A
+    single-position patch after the keys/values (``z``) runs its own block at that position only."""
     block = 4 * cfg.d_model * cfg.d_model + 2 * cfg.d_model * cfg.d_mlp
     unembed = cfg.d_model * cfg.d_vocab
     tl = len(rows) * B * Tn * (cfg.n_layers * block + unembed)
-    sk = sum(B * (Tn - r[1]) * (cfg.n_layers - r[0]) * block for r in rows)
+    if act == "z":
+        sk = sum(B * (1 + (Tn - r[1]) * (cfg.n_layers - r[0] - 1)) * block for r in rows)
+    else:
+        sk = sum(B * (Tn - r[1]) * (cfg.n_layers - r[0]) * block for r in rows)
     sk += sum(B * (1 if last_only else Tn - r[1]) * unembed for r in rows)
     return float(tl), float(sk)
 
@@ -154,6 +158,10 @@ def run_case(
             tlp.generic_activation_patch(
                 model, corr, cache, metric, setter, act, index_df=sub.iloc[:1]
             )  # warm-up
+            # sparsekern's warm-up: one patch (CUDA loads kernels lazily on first use; CPU: allocator)
+            skp.generic_activation_patch(
+                model, corr, cache, metric, setter, act, index_df=sub.iloc[:1], progress=False
+            )
             if quick:
                 sk_call()
             (tl_out1, tl_ms1), tl_peak = T.measure_peak(lambda: T.time_call(tl_call, device), device)
@@ -164,7 +172,7 @@ def run_case(
         ref = tl_out1.cpu()
         diff = float((sk_out.reshape(-1)[picks].cpu() - ref).abs().max())
         scale = max(1.0, float(ref.abs().max()))
-        tl_fl, sk_fl = _flops(cfg, B, Tn, grid.values.tolist(), metric_kind == "last")
+        tl_fl, sk_fl = _flops(cfg, B, Tn, grid.values.tolist(), metric_kind == "last", act)
         ratio = tl_full / (sk_ms / 1e3)
         ok = diff <= 1e-4 * scale
         row.update(

@@ -13,6 +13,10 @@ the engine
     keys/values come from the corrupted run (a frozen TransformerLens KV-cache entry; TransformerLens
     applies the rotary offsets) and their logits are copied from the corrupted logits to rebuild the
     ``[batch, pos, d_vocab]`` tensor the metric receives;
+  * runs a patch that only changes position ``start`` *after* the attention mixing of its block (``hook_z``,
+    ``hook_q``, patterns by destination, ``attn_out``, ``resid_mid``, MLP hooks, ...) through its own block
+    at that one position (later positions of that block are unchanged: their keys/values come from the
+    unpatched ``resid_pre``) and lets it join the batch one block later with that row replaced;
   * unembeds only the positions the metric reads: it gets a :class:`LazyLogits` (full logits for any
     operation; ``x[b, p, ...]`` indexing touches position ``p`` only), the positions read on the
     corrupted run are unembedded for a whole chunk in one GEMM, others on demand;
@@ -63,6 +67,25 @@ _POS_LOCAL_SUFFIXES = (  # hooks whose axis 1 (axis 2 for patterns) is the query
     "ln2.hook_scale",
 )
 _PATTERN_SUFFIXES = ("attn.hook_pattern", "attn.hook_attn_scores")
+# computed after the block's keys/values: a single-position patch here changes only that position of its
+# block's output (a query or the per-position path after attention). Patterns/scores are left out: their
+# patched rows span every source position, which a one-position run does not have.
+_AFTER_KV_SUFFIXES = (
+    "attn.hook_q",
+    "attn.hook_rot_q",
+    "attn.hook_z",
+    "attn.hook_result",
+    "hook_attn_out",
+    "hook_resid_mid",
+    "ln2.hook_scale",
+    "ln2.hook_normalized",
+    "hook_mlp_in",
+    "mlp.hook_pre",
+    "mlp.hook_pre_linear",
+    "mlp.hook_post",
+    "hook_mlp_out",
+    "hook_resid_post",
+)
 _WARNED: set[str] = set()
 
 
@@ -84,6 +107,13 @@ class Patch:
     hook: str
     kind: str  # setter kind, see _setters.INDEX_LEN
     idx: tuple  # index without the layer, non-negative ints
+
+    @property
+    def single_position(self) -> bool:
+        """Only position ``start`` of the hooked activation is written (``start`` came from the index)."""
+        if is_pattern_hook(self.hook):
+            return self.kind in ("pattern_dest", "pattern_dest_src")
+        return self.kind in ("pos", "pos_head") and is_position_local_hook(self.hook)
 
 
 @dataclass
@@ -176,7 +206,8 @@ class Engine:
         self.B, self.T = tokens.shape
         self.causal = cfg.attention_dir == "causal"
         L = cfg.n_layers
-        names = {f"blocks.{i}.hook_resid_pre" for i in range(L)} | set(patch_hooks)
+        names = {f"blocks.{i}.hook_resid_pre" for i in range(L)} | {f"blocks.{L - 1}.hook_resid_post"}
+        names |= set(patch_hooks)
         if self.causal:
             names |= {f"blocks.{i}.attn.hook_k" for i in range(L)} | {
                 f"blocks.{i}.attn.hook_v" for i in range(L)
@@ -190,7 +221,9 @@ class Engine:
             )
         self.logits = logits  # [B, T, V]
         self.device = logits.device
+        # resid_pre[L]: the last block's output, where a patch of the last block's post-KV hooks joins
         self.resid_pre = [cache[f"blocks.{i}.hook_resid_pre"] for i in range(L)]
+        self.resid_pre.append(cache[f"blocks.{L - 1}.hook_resid_post"])
         self.k = [cache[f"blocks.{i}.attn.hook_k"] for i in range(L)] if self.causal else None
         self.v = [cache[f"blocks.{i}.attn.hook_v"] for i in range(L)] if self.causal else None
         self.pos_embed = cache["hook_pos_embed"] if self.shortformer else None
@@ -236,50 +269,85 @@ class Engine:
             return new[j]
         return torch.cat([self.logits[:, :start], new[j]], dim=1)
 
+    def _kv_entry(self, layer: int, s: int, n: int):
+        """Frozen KV-cache entry holding the corrupted keys/values of positions ``< s`` for ``n`` slices."""
+        from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+        if s == 0:
+            return None
+        return TransformerLensKeyValueCacheEntry(
+            past_keys=self.k[layer][:, :s].repeat(n, 1, 1, 1),
+            past_values=self.v[layer][:, :s].repeat(n, 1, 1, 1),
+            frozen=True,
+        )
+
     def forward_staged(
-        self, start: int, layers: Sequence[int], fwd_hooks, unembed: bool = True
+        self,
+        start: int,
+        layers: Sequence[int],
+        fwd_hooks,
+        unembed: bool = True,
+        first_rows: dict[int, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Logits ``[n, B, T - start, V]`` of positions ``start..T-1`` for ``n = len(layers)`` slices
         (``layers`` sorted ascending); :meth:`full_logits` adds the unchanged positions. With
         ``unembed=False``: the final normalised residual ``[n, B, T - start, d_model]`` instead.
 
-        Slice ``j`` joins the batch at block ``layers[j]`` as a copy of the corrupted ``resid_pre`` there
-        (blocks before a patch's layer are unchanged by it, so they are never recomputed); a hook at block
-        ``i`` therefore sees ``#{j: layers[j] <= i}`` slices of ``B`` rows, the ones joined last at the end.
-        Positions ``< start`` are not recomputed: their keys/values come from the corrupted run through a
-        frozen KV-cache entry (causal attention: later positions cannot change them) and their logits are
-        the corrupted logits.
+        Slice ``j`` joins the batch at block ``layers[j]`` (``n_layers``: at the final norm) as a copy of the
+        corrupted ``resid_pre`` there, with its first row (position ``start``) replaced by
+        ``first_rows[j]`` ``[B, d_model]`` if given (blocks before a patch's layer are unchanged by it, so
+        they are never recomputed); a hook at block ``i`` therefore sees ``#{j: layers[j] <= i}`` slices of
+        ``B`` rows, the ones joined last at the end. Positions ``< start`` are not recomputed: their
+        keys/values come from the corrupted run through a frozen KV-cache entry (causal attention: later
+        positions cannot change them) and their logits are the corrupted logits.
         """
-        from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
-
         model, cfg, B, T, s = self.model, self.cfg, self.B, self.T, start
+        first_rows = first_rows or {}
         n_total = len(layers)
         x, sf, n_cur = None, None, 0
         with torch.no_grad(), model.hooks(fwd_hooks=fwd_hooks), fast_elementwise(model):
-            for i in range(layers[0], cfg.n_layers):
+            for i in range(layers[0], cfg.n_layers + 1):
                 n_new = 0
                 while n_cur + n_new < n_total and layers[n_cur + n_new] == i:
                     n_new += 1
                 if n_new:
                     x_new = self.resid_pre[i][:, s:].repeat(n_new, 1, 1)  # fresh: hooks may write into it
+                    for k in range(n_new):
+                        row = first_rows.get(n_cur + k)
+                        if row is not None:
+                            x_new[k * B : (k + 1) * B, 0] = row
                     x = x_new if x is None else torch.cat([x, x_new])
                     n_cur += n_new
                     if self.shortformer:
                         sf = self.pos_embed[:, s:].repeat(n_cur, 1, 1)
-                entry = None
-                if s > 0:
-                    entry = TransformerLensKeyValueCacheEntry(
-                        past_keys=self.k[i][:, :s].repeat(n_cur, 1, 1, 1),
-                        past_values=self.v[i][:, :s].repeat(n_cur, 1, 1, 1),
-                        frozen=True,
-                    )
+                if i == cfg.n_layers:
+                    break
                 x = model.blocks[i](
-                    x, shortformer_pos_embed=sf, past_kv_cache_entry=entry, attention_mask=None
+                    x, shortformer_pos_embed=sf, past_kv_cache_entry=self._kv_entry(i, s, n_cur), attention_mask=None
                 )
             if cfg.normalization_type is not None:
                 x = model.ln_final(x)
             new = self._logits(x) if unembed else x
         return new.view(n_total, B, T - s, new.shape[-1])
+
+    def block_at_start(self, layer: int, start: int, n: int, fwd_hooks) -> torch.Tensor:
+        """Output ``[n, B, d_model]`` of block ``layer`` at position ``start`` alone, for ``n`` copies of the
+        corrupted batch with ``fwd_hooks`` (keys/values of earlier positions from the corrupted run)."""
+        model, B, s = self.model, self.B, start
+        with torch.no_grad(), model.hooks(fwd_hooks=fwd_hooks), fast_elementwise(model):
+            x = self.resid_pre[layer][:, s : s + 1].repeat(n, 1, 1)
+            sf = self.pos_embed[:, s : s + 1].repeat(n, 1, 1) if self.shortformer else None
+            out = model.blocks[layer](
+                x, shortformer_pos_embed=sf, past_kv_cache_entry=self._kv_entry(layer, s, n), attention_mask=None
+            )
+        return out[:, 0].view(n, B, -1)
+
+    def join_layer(self, p: Patch) -> int:
+        """Block at which patch ``p``'s slice enters the batched forward: ``p.layer``, or ``p.layer + 1``
+        when only position ``p.start`` of block ``p.layer``'s output can change (see :meth:`block_at_start`)."""
+        if self.causal and p.single_position and p.hook.endswith(_AFTER_KV_SUFFIXES):
+            return p.layer + 1
+        return p.layer
 
     # ---------------------------------------------------------------- batched known-setter patches
     def _bytes_per_patch(self, n_pos: int, n_logit_pos: int) -> int:
@@ -298,7 +366,7 @@ class Engine:
         rows_cap: int,
         read: set[int] | None = None,
     ):
-        """Chunks ``(start, [patch, ...])``: patches sharing a start position, sorted by layer.
+        """Chunks ``(start, [patch, ...])``: patches sharing a start position, sorted by :meth:`join_layer`.
 
         A chunk runs as one staged forward (see :meth:`forward_staged`), so no position or layer is computed
         for a patch that cannot change it; the chunk size is capped by ``max_batch`` patches, else by the
@@ -310,7 +378,7 @@ class Engine:
             by_start.setdefault(p.start, []).append(p)
         chunks = []
         for s in sorted(by_start):
-            group = sorted(by_start[s], key=lambda p: p.layer)
+            group = sorted(by_start[s], key=self.join_layer)
             if max_batch is not None:
                 cap = max_batch
             else:
@@ -326,29 +394,51 @@ class Engine:
                 chunks.append((s, group[k : k + size]))
         return chunks
 
-    def _hooks_for(self, chunk: Sequence[Patch], start: int, clean: dict) -> list:
-        # chunk is sorted by layer; at block l the batch holds the slices of patches with layer <= l
+    def _hooks_for(self, items, n_rep: dict[int, int], start: int, clean: dict, length: int) -> list:
+        """Vectorised patch hooks for ``items`` = ``[(slice number, patch), ...]``; at block ``l`` the hooked
+        batch holds ``n_rep[l]`` slices of ``length`` positions (from ``start``)."""
         groups: dict[tuple, _HookGroup] = {}
-        for j, p in enumerate(chunk):
+        for j, p in items:
             g = groups.setdefault((p.hook, p.kind, p.layer), _HookGroup())
             g.slots.append(j)
             g.idx.append(p.idx)
-        n_upto: dict[int, int] = {}
-        for j, p in enumerate(chunk):
-            n_upto[p.layer] = j + 1
         B, dev = self.B, self.device
         hooks = []
         for (name, kind, layer), g in groups.items():
             J = torch.tensor(g.slots, device=dev)
             cols = [torch.tensor(c, device=dev) for c in zip(*g.idx)]
             src = clean[name].to(dev)
-            hooks.append(
-                (
-                    name,
-                    _vector_hook(kind, n_upto[layer], B, J, cols, src, start, is_pattern_hook(name), self.T),
-                )
-            )
+            pattern = is_pattern_hook(name)
+            check = start > 0 or length != self.T  # only position-local hooks run on part of the positions
+            hooks.append((name, _vector_hook(kind, n_rep[layer], B, J, cols, src, start, pattern, length, check)))
         return hooks
+
+    def run_chunk(self, start: int, chunk: Sequence[Patch], clean: dict, unembed: bool) -> torch.Tensor:
+        """:meth:`forward_staged` output for ``chunk`` (sorted by :meth:`join_layer`): patches that join a
+        block late first run their own block at position ``start`` (:meth:`block_at_start`)."""
+        joins = [self.join_layer(p) for p in chunk]
+        n_upto: dict[int, int] = {}
+        for j, jl in enumerate(joins):
+            n_upto[jl] = j + 1
+        for layer in range(self.cfg.n_layers):  # slices in the batch at each block
+            n_upto.setdefault(layer, n_upto.get(layer - 1, 0))
+        first_rows: dict[int, torch.Tensor] = {}
+        late: dict[int, list[int]] = {}
+        for j, (p, jl) in enumerate(zip(chunk, joins)):
+            if jl != p.layer:
+                late.setdefault(p.layer, []).append(j)
+        for layer, js in late.items():
+            hooks = self._hooks_for(
+                [(k, chunk[j]) for k, j in enumerate(js)], {layer: len(js)}, start, clean, 1
+            )
+            rows = self.block_at_start(layer, start, len(js), hooks)
+            first_rows.update({j: rows[k] for k, j in enumerate(js)})
+        main = [(j, p) for j, (p, jl) in enumerate(zip(chunk, joins)) if jl == p.layer]
+        hooks = self._hooks_for(main, n_upto, start, clean, self.T - start)
+        self.work_rows += self.B * (
+            (self.T - start) * sum(self.cfg.n_layers - jl for jl in joins) + sum(len(js) for js in late.values())
+        )
+        return self.forward_staged(start, joins, hooks, unembed=unembed, first_rows=first_rows)
 
     def _noops(self, patches: Sequence[Patch], clean: dict) -> list[Patch]:
         """Patches whose clean slice equals the corrupted one bitwise (so the patch changes nothing)."""
@@ -406,13 +496,11 @@ class Engine:
         try:
             while chunks:
                 start, chunk = chunks.pop(0)
-                layers = [p.layer for p in chunk]
                 lazy = read is not None
-                x = self.forward_staged(start, layers, self._hooks_for(chunk, start, clean), unembed=not lazy)
+                x = self.run_chunk(start, chunk, clean, unembed=not lazy)
                 vals, read = self._metric_values(x, start, read, metric, metric_name)
                 del x  # free before the next chunk allocates
                 out[torch.tensor([pos_of[id(p)] for p in chunk], device=self.device)] = vals.to(out.dtype)
-                self.work_rows += self.B * (self.T - start) * sum(self.cfg.n_layers - l for l in layers)
                 bar.update(len(chunk))
                 if lazy and read is None and chunks:
                     # the metric needed every position: re-plan the rest for full logits (memory budget)
@@ -458,12 +546,14 @@ def _gather(kind: str, src: torch.Tensor, cols) -> torch.Tensor:
     raise AssertionError(kind)  # pragma: no cover
 
 
-def _vector_hook(kind: str, n_rep: int, B: int, J, cols, clean, s: int, pattern: bool, T: int):
+def _vector_hook(
+    kind: str, n_rep: int, B: int, J, cols, clean, s: int, pattern: bool, length: int, check: bool
+):
     """Hook applying ``len(J)`` known-setter patches, one per batch slice ``J[i]``, in one index write.
 
     Equivalent to calling the setter on each ``[B, ...]`` slice. ``s`` is the first computed position:
-    the hooked tensor holds positions ``s..T-1`` on its position axis (axis 1, or the dest axis 2 of a
-    pattern), so position indices are shifted by ``s``.
+    the hooked tensor holds positions ``s..s+length-1`` on its position axis (axis 1, or the dest axis 2
+    of a pattern), so position indices are shifted by ``s``.
     """
     val = _gather(kind, clean, cols)
     full = slice(None)
@@ -484,9 +574,9 @@ def _vector_hook(kind: str, n_rep: int, B: int, J, cols, clean, s: int, pattern:
 
     def hook(act, hook=None):
         axis = 2 if pattern else 1
-        if s and act.shape[axis] != T - s:  # pragma: no cover - guarded by is_position_local_hook
+        if check and act.shape[axis] != length:  # pragma: no cover - guarded by is_position_local_hook
             raise RuntimeError(
-                f"internal: {hook.name if hook else ''} has {act.shape[axis]} positions, expected {T - s}"
+                f"internal: {hook.name if hook else ''} has {act.shape[axis]} positions, expected {length}"
             )
         a = act.view(n_rep, B, *act.shape[1:])
         a[sel] = val.to(dtype=act.dtype)
