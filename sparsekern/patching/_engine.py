@@ -205,6 +205,9 @@ class Engine:
         self.tokens = tokens
         self.B, self.T = tokens.shape
         self.causal = cfg.attention_dir == "causal"
+        # one-position block runs save FLOPs but add a block call per layer and chunk: a net loss where
+        # kernel launches dominate (measured on an H100: attn_head_out_by_pos 0.78 s -> 1.13 s), so CPU only
+        self.late_join = self.causal and tokens.device.type == "cpu"
         L = cfg.n_layers
         names = {f"blocks.{i}.hook_resid_pre" for i in range(L)} | {f"blocks.{L - 1}.hook_resid_post"}
         names |= set(patch_hooks)
@@ -345,7 +348,7 @@ class Engine:
     def join_layer(self, p: Patch) -> int:
         """Block at which patch ``p``'s slice enters the batched forward: ``p.layer``, or ``p.layer + 1``
         when only position ``p.start`` of block ``p.layer``'s output can change (see :meth:`block_at_start`)."""
-        if self.causal and p.single_position and p.hook.endswith(_AFTER_KV_SUFFIXES):
+        if self.late_join and p.single_position and p.hook.endswith(_AFTER_KV_SUFFIXES):
             return p.layer + 1
         return p.layer
 
