@@ -14,12 +14,8 @@ the measured ratio adds batching efficiency and load noise.
 
 from __future__ import annotations
 
-import csv
-import datetime as _dt
-import json
 import time
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -243,23 +239,6 @@ def format_table(rows) -> str:
     return "\n".join(out)
 
 
-def write(rows, meta, out_dir, quick: bool) -> dict[str, Path]:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    kind = "patching-quick" if quick else "patching"
-    stem = f"{kind}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{report.machine_tag(meta['machine'])}"
-    text = json.dumps({**meta, "rows": list(rows)}, indent=2, default=str) + "\n"
-    paths = {"json": out / f"{stem}.json", "csv": out / f"{stem}.csv", "latest": out / f"latest-{kind}.json"}
-    paths["json"].write_text(text)
-    paths["latest"].write_text(text)
-    with open(paths["csv"], "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(FIELDS))
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{r[k]:.6g}" if isinstance(r.get(k), float) else r.get(k, "")) for k in FIELDS})
-    return paths
-
-
 def main(
     quick: bool,
     device: torch.device,
@@ -288,7 +267,7 @@ def main(
     ]
     meta["elapsed_s"] = round(time.perf_counter() - t0, 2)
     meta["loadavg_after"] = report.load_average()
-    paths = write(rows, meta, out_dir, quick)
+    paths = report.write_results(rows, meta, out_dir, FIELDS, quick, suite="patching")
     m = meta["machine"]
     print(
         f"sparsekern bench --patching ({meta['suite']}) on {m['device']}: {m['cpu_model']}, {m['cpu_cores']} cores, "

@@ -100,12 +100,12 @@ def _csv_value(v: Any) -> Any:
 
 
 def write_results(rows: Sequence[dict[str, Any]], meta: dict[str, Any], out_dir: str | Path,
-                  fields: Sequence[str], quick: bool) -> dict[str, Path]:
-    """Write ``ops[-quick]-<date>-<tag>.json/.csv`` and ``latest-ops[-quick].json`` under out_dir."""
+                  fields: Sequence[str], quick: bool, suite: str = "ops") -> dict[str, Path]:
+    """Write ``<suite>[-quick]-<date>-<tag>.json/.csv`` and ``latest-<suite>[-quick].json`` under out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    kind = "ops-quick" if quick else "ops"
+    kind = f"{suite}-quick" if quick else suite
     stem = f"{kind}-{stamp}-{machine_tag(meta['machine'])}"
     doc = {**meta, "rows": list(rows)}
     text = json.dumps(doc, indent=2, default=str) + "\n"

@@ -427,8 +427,10 @@ def _every(model, corrupted_tokens, clean_cache, metric, fns, *, progress, max_b
     return outs
 
 
-def _pad_heads(x: torch.Tensor, n: int) -> torch.Tensor:
-    return torch.nn.functional.pad(x, (0, n - x.size(-1)))
+def _stack_heads(out, q, k, v, pattern) -> torch.Tensor:
+    """``[5, ...]``: z, q, k, v, pattern results; GQA k/v right-padded with zeros to q's head count."""
+    pad = lambda x: torch.nn.functional.pad(x, (0, q.size(-1) - x.size(-1)))  # noqa: E731
+    return torch.stack([out, q, pad(k), pad(v), pattern], dim=0)
 
 
 def get_act_patch_attn_head_all_pos_every(
@@ -461,7 +463,7 @@ def get_act_patch_attn_head_all_pos_every(
         memory_budget=memory_budget,
         backend=backend,
     )
-    return torch.stack([out, q, _pad_heads(k, q.size(-1)), _pad_heads(v, q.size(-1)), pat], dim=0)
+    return _stack_heads(out, q, k, v, pat)
 
 
 def get_act_patch_attn_head_by_pos_every(
@@ -494,9 +496,7 @@ def get_act_patch_attn_head_by_pos_every(
         memory_budget=memory_budget,
         backend=backend,
     )
-    return torch.stack(
-        [out, q, _pad_heads(k, q.size(-1)), _pad_heads(v, q.size(-1)), pat.transpose(1, 2)], dim=0
-    )
+    return _stack_heads(out, q, k, v, pat.transpose(1, 2))
 
 
 def get_act_patch_block_every(

@@ -13,10 +13,10 @@ the engine
     keys/values come from the corrupted run (a frozen TransformerLens KV-cache entry; TransformerLens
     applies the rotary offsets) and their logits are copied from the corrupted logits to rebuild the
     ``[batch, pos, d_vocab]`` tensor the metric receives;
-  * runs a patch that only changes position ``start`` *after* the attention mixing of its block (``hook_z``,
-    ``hook_q``, patterns by destination, ``attn_out``, ``resid_mid``, MLP hooks, ...) through its own block
-    at that one position (later positions of that block are unchanged: their keys/values come from the
-    unpatched ``resid_pre``) and lets it join the batch one block later with that row replaced;
+  * on CPU, runs a patch that only changes position ``start`` *after* its block's keys/values (``hook_z``,
+    ``hook_q``, ``attn_out``, ``resid_mid``, MLP hooks, ...) through its own block at that one position
+    (later positions of that block are unchanged: their keys/values come from the unpatched ``resid_pre``)
+    and lets it join the batch one block later with that row replaced;
   * unembeds only the positions the metric reads: it gets a :class:`LazyLogits` (full logits for any
     operation; ``x[b, p, ...]`` indexing touches position ``p`` only), the positions read on the
     corrupted run are unembedded for a whole chunk in one GEMM, others on demand;
@@ -27,6 +27,7 @@ Unknown setters run one patch per forward (from the cached layer input when that
 
 from __future__ import annotations
 
+import bisect
 import math
 import numbers
 import os
@@ -420,11 +421,8 @@ class Engine:
         """:meth:`forward_staged` output for ``chunk`` (sorted by :meth:`join_layer`): patches that join a
         block late first run their own block at position ``start`` (:meth:`block_at_start`)."""
         joins = [self.join_layer(p) for p in chunk]
-        n_upto: dict[int, int] = {}
-        for j, jl in enumerate(joins):
-            n_upto[jl] = j + 1
-        for layer in range(self.cfg.n_layers):  # slices in the batch at each block
-            n_upto.setdefault(layer, n_upto.get(layer - 1, 0))
+        # slices in the batch at block l: the patches joined at or before it (joins are sorted)
+        n_upto = {layer: bisect.bisect_right(joins, layer) for layer in range(self.cfg.n_layers)}
         first_rows: dict[int, torch.Tensor] = {}
         late: dict[int, list[int]] = {}
         for j, (p, jl) in enumerate(zip(chunk, joins)):
@@ -499,13 +497,13 @@ class Engine:
         try:
             while chunks:
                 start, chunk = chunks.pop(0)
-                lazy = read is not None
-                x = self.run_chunk(start, chunk, clean, unembed=not lazy)
+                was_lazy = read is not None
+                x = self.run_chunk(start, chunk, clean, unembed=not was_lazy)
                 vals, read = self._metric_values(x, start, read, metric, metric_name)
                 del x  # free before the next chunk allocates
                 out[torch.tensor([pos_of[id(p)] for p in chunk], device=self.device)] = vals.to(out.dtype)
                 bar.update(len(chunk))
-                if lazy and read is None and chunks:
+                if was_lazy and read is None and chunks:
                     # the metric needed every position: re-plan the rest for full logits (memory budget)
                     rest = [p for _, c in chunks for p in c]
                     chunks = self.plan(rest, max_batch, budget, rows_cap, None)

@@ -58,15 +58,16 @@ class LazyLogits(torch.Tensor):
         return f"LazyLogits({self._materialize()!r})"
 
     # ---------------------------------------------------------------- rows
-    def _compute(self, ps: list[int]) -> None:
+    def _compute(self, ps: list[int]) -> list[int]:
+        """Unembed the positions of ``ps`` not yet known (one GEMM); returns them."""
         missing = [p for p in ps if p >= self._start and p not in self._known]
-        if not missing:
-            return
-        rel = torch.tensor([p - self._start for p in missing], device=self._resid.device)
-        with torch.no_grad():
-            rows = self._unembed_fn(self._resid[:, rel])
-        for i, p in enumerate(missing):
-            self._known[p] = rows[:, i]
+        if missing:
+            rel = torch.tensor([p - self._start for p in missing], device=self._resid.device)
+            with torch.no_grad():
+                rows = self._unembed_fn(self._resid[:, rel])
+            for i, p in enumerate(missing):
+                self._known[p] = rows[:, i]
+        return missing
 
     def _row(self, p: int) -> torch.Tensor:
         return self._corrupted[:, p] if p < self._start else self._known[p]
@@ -85,9 +86,7 @@ class LazyLogits(torch.Tensor):
 
     def _positions(self, ps: list[int]) -> None:
         self._log.read.update(ps)
-        new = [p for p in ps if p >= self._start and p not in self._known]
-        self._log.missed.update(new)
-        self._compute(new)
+        self._log.missed.update(self._compute(ps))
 
     def _fast_getitem(self, index) -> torch.Tensor | None:
         """``self[index]`` from the needed positions only, or None when ``index`` is not of the form
@@ -109,8 +108,8 @@ class LazyLogits(torch.Tensor):
                 return None  # torch rejects non-positive steps; let it raise
             ps = list(range(T)[p])
             self._positions(ps)
-            if not ps:
-                return None
+            if not ps:  # an empty position range: nothing to unembed
+                return self._corrupted[:, :0][(b, slice(None), *rest)]
             rows = torch.stack([self._row(q) for q in ps], dim=1)
             return rows[(b, slice(None), *rest)]
         return None

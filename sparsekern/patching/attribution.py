@@ -48,6 +48,7 @@ import transformer_lens.patching as _tlp
 import transformer_lens.utilities as _tl_utils
 
 from sparsekern.patching import _attribution_qk as _qk
+from sparsekern.patching._api import _stack_heads
 
 Metric = Callable[[Float[torch.Tensor, "batch pos d_vocab"]], Float[torch.Tensor, ""]]
 make_df_from_ranges = _tlp.make_df_from_ranges
@@ -443,10 +444,6 @@ def _every(model, corrupted_tokens, clean_cache, metric, parts, qk_fix, return_d
                       qk_fix=qk_fix, return_delta=return_delta, progress=progress)
 
 
-def _pad_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
-    return torch.nn.functional.pad(x, (0, n_heads - x.size(-1)))  # k/v with GQA, as TL does
-
-
 def get_act_patch_block_every(
     model, corrupted_tokens, clean_cache, metric: Metric, *, qk_fix: bool = False,
     return_delta: bool = False, progress: Optional[bool] = False,
@@ -467,8 +464,7 @@ def get_act_patch_attn_head_all_pos_every(
              get_act_patch_attn_head_k_all_pos, get_act_patch_attn_head_v_all_pos,
              get_act_patch_attn_head_pattern_all_pos]
     res = _every(model, corrupted_tokens, clean_cache, metric, parts, qk_fix, return_delta, progress)
-    h = res[0].size(-1)
-    return torch.stack([res[0], res[1], _pad_heads(res[2], h), _pad_heads(res[3], h), res[4]])
+    return _stack_heads(*res)
 
 
 def get_act_patch_attn_head_by_pos_every(
@@ -481,9 +477,7 @@ def get_act_patch_attn_head_by_pos_every(
              get_act_patch_attn_head_k_by_pos, get_act_patch_attn_head_v_by_pos,
              get_act_patch_attn_head_pattern_by_pos]
     res = _every(model, corrupted_tokens, clean_cache, metric, parts, qk_fix, return_delta, progress)
-    h = res[0].size(-1)
-    pattern = einops.rearrange(res[4], "layer head pos -> layer pos head")
-    return torch.stack([res[0], res[1], _pad_heads(res[2], h), _pad_heads(res[3], h), pattern])
+    return _stack_heads(*res[:4], einops.rearrange(res[4], "layer head pos -> layer pos head"))
 
 
 __all__ = [n for n in dir() if n.startswith("get_act_patch_")] + [
