@@ -68,12 +68,24 @@ class SparseActs:
 
     def to_dense(self, d_sae: int) -> Float[Tensor, "*batch d_sae"]:
         """Scatter into a dense ``[..., d_sae]`` tensor (padding slots add 0)."""
+        from .ops._validate import has_data  # here: sparsekern.ops imports this module
+
         if d_sae <= 0:
             raise ValueError(f"to_dense: d_sae must be positive, got {d_sae}")
-        if self.indices.numel() and int(self.indices.max()) >= d_sae:
-            raise ValueError(
-                f"to_dense: indices reach {int(self.indices.max())}, out of range for d_sae={d_sae}"
-            )
+        idx = self.indices
+        if idx.numel() and has_data(idx):
+            lo, hi = torch.stack((idx.min(), idx.max())).tolist()
+            if lo < 0 or hi >= d_sae:
+                raise ValueError(
+                    f"to_dense: indices in [{lo}, {hi}] are out of range for d_sae={d_sae} "
+                    f"(they must lie in [0, {d_sae}))"
+                )
+        elif idx.numel() and torch.compiler.is_compiling() and idx.device.type == "cpu":
+            # traced: no host sync, the assert runs with the graph (CPU only: on CUDA it would be
+            # a device-side assert, no better than scatter's own)
+            ok = ((idx >= 0) & (idx < d_sae)).all()
+            msg = f"to_dense: indices out of range for d_sae={d_sae} (must lie in [0, {d_sae}))"
+            torch._assert_async(ok, msg)
         out = self.values.new_zeros(*self.values.shape[:-1], d_sae)
         # scatter_add so duplicate padding indices (value 0) never overwrite a real value
         return out.scatter_add_(-1, self.indices, self.values)

@@ -7,6 +7,7 @@ import numbers
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -59,8 +60,35 @@ def int_arg(name: str, v, lo: int, hi: int) -> int:
     return v
 
 
+def has_data(t: Tensor) -> bool:
+    """False for meta tensors and while tracing (torch.compile/export, fake tensors).
+
+    Value checks need a host sync on data that does not exist then; the custom-op bodies, which
+    run on real tensors even in a compiled graph, do them instead.
+    """
+    return not (torch.compiler.is_compiling() or t.is_meta or is_fake(t))
+
+
+def index_range(name: str, idx: Tensor, d_sae: int) -> None:
+    """ValueError unless every index is in [0, d_sae). Called from the custom-op bodies (one sync)."""
+    if idx.numel() and has_data(idx):
+        lo, hi = torch.stack((idx.min(), idx.max())).tolist()
+        if lo < 0 or hi >= d_sae:
+            raise ValueError(f"{name} must lie in [0, d_sae={d_sae}), found values in [{lo}, {hi}]")
+
+
+def finite_threshold(thr: Tensor) -> None:
+    """ValueError on NaN/inf thresholds. Called from the threshold_encode op body (needs data)."""
+    if has_data(thr) and not bool(torch.isfinite(thr).all()):
+        raise ValueError("threshold must be finite everywhere (found NaN or inf)")
+
+
 def indices(name: str, idx, values_shape: torch.Size, d_sae: int, device: torch.device) -> Tensor:
-    """int64 (or int32, widened) indices of the same shape as values, all in [0, d_sae)."""
+    """int64 (or int32, widened) indices of the same shape as values.
+
+    The value range [0, d_sae) is checked by :func:`index_range` in the op body: a check here
+    would be a data-dependent branch that breaks ``torch.compile(fullgraph=True)`` and meta tensors.
+    """
     tensor(name, idx)
     if idx.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{name} must be int64 (or int32), got {idx.dtype}")
@@ -71,23 +99,26 @@ def indices(name: str, idx, values_shape: torch.Size, d_sae: int, device: torch.
         )
     if idx.device != device:
         raise ValueError(f"{name} is on {idx.device} but values is on {device}")
-    if idx.numel():
-        lo, hi = int(idx.min()), int(idx.max())
-        if lo < 0 or hi >= d_sae:
-            raise ValueError(f"{name} must lie in [0, d_sae={d_sae}), found values in [{lo}, {hi}]")
     return idx.long()
 
 
 def threshold(thr, d_sae: int, ref: Tensor) -> Tensor:
-    """Scalar or [d_sae] threshold -> finite [d_sae] tensor in the accumulation dtype."""
+    """Scalar or [d_sae] threshold -> [d_sae] tensor in the accumulation dtype.
+
+    Finiteness of a tensor threshold is checked in the op body (:func:`finite_threshold`).
+    """
     acc = torch.float64 if ref.dtype == torch.float64 else torch.float32
     if isinstance(thr, Tensor):
+        # one-element tensors too: a silent cross-device copy would hide a misplaced tensor (and sync)
+        if thr.device != ref.device:
+            raise ValueError(
+                f"threshold is on {thr.device} but x is on {ref.device}; pass a float or a tensor on "
+                f"{ref.device}"
+            )
         if thr.dim() == 0 or thr.numel() == 1 and thr.dim() <= 1:
-            thr = thr.reshape(()).to(device=ref.device, dtype=acc).expand(d_sae)
+            thr = thr.reshape(()).to(dtype=acc).expand(d_sae)
         else:
             shape("threshold", thr, (d_sae,), "[d_sae]")
-            if thr.device != ref.device:
-                raise ValueError(f"threshold is on {thr.device} but x is on {ref.device}")
             floating("threshold", thr)
             thr = thr.to(acc)
     elif isinstance(thr, numbers.Real) and not isinstance(thr, bool):
@@ -96,8 +127,6 @@ def threshold(thr, d_sae: int, ref: Tensor) -> Tensor:
         thr = torch.full((d_sae,), float(thr), dtype=acc, device=ref.device)
     else:
         raise TypeError(f"threshold must be a float or a [d_sae] tensor, got {type(thr).__name__}")
-    if not bool(torch.isfinite(thr).all()):
-        raise ValueError("threshold must be finite everywhere (found NaN or inf)")
     return thr.contiguous()
 
 

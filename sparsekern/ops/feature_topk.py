@@ -19,6 +19,7 @@ is functional unless ``inplace=True``. No autograd (it is a selection over obser
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -32,6 +33,19 @@ from . import _validate as V
 
 STATE_DTYPES = (torch.float32, torch.float64)
 CUDA_MAX_K = 2048  # the CUDA kernel stages a state row in 48 KiB of shared memory
+
+
+def _device_memory(dev: torch.device) -> int | None:
+    """Total memory of ``dev`` in bytes (physical RAM for cpu/mps), or None if unknown."""
+    try:
+        if dev.type in ("cpu", "mps"):
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if dev.type == "cuda" and torch.cuda.is_available():
+            index = dev.index if dev.index is not None else torch.cuda.current_device()
+            return torch.cuda.get_device_properties(index).total_memory
+    except (AttributeError, ValueError, OSError, RuntimeError):  # no sysconf (Windows), bad index
+        pass
+    return None
 
 
 @dataclass(frozen=True)
@@ -71,8 +85,32 @@ class FeatureTopKState:
         k = V.int_arg("k", k, 1, 2**31 - 1)
         if dtype not in STATE_DTYPES:
             raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-        values = torch.full((d_sae, k), -math.inf, dtype=dtype, device=device)
-        locations = torch.full((d_sae, k, 2), -1, dtype=torch.int64, device=device)
+
+        def full() -> tuple[Tensor, Tensor]:
+            values = torch.full((d_sae, k), -math.inf, dtype=dtype, device=device)
+            return values, torch.full((d_sae, k, 2), -1, dtype=torch.int64, device=device)
+
+        if torch.compiler.is_compiling():  # traced: no host memory queries
+            return cls(*full())
+        dev = torch.device(device) if device is not None else torch.get_default_device()
+        nbytes = d_sae * k * (dtype.itemsize + 16)  # values + int64 (seq, pos) locations
+        what = (
+            f"FeatureTopKState.empty(d_sae={d_sae}, k={k}) needs {nbytes / 2**30:,.1f} GiB "
+            f"(values + locations) on {dev}"
+        )
+        # over the device's total memory it cannot work; checked before allocating because with
+        # Linux overcommit the allocation may "succeed" and filling it gets the process killed
+        limit = _device_memory(dev)
+        if limit is not None and nbytes > limit:
+            raise MemoryError(
+                f"{what}, more than its {limit / 2**30:,.1f} GiB of memory; use a smaller d_sae or k"
+            )
+        try:
+            values, locations = full()
+        except RuntimeError as e:  # torch.OutOfMemoryError, or the CPU allocator's c10::Error
+            if not isinstance(e, torch.OutOfMemoryError) and "alloc" not in str(e).lower():
+                raise
+            raise MemoryError(f"{what}; the allocator refused: {e}") from e
         return cls(values, locations)
 
     @property
@@ -122,6 +160,10 @@ def _cuda(state_values, state_locations, values, indices, locations):
 def _feature_topk_update_(
     state_values: Tensor, state_locations: Tensor, values: Tensor, indices: Tensor, locations: Tensor
 ) -> None:
+    # value checks here, not in the public fn: op bodies see real tensors even under torch.compile
+    V.index_range("acts.indices", indices, state_values.shape[0])
+    if locations.numel() and V.has_data(locations) and int(locations.min()) < 0:
+        raise ValueError("locations must be >= 0 ((-1, -1) marks an empty slot)")
     _, impl = _backend.select("feature_topk_update", state_values.device)
     impl(state_values, state_locations, values, indices, locations)
 
@@ -154,10 +196,7 @@ def _locations(acts: SparseActs, locations, seq_offset: int, rows: int) -> Tenso
             f"{tuple(acts.shape)}, got {tuple(locations.shape)}"
         )
     V.same_device("locations", locations, "acts", acts.values)
-    locations = locations.reshape(rows, 2)
-    if rows and int(locations.min()) < 0:
-        raise ValueError("locations must be >= 0 ((-1, -1) marks an empty slot)")
-    return locations.contiguous()
+    return locations.reshape(rows, 2).contiguous()  # values >= 0: checked in the op body
 
 
 def feature_topk_update(

@@ -85,6 +85,8 @@ def _metal_fwd(values, indices, W_dec, b_dec):
 def _sparse_decode(
     values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Optional[Tensor]
 ) -> Tensor:
+    # range check here, not in the public fn: op bodies see real tensors even under torch.compile
+    V.index_range("indices", indices, W_dec.shape[0])
     _, impl = _backend.select("sparse_decode", values.device)
     return impl(values, indices, W_dec, b_dec)
 

@@ -37,6 +37,7 @@ if _backend.has_triton():  # kernels in sparsekern/triton, imported on first cal
 def _threshold_encode(
     x: Tensor, W_enc: Tensor, b_enc: Tensor, threshold: Tensor, b_dec: Optional[Tensor]
 ) -> tuple[Tensor, Tensor, Tensor]:
+    V.finite_threshold(threshold)  # here, not in the public fn: the op body sees real tensors
     _, impl = _backend.select("threshold_encode", x.device)
     values, indices, l0 = impl(x, W_enc, b_enc, threshold, b_dec)
     return values, indices, l0
@@ -86,6 +87,11 @@ def threshold_encode(
     ``threshold=max(t, 0)``.
     """
     x2, _, d_sae = V.encoder_args(x, W_enc, b_enc, b_dec)
+    if x.is_meta:  # torch's own error names the private op and suggests FakeTensors
+        raise ValueError(
+            "x is on meta: threshold_encode's output width (the largest row L0) depends on the data, "
+            "which meta tensors lack; use topk_encode, or trace with FakeTensors (torch.compile)"
+        )
     thr = V.threshold(threshold, d_sae, x)
     values, indices, _ = _threshold_encode(x2, W_enc, b_enc, thr, b_dec)
     lead = x.shape[:-1]
