@@ -2,6 +2,8 @@
 
 - :mod:`.timing`: median timer (warm-up, device sync, interleaving) and peak-memory helpers;
 - :mod:`.cases`: seeded SAE weights/inputs and the sparsekern-vs-peer cases;
+- :mod:`.gpu_plan`: the cuda encoder shapes, targets and per-strategy variants (issue 10);
+- :mod:`.targets`: the encoder target table printed from result files;
 - :mod:`.suite`: runs cases into result rows;
 - :mod:`.report`: machine info, printed table, JSON/CSV files.
 """

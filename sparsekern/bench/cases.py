@@ -105,13 +105,21 @@ class Weights:
         return self.x.dtype
 
 
+def rng_device(device: str | torch.device) -> torch.device:
+    """Where :func:`make_weights` draws: on the GPU itself for cuda (2304 x 2^20 on a CPU takes
+    minutes), on the CPU otherwise (so CPU and MPS see the same numbers)."""
+    dev = torch.device(device)
+    return dev if dev.type == "cuda" else torch.device("cpu")
+
+
 def make_weights(shape: Shape, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  seed: int = 0) -> Weights:
-    """Seeded weights (generated on CPU in fp32 so every device sees the same numbers)."""
-    g = torch.Generator().manual_seed(seed)
+    """Seeded weights, drawn in fp32 on :func:`rng_device` (so both dtypes see the same numbers)."""
+    gen_dev = rng_device(device)
+    g = torch.Generator(device=gen_dev).manual_seed(seed)
 
     def rnd(*size: int, scale: float = 1.0) -> Tensor:
-        return (torch.randn(*size, generator=g) * scale).to(device=device, dtype=dtype)
+        return (torch.randn(*size, generator=g, device=gen_dev) * scale).to(device=device, dtype=dtype)
 
     s = shape
     return Weights(
@@ -198,8 +206,15 @@ def _max_diff(a: Tensor, b: Tensor) -> float:
     return float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
 
 
-def _dense_diff(ours: SparseActs, dense: Tensor) -> float:
-    return _max_diff(ours.to_dense(dense.shape[-1]), dense)
+def _dense_diff(ours: SparseActs, dense: Tensor, max_elems: int = 2**24) -> float:
+    """max |ours - dense| a block of rows at a time (a whole fp32 copy at 2^20 features is 16 GiB)."""
+    d_sae = dense.shape[-1]
+    dense = dense.reshape(-1, d_sae)
+    ov, oi = ours.values.reshape(dense.shape[0], ours.k), ours.indices.reshape(dense.shape[0], ours.k)
+    step = max(1, max_elems // d_sae)
+    diffs = [_max_diff(SparseActs(ov[r:r + step], oi[r:r + step]).to_dense(d_sae), dense[r:r + step])
+             for r in range(0, dense.shape[0], step)]
+    return max(diffs, default=0.0)
 
 
 def calibrate_threshold(w: Weights, l0: float, rows: int = 256) -> float:
@@ -347,7 +362,13 @@ def feature_topk_case(w: Weights) -> Case:
 
 
 def build(op: str, w: Weights, *, peak_target_mib: Optional[float] = None) -> list[Case]:
-    """Cases for ``op`` (one of :data:`OPS`) at ``w``'s shape."""
+    """Cases for ``op`` (one of :data:`OPS`) at ``w``'s shape (the encoders on cuda: one per strategy)."""
+    if op in ("topk_encode", "threshold_encode") and w.device.type == "cuda":
+        from . import gpu_plan
+
+        if op == "topk_encode":
+            return gpu_plan.topk_encode_cases(w, peak_target_mib)
+        return gpu_plan.threshold_encode_cases(w, min(THRESHOLD_L0, w.shape.d_sae // 32), peak_target_mib)
     if op == "topk_encode":
         return [topk_encode_case(w, peak_target_mib)]
     if op == "threshold_encode":
@@ -365,8 +386,16 @@ def build(op: str, w: Weights, *, peak_target_mib: Optional[float] = None) -> li
     raise ValueError(f"unknown op {op!r}; choose from {', '.join(OPS)}")
 
 
-def plan(quick: bool) -> list[tuple[Shape, tuple[str, ...], Optional[float]]]:
-    """The default suite as (shape, ops at that shape, topk peak target), grouped by shape."""
+def plan(quick: bool, device: str | torch.device = "cpu"
+         ) -> list[tuple[Shape, tuple[str, ...], Optional[float]]]:
+    """The default suite as (shape, ops at that shape, encoder peak target), grouped by shape.
+
+    On cuda (not quick) the encoders run at :data:`gpu_plan.ENCODER_SHAPES` instead.
+    """
+    if torch.device(device).type == "cuda" and not quick:
+        from .gpu_plan import gpu_plan
+
+        return gpu_plan()
     a, b, mem = (QUICK_A, QUICK_B, QUICK_MEM) if quick else (GPT2, GEMMA, MEM)
     return [
         (a, OPS, None),
