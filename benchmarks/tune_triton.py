@@ -1,10 +1,12 @@
-"""Tile sweep for the Triton encoders/decoder on a CUDA GPU (run on the GPU machine, prints a table
-and writes JSON). Not part of CI: `python benchmarks/tune_triton.py --out DIR`.
+"""Strategy and tile sweep for the Triton encoders/decoder on a CUDA GPU (run on the GPU machine,
+prints a table and writes JSON). Not part of CI: `python benchmarks/tune_triton.py --out DIR`.
 
-For each shape and dtype it times ``topk_encode`` under several (BM, BN, BK, warps) tiles and split
-targets, the bare cuBLAS matmul, and a chunked cuBLAS + ``torch.topk`` encoder (memory bounded by
-the chunk), so the defaults in ``sparsekern/triton/encode._tiles`` / ``decode._blocks`` can be chosen
-from measurements. Times are medians of CUDA-event timings after a warm-up.
+For each shape and dtype it times the bare cuBLAS matmul, a chunked cuBLAS + ``torch.topk`` encoder,
+and ``topk_encode`` / ``threshold_encode`` under each strategy of ``sparsekern/triton/encode.py``:
+"blocks" at several memory budgets (block widths), "fused" at several GEMM tiles
+(``SPARSEKERN_ENCODE_FUSED_TILE``) and "tiles". The defaults there (``_gemm_config``, ``budget``)
+and the decode blocks (``decode._blocks``) are chosen from these measurements. Times are medians of
+CUDA-event timings after a warm-up.
 """
 
 from __future__ import annotations
@@ -18,14 +20,12 @@ from typing import Callable
 
 import torch
 
-SHAPES = {  # (N, d_in, d_sae, k): the bench's gpt2-small and gemma-2-2b encoder shapes
-    "gpt2-small": (2048, 768, 24576, 32),
-    "gemma-2-2b": (512, 2304, 65536, 64),
+SHAPES = {  # (N, d_in, d_sae, k): issue 10's encoder shapes
+    "gpt2-n16384": (16384, 768, 24576, 32),
+    "gemma-n4096": (4096, 2304, 65536, 64),
 }
-ENC_TILES = [  # (BM, BN, BK, warps)
-    (64, 128, 16, 8), (64, 128, 32, 8), (64, 64, 32, 4), (128, 64, 32, 8), (32, 128, 32, 4),
-    (128, 128, 32, 8), (64, 128, 64, 8),
-]
+FUSED_TILES = ["128,64,64,8,3", "128,64,64,8,4", "128,128,64,8,3", "64,128,64,4,3", "128,256,64,8,3"]
+BUDGETS_MIB = ["256", "512", "1024"]
 DEC_BLOCKS = [(16, 256, 4), (32, 256, 4), (16, 128, 4), (16, 512, 8), (32, 1024, 8)]
 
 
@@ -62,48 +62,53 @@ def main() -> None:
     ap.add_argument("--out", default=".")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
-    from sparsekern import ops
-    from sparsekern import _backend
+    from sparsekern import _backend, ops
     from sparsekern.triton import decode as tdec
-    from sparsekern.triton import encode as tenc
 
     dev = torch.device("cuda")
     rows = []
-    orig_tiles, orig_blocks = tenc._tiles, tdec._blocks
+    orig_blocks = tdec._blocks
     for name, (n, d_in, d_sae, k) in SHAPES.items():
         g = torch.Generator(device=dev).manual_seed(0)
-        for dt, prec in ((torch.float32, "ieee"), (torch.float32, "tf32x3"), (torch.bfloat16, "-")):
-            os.environ["SPARSEKERN_TRITON_FP32_DOT"] = prec if prec != "-" else "ieee"
+        for dt in (torch.float32, torch.bfloat16):
             x = torch.randn(n, d_in, device=dev, generator=g).to(dt)
             W = (torch.randn(d_in, d_sae, device=dev, generator=g) / d_in**0.5).to(dt)
             b = torch.randn(d_sae, device=dev, generator=g).to(dt) * 0.1
             bd = torch.randn(d_in, device=dev, generator=g).to(dt) * 0.1
-            base = dict(shape=name, dtype=str(dt).split(".")[1], prec=prec)
+            thr = float(((x[:256] - bd) @ W + b).float().flatten().kthvalue(256 * (d_sae - 64)).values)
+            base = dict(shape=name, dtype=str(dt).split(".")[1])
             rows.append({**base, "what": "matmul", "ms": bench(lambda: x @ W)})
-            for chunk in (4096, 8192, 16384):
-                rows.append({**base, "what": f"cublas+topk chunk={chunk}",
-                             "ms": bench(lambda: chunked_cublas_topk(x, W, b, bd, k, chunk))})
-            ref_v, ref_i = None, None
-            for t in ENC_TILES[: 3 if args.quick else None]:
-                tenc._tiles = lambda x_, kp=1, t=t: t
+            rows.append({**base, "what": "cublas+topk chunk=16384",
+                         "ms": bench(lambda: chunked_cublas_topk(x, W, b, bd, k, 16384))})
+            runs = [("tiles", {}), *[("blocks", {"SPARSEKERN_ENCODE_BUDGET_MIB": m}) for m in BUDGETS_MIB],
+                    *[("fused", {"SPARSEKERN_ENCODE_FUSED_TILE": t})
+                      for t in FUSED_TILES[: 2 if args.quick else None]]]
+            ref_i = None
+            for strategy, env in runs:
+                os.environ.update({"SPARSEKERN_ENCODE_STRATEGY": strategy, **env})
+                what = f"{strategy} {' '.join(f'{k_}={v}' for k_, v in env.items())}"
                 try:
                     with _backend.use_backend("triton"):
-                        fn = lambda: ops.topk_encode(x, W, b, k, b_dec=bd)
-                        ms = bench(fn)
-                        out = fn()
-                    if ref_v is None:
-                        ref_v, ref_i = out.values, out.indices
-                    same = bool(torch.equal(out.indices, ref_i))
-                    rows.append({**base, "what": f"triton topk tiles={t}", "ms": ms, "same_idx": same})
+                        for op, fn in (("topk", lambda: ops.topk_encode(x, W, b, k, b_dec=bd)),
+                                       ("threshold", lambda: ops.threshold_encode(x, W, b, thr, b_dec=bd))):
+                            ms = bench(fn)
+                            out = fn()
+                            same = None
+                            if op == "topk":
+                                ref_i = out.indices if ref_i is None else ref_i
+                                same = bool(torch.equal(out.indices, ref_i))
+                            rows.append({**base, "what": f"{op} {what}", "ms": ms, "same_idx": same})
                 except Exception as e:  # a tile that does not compile / runs out of resources
-                    rows.append({**base, "what": f"triton topk tiles={t}", "error": f"{type(e).__name__}: {e}"[:200]})
-            tenc._tiles = orig_tiles
+                    rows.append({**base, "what": what, "error": f"{type(e).__name__}: {e}"[:200]})
+                finally:
+                    for key in ("SPARSEKERN_ENCODE_STRATEGY", *env):
+                        os.environ.pop(key, None)
         # decode (the bench's shape: n rows, k active, d = d_in)
         for dt in (torch.float32, torch.bfloat16):
             Wd = (torch.randn(d_sae, d_in, device=dev, generator=g)).to(dt)
             vals = torch.rand(n, k, device=dev, generator=g).to(dt)
             idx = torch.stack([torch.randperm(d_sae, device=dev, generator=g)[:k] for _ in range(n)])
-            base = dict(shape=name, dtype=str(dt).split(".")[1], prec="-")
+            base = dict(shape=name, dtype=str(dt).split(".")[1])
             rows.append({**base, "what": "embedding_bag", "ms": bench(
                 lambda: torch.nn.functional.embedding_bag(idx, Wd, per_sample_weights=vals, mode="sum"))})
             with _backend.use_backend("cuda"):
@@ -118,7 +123,7 @@ def main() -> None:
                     rows.append({**base, "what": f"triton decode blocks={blk}", "error": str(e)[:200]})
             tdec._blocks = orig_blocks
     for r in rows:
-        print(f"{r['shape']:11s} {r['dtype']:9s} {r['prec']:7s} {r['what']:45s} "
+        print(f"{r['shape']:11s} {r['dtype']:9s} {r['what']:60s} "
               f"{r.get('ms', float('nan')):8.3f} ms {r.get('same_idx', '')} {r.get('error', '')}")
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, when=time.strftime("%Y%m%d-%H%M%S"))
     path = os.path.join(args.out, f"tune-triton-{meta['when']}.json")

@@ -3,7 +3,8 @@
 #   1. build the extension with the CUDA kernels, 2. the GPU tests, 3. compute-sanitizer
 #   (memcheck, racecheck, initcheck) on the CUDA C++ kernels through their GPU tests,
 #   4. the GPU benchmarks in fp32 and bf16, written to benchmarks/results/ (file names carry the GPU),
-#   5. the encoder target table (issue 10) of those two runs: python -m sparsekern.bench.targets FILES.
+#   5. the encoder target table (issue 10) of those two runs: python -m sparsekern.bench.targets FILES,
+#      and the strategy `auto` should take per op/dtype on this GPU (python -m sparsekern.bench.choose_strategy).
 # Usage: bash scripts/gpu_checks.sh [--no-sanitizer] [--no-bench] [--encoders-only]
 #   --encoders-only: build, tests/test_triton_gpu.py, then only topk_encode/threshold_encode benchmarked
 #   (fp32 and bf16) and their target table; sized for a 15-minute GPU budget.
@@ -71,6 +72,8 @@ if [ "$BENCH" = 1 ]; then
   echo "[gpu] encoder targets (issue 10)"
   if [ "${#results[@]}" -gt 0 ]; then
     "$PY" -m sparsekern.bench.targets "${results[@]}" || status=$?
+    echo "[gpu] measured encoder strategy per op (commit with: python -m sparsekern.bench.choose_strategy FILES --write)"
+    "$PY" -m sparsekern.bench.choose_strategy "${results[@]}" || true
   else
     echo "no benchmark results written"; status=1
   fi

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+import sparsekern.ops._validate as V
 import sparsekern.ops.feature_topk as feature_topk_mod
 from sparsekern.ops import (
     FeatureTopKState,
@@ -162,3 +163,12 @@ def test_feature_topk_state_empty_compiles():
     torch._dynamo.reset()
     f = torch.compile(lambda: FeatureTopKState.empty(4, 2).values, fullgraph=True, backend="eager")
     assert torch.equal(f(), torch.full((4, 2), -torch.inf))
+
+
+def test_own_indices_skips_the_range_check_only_inside():
+    """The encoders' backward reuses sparse_decode on indices they produced: no check (no GPU sync)."""
+    bad = torch.tensor([[5]])
+    with V.own_indices():
+        V.index_range("indices", bad, 3)
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, d_sae=3\)"):
+        V.index_range("indices", bad, 3)

@@ -28,11 +28,15 @@ def _run(args, env_extra=None, timeout=600):
 
 
 @needs_triton
-@pytest.mark.parametrize("group", ["topk or threshold", "decode or dispatch"])
+@pytest.mark.parametrize("group", [("triton_interp_cases.py", "topk or threshold"),
+                                   ("triton_interp_cases.py", "decode or dispatch"),
+                                   ("triton_interp_strategies.py", "topk"),
+                                   ("triton_interp_strategies.py", "not topk")],
+                         ids=lambda g: f"{g[0]}:{g[1]}")
 def test_triton_kernels_under_interpreter(group):
+    path, expr = group
     r = _run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "triton_interp_cases.py"),
-         "-k", group],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / path), "-k", expr],
         {"TRITON_INTERPRET": "1"},
     )
     tail = (r.stdout[-6000:] + r.stderr[-3000:])

@@ -16,7 +16,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from sparsekern.triton import decode, encode
+from sparsekern.triton import _fused, _select, _tile, decode, encode, encode_tiles
 from sparsekern.triton._common import acc_dtype, tl_dtype
 
 PTR = {torch.float32: "*fp32", torch.float64: "*fp64", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
@@ -33,27 +33,30 @@ def variants():
         P, A = PTR[dt], PTR[acc]
         enc_ints = {n: "i32" for n in ("N", "D_IN", "D_SAE", "COLS_PER_SPLIT", "sxm", "sxk", "swk", "swn")}
         for k in (32, 64, 128, 256):
-            bm, bn, bk, w = encode._tiles(cuda_like, k)
+            bm, bn, bk, w = encode_tiles._tiles(cuda_like, k)
             sig = {"x_ptr": P, "w_ptr": P, "bdec_ptr": A, "bias_ptr": A, "pv_ptr": A, "pi_ptr": "*i32",
                    **enc_ints}
             ce = dict(K=k, KP=k, CENTER=not low, BM=bm, BN=bn, BK=bk, ACC=tl_dtype(acc), UPCAST=False,
-                      PREC=encode._prec(cuda_like))
-            out.append((f"topk {dt} k={k}", encode._topk_kernel, sig, ce, w))
+                      PREC=_tile.dot_precision(cuda_like))
+            out.append((f"topk {dt} k={k}", encode_tiles._topk_kernel, sig, ce, w))
             if dt == torch.float32 and k == 64:  # the opt-in SPARSEKERN_TRITON_FP32_DOT=tf32x3
-                out.append(("topk fp32 tf32x3 k=64", encode._topk_kernel, sig, {**ce, "PREC": "tf32x3"}, w))
-        bm, bn, bk, w = encode._tiles(cuda_like)
+                tf32x3 = {**ce, "PREC": "tf32x3"}
+                out.append(("topk fp32 tf32x3 k=64", encode_tiles._topk_kernel, sig, tf32x3, w))
+        bm, bn, bk, w = encode_tiles._tiles(cuda_like)
         for fill in (False, True):
             sig = {"x_ptr": P, "w_ptr": P, "bdec_ptr": A, "bias_ptr": A, "thr_ptr": A, "cnt_ptr": "*i64",
                    "start_ptr": "*i64", "ov_ptr": P, "oi_ptr": "*i64",
                    **{n: "i32" for n in ("N", "D_IN", "D_SAE", "COLS_PER_SPLIT", "KMAX")},
                    **{n: "i32" for n in ("sxm", "sxk", "swk", "swn")}}
             ce = dict(FILL=fill, CENTER=not low, BM=bm, BN=bn, BK=bk, ACC=tl_dtype(acc), UPCAST=False,
-                      PREC=encode._prec(cuda_like))
-            out.append((f"threshold {dt} fill={fill}", encode._threshold_kernel, sig, ce, w))
+                      PREC=_tile.dot_precision(cuda_like))
+            out.append((f"threshold {dt} fill={fill}", encode_tiles._threshold_kernel, sig, ce, w))
         if low:
             sig = {"w_ptr": P, "bdec_ptr": P, "benc_ptr": P, "out_ptr": "*fp32",
                    **{n: "i32" for n in ("D_IN", "D_SAE", "swk", "swn")}}
-            out.append((f"fold_bias {dt}", encode._fold_bias_kernel, sig, dict(BN=128, BK=32), 4))
+            out.append((f"fold_bias {dt}", _tile.fold_bias_kernel, sig, dict(BN=128, BK=32), 4))
+        if dt != torch.float64:
+            out += _fused_variants(cuda_like, P)
         bk, bd, w = decode._blocks(cuda_like, 2304)
         ints = lambda *names: {n: "i32" for n in names}  # noqa: E731
         sig = {"v_ptr": P, "i_ptr": "*i64", "w_ptr": P, "b_ptr": P, "out_ptr": P,
@@ -68,10 +71,53 @@ def variants():
                **ints("K", "D", "sgn", "sgd", "svn", "svk")}
         out.append((f"decode_bwd_weight {dt}", decode._bwd_weight_kernel, sig,
                     dict(BE=bk, BD=bd, ACC=tl_dtype(acc)), w))
+    return out + _select_variants()
+
+
+def _fused_variants(cuda_like, P: str) -> list:
+    """The fused GEMM + selection kernels with the tiles ``encode._gemm_config`` picks."""
+    cfg = encode._gemm_config(cuda_like)
+    w = cfg.pop("num_warps")
+    cfg.pop("num_stages", None)
+    ce = dict(CENTER=cuda_like.dtype == torch.float32, UPCAST=False, PREC=_tile.dot_precision(cuda_like),
+              **cfg)
+    ints = {n: "i32" for n in ("N", "D_IN", "sxm", "sxk", "swk", "swn")}
+    common = {"x_ptr": P, "w_ptr": P, "bdec_ptr": "*fp32", "bias_ptr": "*fp32"}
+    topk = {**common, "cand_ptr": "*i64", "cnt_ptr": "*i32", "kth_ptr": "*i64", "col_lo": "i32",
+            "col_hi": "i32"}
+    thr = {**common, "thr_ptr": "*fp32", "val_ptr": "*fp32", "idx_ptr": "*i32", "cnt_ptr": "*i32",
+           "D_SAE": "i32", "C": "i32"}
+    dt = cuda_like.dtype
+    return [(f"topk_gemm {dt}", _fused.topk_gemm_kernel, {**topk, **ints}, {**ce, "C": 512}, w),
+            (f"threshold_gemm {dt}", _fused.threshold_gemm_kernel, {**thr, **ints}, ce, w)]
+
+
+def _select_variants() -> list:
+    """The select kernels (fp32 blocks whatever the input dtype) with ``encode._plan``'s shapes."""
+    cuda_like = type("T", (), {"device": torch.device("cuda"), "dtype": torch.float32, "shape": (1, 1)})()
+    out = []
+    sel = {"pre_ptr": "*fp32", "bias_ptr": "*fp32", "cand_ptr": "*i64", "cnt_ptr": "*i32", "kth_ptr": "*i64",
+           "R": "i32", "NC": "i32", "col0": "i32"}
+    for k in (32, 64, 256, 512):
+        bc = max(256, encode.next_pow2(2 * k))
+        plan = encode._plan(cuda_like, 1 << 20, bc, 16 * bc, None)
+        for first in (True, False):
+            out.append((f"topk_select k={k} first={first}", _select.topk_select_kernel, sel,
+                        dict(FIRST=first, K=k, C=2 * bc, BR=plan.br, BC=bc), plan.warps))
+        out.append((f"tighten k={k}", _select.tighten_kernel,
+                    {"cand_ptr": "*i64", "cnt_ptr": "*i32", "kth_ptr": "*i64", "R": "i32"},
+                    dict(K=k, C=2 * bc, BR=plan.br), plan.warps))
+    plan = encode._plan(cuda_like, 1 << 20, 256, 8 * 256, None)
+    out.append(("threshold_select", _select.threshold_select_kernel,
+                {"pre_ptr": "*fp32", "bias_ptr": "*fp32", "thr_ptr": "*fp32", "val_ptr": "*fp32",
+                 "idx_ptr": "*i32", "cnt_ptr": "*i32", "R": "i32", "NC": "i32", "col0": "i32", "C": "i32"},
+                dict(BR=plan.br, BC=256), plan.warps))
     return out
 
 
 REPRESENTATIVE = (
+    "topk_gemm torch.bfloat16", "threshold_gemm torch.bfloat16", "topk_select k=64 first=True",
+    "tighten k=64", "threshold_select",
     "topk torch.bfloat16 k=64", "topk torch.float32 k=64", "threshold torch.bfloat16 fill=True",
     "threshold torch.float32 fill=False", "fold_bias torch.bfloat16", "decode_fwd torch.bfloat16",
     "decode_bwd_values torch.float32", "decode_bwd_weight torch.bfloat16",

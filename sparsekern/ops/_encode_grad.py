@@ -8,6 +8,7 @@ Given dL/dvalues for the kept slots (already masked), with pre[n, f] = xc[n] @ W
 Nothing of size [N, d_sae] is built.
 """
 
+from . import _validate as V
 from .sparse_decode import _backward_weight, _sparse_decode
 
 
@@ -27,7 +28,8 @@ def encoder_backward(ctx, g):
     need_b_dec = ctx.has_b_dec and ctx.needs_input_grad[ctx.b_dec_pos]
     dx = dW = db_enc = db_dec = None
     if need_x or need_b_dec:
-        dx = _sparse_decode(g, indices, W_enc.t(), None)
+        with V.own_indices():  # the encoder's own output: no range check (a GPU sync)
+            dx = _sparse_decode(g, indices, W_enc.t(), None)
     if need_W:
         xc = x - b_dec if b_dec is not None else x
         dW = _backward_weight(xc.contiguous(), g, indices, d_sae).t()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
+import threading
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -69,9 +72,24 @@ def has_data(t: Tensor) -> bool:
     return not (torch.compiler.is_compiling() or t.is_meta or is_fake(t))
 
 
+_own = threading.local()
+
+
+@contextlib.contextmanager
+def own_indices() -> Iterator[None]:
+    """Skip :func:`index_range` in this thread for indices an encoder just produced (its backward
+    reuses ``sparse_decode``): they are in range by construction, and the check costs a GPU sync."""
+    prev = getattr(_own, "on", False)
+    _own.on = True
+    try:
+        yield
+    finally:
+        _own.on = prev
+
+
 def index_range(name: str, idx: Tensor, d_sae: int) -> None:
     """ValueError unless every index is in [0, d_sae). Called from the custom-op bodies (one sync)."""
-    if idx.numel() and has_data(idx):
+    if idx.numel() and has_data(idx) and not getattr(_own, "on", False):
         lo, hi = torch.stack((idx.min(), idx.max())).tolist()
         if lo < 0 or hi >= d_sae:
             raise ValueError(f"{name} must lie in [0, d_sae={d_sae}), found values in [{lo}, {hi}]")

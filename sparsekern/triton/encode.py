@@ -1,332 +1,370 @@
-"""Triton encoders: ``pre = (x - b_dec) @ W_enc + b_enc`` tile by tile, never stored as [N, d_sae].
+"""Triton encoders, host side: choose a strategy, plan memory, launch. Never builds [N, d_sae].
 
-topk_encode -- grid (row blocks, column splits). Each program walks the d_sae tiles of its split
-and keeps a running top-k per row in registers (replace-the-worst merge, see ``_merge_tile``). It
-writes its k candidates per row, so the only intermediate is ``[N, splits, k]`` (``splits`` is
-small: just enough programs to fill the GPU; 1 when the row blocks already do). A stable sort of
-those ``N * splits * k`` candidates gives the final (value desc, index asc) order.
+``pre = (x - b_dec) @ W_enc + b_enc``. Strategies (``SPARSEKERN_ENCODE_STRATEGY`` = auto | blocks |
+fused | tiles, read on every call):
 
-threshold_encode -- the same tiles twice. Count pass: per (row, split) the number of
-``pre > threshold``. An exclusive scan of the ``[N, splits]`` counts gives each (row, split) its
-first output slot; the fill pass recomputes the identical tiles and scatters values/indices.
-Exact L0 per row, no cap, ascending feature order within a row.
+- ``blocks``: cuBLAS writes ``pre`` one column block at a time in fp32 (16-bit inputs through
+  ``torch.mm(..., out_dtype=float32)``, so selection sees fp32-accumulated values, never rounded
+  ones), and a bandwidth-bound select kernel (``_select.py``) streams each block into small per-row
+  buffers: top-k keeps only keys that beat the row's running K-th key, JumpReLU keeps
+  ``pre > threshold`` in feature order. The first block's bound comes from group maxima, so even
+  it adds about K keys per row. Costs one fp32 write + read of ``pre`` on top of the matmul.
+- ``fused``: the first block as in ``blocks``, then Triton GEMM tiles whose epilogue appends only
+  the keys that beat the row's K-th key (``_fused.py``); blocks double in width and the K-th key is
+  raised between them. JumpReLU is one GEMM launch with a threshold epilogue. ``pre`` never
+  touches memory. Rows whose buffer overflows (adversarial orderings) are recomputed exactly.
+- ``tiles``: the original kernels (``encode_tiles.py``), a running top-k merge in registers;
+  always used for float64 (the rank keys are fp32-based).
 
-Precision: bf16/fp16 x and W_enc go to ``tl.dot`` as they are (products exact in fp32, fp32
-accumulation) and b_dec is folded into the bias as ``b_enc - b_dec @ W_enc`` (fp32), so x need
-not be centred in fp32 first. fp32/fp64 centre ``x - b_dec`` in the kernel (the reference's
-arithmetic); fp32 uses ``input_precision="ieee"`` (no TF32: the 1e-5 contract).
+``auto`` takes the choice measured on this GPU model (``encode_strategy.json``, written from
+``sparsekern bench --device cuda`` results by ``python -m sparsekern.bench.choose_strategy``) and
+``blocks`` where nothing was measured. Results never depend on the strategy: every one returns
+the exact top-k of the fp32-accumulated pre-activations (value desc, ties -> lower index; NaN
+first, as torch.sort) and the exact JumpReLU support in ascending feature order.
+
+Memory: the fp32 block plus the buffers stay under ``SPARSEKERN_ENCODE_BUDGET_MIB`` (default 512);
+rows are processed in chunks when even one block of all rows would not fit.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
 
 import torch
-import triton
-import triton.language as tl
 
 from .. import ref
 from . import CALLS
-from ._common import acc_dtype, cdiv, next_pow2, num_sms, on_first_tensor_device, store_dtype, tl_dtype
+from . import encode_tiles as tiles
+from ._common import cdiv, next_pow2, on_first_tensor_device
+from ._fused import threshold_gemm_kernel, topk_gemm_kernel
+from ._select import NONE_KEY, threshold_select_kernel, tighten_kernel, topk_select_kernel
+from ._tile import dot_precision, prepare, upcast
 
-_SENT = tl.constexpr(0x7F000000)  # indices of still-empty running slots (unique: _SENT + slot)
-_BIGC = tl.constexpr(0x7FFFFFFF)  # index of taken / out-of-range tile columns
-MAX_K = 512  # the running top-k lives in registers: [16, 512] per program is the largest we compile
-
-
-@triton.jit
-def _pre_tile(x_ptr, w_ptr, bdec_ptr, bias_ptr, rows, cols, N, D_IN, D_SAE, sxm, sxk, swk, swn,
-              CENTER: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-              ACC: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
-    """[BM, BN] pre-activations for rows x cols (ACC dtype); out-of-range entries are garbage."""
-    acc = tl.zeros((BM, BN), dtype=ACC)
-    rmask = rows < N
-    cmask = cols < D_SAE
-    rows64 = rows.to(tl.int64)
-    cols64 = cols.to(tl.int64)
-    for k0 in range(0, D_IN, BK):
-        ks = k0 + tl.arange(0, BK)
-        kmask = ks < D_IN
-        ks64 = ks.to(tl.int64)
-        a = tl.load(x_ptr + rows64[:, None] * sxm + ks64[None, :] * sxk,
-                    mask=rmask[:, None] & kmask[None, :], other=0.0)
-        if CENTER:
-            a = a - tl.load(bdec_ptr + ks, mask=kmask, other=0.0)[None, :]
-        b = tl.load(w_ptr + ks64[:, None] * swk + cols64[None, :] * swn,
-                    mask=kmask[:, None] & cmask[None, :], other=0.0)
-        if UPCAST:  # Triton's interpreter multiplies bf16 bit patterns in tl.dot; fp32 is exact
-            a, b = a.to(tl.float32), b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PREC)
-    return acc + tl.load(bias_ptr + cols, mask=cmask, other=0.0)[None, :]
+STRATEGIES = ("blocks", "fused", "tiles")
+DEFAULT_STRATEGY = "blocks"  # used where encode_strategy.json has no measurement for the GPU
+ENV_STRATEGY = "SPARSEKERN_ENCODE_STRATEGY"
+ENV_BUDGET = "SPARSEKERN_ENCODE_BUDGET_MIB"
+DEFAULT_BUDGET_MIB = 512
+MAX_K = tiles.MAX_K  # larger k runs the (chunked) reference
+_TABLE = Path(__file__).with_name("encode_strategy.json")
+_L0_HINT: dict[tuple[str, int], int] = {}  # (device, d_sae) -> last max row L0 (buffer size guess)
 
 
-@triton.jit
-def _worst(run_v, run_i):
-    """Per row, the running entry that ranks last: lowest value, then highest index."""
-    wv = tl.min(run_v, axis=1)
-    wi = tl.max(tl.where(run_v == wv[:, None], run_i, -1), axis=1)
-    return wv, wi
+# ---- strategy and memory plan --------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _measured_table() -> dict:
+    try:
+        return json.loads(_TABLE.read_text()).get("devices", {})
+    except (OSError, ValueError):
+        return {}
 
 
-@triton.jit
-def _merge_tile(run_v, run_i, tv, cols, K: tl.constexpr):
-    """Merge a tile into the running top-k. tv [BM, BN]: pre-activations; cols [BN]: feature ids,
-    _BIGC for columns outside this program's split. Round r takes the tile's next entry in
-    (value desc, index asc) order -- the first one ranking below (lm, lc), the entry taken last, so
-    the tile is never rewritten -- and moves it into the worst running slot if it ranks higher.
-    The trip count is the most entries any row can gain, so late tiles (whose values rarely beat
-    the k-th best) cost one count."""
-    wv, wi = _worst(run_v, run_i)
-    ok = (cols < _BIGC)[None, :]
-    col = cols[None, :]
-    beats = ok & ((tv > wv[:, None]) | ((tv == wv[:, None]) & (col < wi[:, None])))
-    n_rounds = tl.minimum(tl.max(tl.sum(beats.to(tl.int32), axis=1), axis=0), K)
-    lm = tl.full(wv.shape, float("inf"), wv.dtype)
-    lc = tl.full(wi.shape, -1, tl.int32)
-    for _ in range(n_rounds):
-        elig = ok & ((tv < lm[:, None]) | ((tv == lm[:, None]) & (col > lc[:, None])))
-        m = tl.max(tl.where(elig, tv, float("-inf")), axis=1)
-        c = tl.min(tl.where(elig & (tv == m[:, None]), col, _BIGC), axis=1)
-        win = (c < _BIGC) & ((m > wv) | ((m == wv) & (c < wi)))
-        slot = (run_i == wi[:, None]) & win[:, None]
-        run_v = tl.where(slot, m[:, None], run_v)
-        run_i = tl.where(slot, c[:, None], run_i)
-        lm, lc = m, c
-        wv, wi = _worst(run_v, run_i)
-    return run_v, run_i
+def _measured(device: torch.device, dtype: torch.dtype, op: str) -> Optional[str]:
+    if device.type != "cuda":
+        return None
+    entry = _measured_table().get(torch.cuda.get_device_name(device), {})
+    choice = entry.get(str(dtype).removeprefix("torch."), {}).get(op)
+    return choice if choice in STRATEGIES else None
 
 
-@triton.jit
-def _topk_kernel(x_ptr, w_ptr, bdec_ptr, bias_ptr, pv_ptr, pi_ptr,
-                 N, D_IN, D_SAE, COLS_PER_SPLIT, sxm, sxk, swk, swn,
-                 K: tl.constexpr, KP: tl.constexpr, CENTER: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr,
-                 UPCAST: tl.constexpr, PREC: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    n_splits = tl.num_programs(1)
-    rows = pid_m * BM + tl.arange(0, BM)
-    slots = tl.arange(0, KP)
-    real = slots < K
-    # real slots start empty (-inf, unique sentinel index); padding slots (>= K) hold +inf with
-    # index -1 so they never rank last and are never replaced
-    run_v = tl.where(real[None, :], tl.full((BM, KP), float("-inf"), ACC), float("inf"))
-    run_i = tl.zeros((BM, KP), tl.int32) + tl.where(real, _SENT + slots, -1)[None, :]
-    c_begin = pid_s * COLS_PER_SPLIT
-    c_end = tl.minimum(c_begin + COLS_PER_SPLIT, D_SAE)
-    for c0 in range(c_begin, c_end, BN):
-        cols = c0 + tl.arange(0, BN)
-        pre = _pre_tile(x_ptr, w_ptr, bdec_ptr, bias_ptr, rows, cols, N, D_IN, D_SAE,
-                        sxm, sxk, swk, swn, CENTER, BM, BN, BK, ACC, UPCAST, PREC)
-        run_v, run_i = _merge_tile(run_v, run_i, pre, tl.where(cols < c_end, cols, _BIGC), K)
-    off = (rows.to(tl.int64)[:, None] * n_splits + pid_s) * K + slots[None, :]
-    mask = (rows < N)[:, None] & real[None, :]
-    tl.store(pv_ptr + off, run_v, mask=mask)
-    tl.store(pi_ptr + off, run_i, mask=mask)
-
-
-@triton.jit
-def _threshold_kernel(x_ptr, w_ptr, bdec_ptr, bias_ptr, thr_ptr, cnt_ptr, start_ptr, ov_ptr, oi_ptr,
-                      N, D_IN, D_SAE, COLS_PER_SPLIT, KMAX, sxm, sxk, swk, swn,
-                      FILL: tl.constexpr, CENTER: tl.constexpr,
-                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr,
-                      UPCAST: tl.constexpr, PREC: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    n_splits = tl.num_programs(1)
-    rows = pid_m * BM + tl.arange(0, BM)
-    rmask = rows < N
-    rows64 = rows.to(tl.int64)
-    c_begin = pid_s * COLS_PER_SPLIT
-    c_end = tl.minimum(c_begin + COLS_PER_SPLIT, D_SAE)
-    cnt_off = rows64 * n_splits + pid_s
-    if FILL:
-        pos = tl.load(start_ptr + cnt_off, mask=rmask, other=0)
-    else:
-        pos = tl.zeros((BM,), tl.int64)
-    for c0 in range(c_begin, c_end, BN):
-        cols = c0 + tl.arange(0, BN)
-        cmask = cols < c_end
-        pre = _pre_tile(x_ptr, w_ptr, bdec_ptr, bias_ptr, rows, cols, N, D_IN, D_SAE,
-                        sxm, sxk, swk, swn, CENTER, BM, BN, BK, ACC, UPCAST, PREC)
-        thr = tl.load(thr_ptr + cols, mask=cmask, other=0.0)
-        hit = (pre > thr[None, :]) & cmask[None, :] & rmask[:, None]
-        h = hit.to(tl.int32)
-        if FILL:
-            slot = pos[:, None] + (tl.cumsum(h, axis=1) - h)
-            ok = hit & (slot < KMAX)  # never write out of bounds, even if the passes disagreed
-            off = rows64[:, None] * KMAX + slot
-            tl.store(ov_ptr + off, pre.to(ov_ptr.dtype.element_ty), mask=ok)
-            tl.store(oi_ptr + off, cols.to(tl.int64)[None, :] + tl.zeros((BM, BN), tl.int64), mask=ok)
-        pos += tl.sum(h, axis=1)
-    # both passes write their counts; the wrapper checks they agree
-    if FILL:
-        tl.store(cnt_ptr + cnt_off, pos - tl.load(start_ptr + cnt_off, mask=rmask, other=0), mask=rmask)
-    else:
-        tl.store(cnt_ptr + cnt_off, pos, mask=rmask)
-
-
-@triton.jit
-def _fold_bias_kernel(w_ptr, bdec_ptr, benc_ptr, out_ptr, D_IN, D_SAE, swk, swn,
-                      BN: tl.constexpr, BK: tl.constexpr):
-    """out = b_enc - b_dec @ W_enc in fp32 (the bias once x is no longer centred)."""
-    cols = tl.program_id(0) * BN + tl.arange(0, BN)
-    cmask = cols < D_SAE
-    cols64 = cols.to(tl.int64)
-    acc = tl.zeros((BN,), tl.float32)
-    for k0 in range(0, D_IN, BK):
-        ks = k0 + tl.arange(0, BK)
-        kmask = ks < D_IN
-        w = tl.load(w_ptr + ks.to(tl.int64)[:, None] * swk + cols64[None, :] * swn,
-                    mask=kmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-        bd = tl.load(bdec_ptr + ks, mask=kmask, other=0.0).to(tl.float32)
-        acc += tl.sum(bd[:, None] * w, axis=0)
-    b = tl.load(benc_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + cols, b - acc, mask=cmask)
-
-
-# ---- host side -----------------------------------------------------------------------------
-def _tiles(x: torch.Tensor, kp: int = 0) -> tuple[int, int, int, int]:
-    """(BM, BN, BK, num_warps); ``kp`` = padded k for topk_encode, 0 for threshold_encode.
-    CUDA topk sizes come from the H100 sweep of benchmarks/tune_triton.py
-    (benchmarks/results/tune-triton-*-h100.json): 16-bit 64x64x32/4 warps was 1.3x faster than
-    64x128x64/8, fp32 32x128x32/4 up to 1.2x faster than 64x128x16/8. threshold_encode measured
-    1.2-1.3x slower with those tiles on the same machine, so it keeps the wider 8-warp ones.
-    The interpreter gets small tiles because every program runs in Python."""
-    if x.device.type != "cuda":
-        return 16, 32, 16, 1
+def strategy_for(x: torch.Tensor, op: str, forced: Optional[str] = None) -> str:
+    """The strategy ``op`` uses for ``x``: ``forced``, else the env var, else the measured choice."""
+    name = (forced or os.environ.get(ENV_STRATEGY, "auto")).strip().lower() or "auto"
+    if name not in ("auto", *STRATEGIES):
+        raise ValueError(f"{ENV_STRATEGY}={name!r}; expected auto or one of {STRATEGIES}")
     if x.dtype == torch.float64:
-        return 32, 64, 16, 4
-    low = x.dtype in (torch.bfloat16, torch.float16)
-    if kp == 0:
-        # fp32 BK=16: the FMA (ieee) dot at BK=32 spilled 176-304 B/thread on sm_90 at 64x128
-        return 64, 128, (64 if low else 16), 8
-    if low:  # the running top-k [BM, KP] lives in registers
-        return (64 if kp <= 64 else 32 if kp <= 256 else 16), 64, 32, 4
-    return (32 if kp <= 256 else 16), 128, 32, 4
+        return "tiles"
+    if name != "auto":
+        return name
+    return _measured(x.device, x.dtype, op) or DEFAULT_STRATEGY
 
 
-def _upcast(x: torch.Tensor) -> bool:
-    """Off CUDA (the interpreter) 16-bit dot operands are cast to fp32 first, see _pre_tile."""
-    return x.device.type != "cuda" and x.dtype in (torch.bfloat16, torch.float16)
+def budget_bytes() -> int:
+    """Extra-memory budget of one encoder call (``SPARSEKERN_ENCODE_BUDGET_MIB``, default 512)."""
+    raw = os.environ.get(ENV_BUDGET, "").strip()
+    try:
+        mib = float(raw) if raw else DEFAULT_BUDGET_MIB
+    except ValueError:
+        raise ValueError(f"{ENV_BUDGET}={raw!r} is not a number of MiB") from None
+    if not mib > 0:
+        raise ValueError(f"{ENV_BUDGET} must be positive, got {raw!r}")
+    return int(mib * 2**20)
 
 
-FP32_DOT_CHOICES = ("ieee", "tf32x3", "tf32")
+def _on_gpu(x: torch.Tensor) -> bool:
+    return x.device.type == "cuda"
 
 
-def _prec(x: torch.Tensor) -> str:
-    """tl.dot input precision. fp32: ``SPARSEKERN_TRITON_FP32_DOT`` (default "ieee": FMA, exact fp32
-    products; "tf32x3": 3 TF32 tensor-core passes, ~fp32 accuracy, untimed here; "tf32": fast but
-    ~1e-3, outside the 1e-5 contract). Other dtypes: Triton's default (ignored for 16-bit)."""
-    if x.dtype != torch.float32:
-        return "tf32"
-    prec = os.environ.get("SPARSEKERN_TRITON_FP32_DOT", "ieee").strip().lower() or "ieee"
-    if prec not in FP32_DOT_CHOICES:
-        raise ValueError(f"SPARSEKERN_TRITON_FP32_DOT={prec!r}; expected one of {FP32_DOT_CHOICES}")
-    return prec
+@dataclass(frozen=True)
+class _Plan:
+    rows: int  # rows per chunk
+    cols: int  # columns per cuBLAS block (the first block of the fused strategy)
+    bc: int  # columns per select-kernel chunk (power of two)
+    br: int  # rows per select program
+    warps: int  # warps per select program
 
 
-def _splits(x: torch.Tensor, n_rows: int, d_sae: int, bm: int, bn: int, splits: int | None):
-    """(splits, columns per split): enough programs to fill the device, whole tiles per split."""
-    n_tiles = cdiv(d_sae, bn)
-    if splits is None:
-        target = 4 * num_sms(x.device) if x.device.type == "cuda" else 2
-        splits = cdiv(target, cdiv(n_rows, bm))
-    splits = max(1, min(int(splits), n_tiles))
-    per = cdiv(n_tiles, splits) * bn
-    return cdiv(d_sae, per), per
+def _plan(x: torch.Tensor, d_sae: int, bc: int, slot_bytes: int, block_cols: Optional[int]) -> _Plan:
+    """Half the budget for the fp32 block, the rest for buffers (``slot_bytes`` per row)."""
+    n = max(1, x.shape[0])
+    half = budget_bytes() // 2
+    if block_cols is not None:
+        cols = max(1, min(int(block_cols), d_sae))
+    else:
+        cols = min(d_sae, max(bc, half // (4 * n) // bc * bc))
+    rows = max(1, min(n, half // (4 * cols), half // max(1, slot_bytes)))
+    rows = min(rows, (2**31 - 1) // max(1, slot_bytes // 8))  # the fused epilogue's int32 offsets
+    if not _on_gpu(x):
+        return _Plan(rows, cols, bc, 16, 1)  # the interpreter vectorises over rows
+    # compiled for sm_90: no spills at these shapes (8 rows x 256 lanes, 8 warps: ~145 registers)
+    br, warps = (8, 8) if bc <= 256 else (4, 8) if bc <= 512 else (1, 4)
+    return _Plan(rows, cols, bc, br, warps)
 
 
-def _prepare(x, W_enc, b_enc, b_dec):
-    """(acc dtype, centre in kernel?, b_dec in acc dtype or None, bias [d_sae] in acc dtype)."""
-    acc = acc_dtype(x.dtype)
-    low = x.dtype in (torch.bfloat16, torch.float16)
-    if b_dec is None or not low:
-        bdec = b_dec.to(acc).contiguous() if b_dec is not None else None
-        return acc, b_dec is not None, bdec, b_enc.to(acc).contiguous()
-    d_in, d_sae = W_enc.shape
-    bias = torch.empty(d_sae, dtype=torch.float32, device=x.device)
-    _fold_bias_kernel[(cdiv(d_sae, 128),)](
-        W_enc, b_dec.contiguous(), b_enc.contiguous(), bias, d_in, d_sae, *W_enc.stride(), BN=128, BK=32
-    )
-    return acc, False, None, bias
+def _min_bc(x: torch.Tensor) -> int:
+    return 256 if _on_gpu(x) else 32
+
+
+ENV_FUSED_TILE = "SPARSEKERN_ENCODE_FUSED_TILE"  # "BM,BN,BK,warps,stages": tile sweeps on a GPU
+
+
+def _gemm_config(x: torch.Tensor) -> dict:
+    """Tile shape of the fused GEMM. 16-bit on CUDA: 128x64x64, 8 warps (two wgmma warpgroups), 3
+    stages: compiled for sm_90, 128x128 spills 48-200 B/thread in the selection epilogue and 128x64
+    does not (``python tests/triton_compile.py 90``). Not yet timed on a GPU."""
+    if not _on_gpu(x):
+        return dict(BM=16, BN=32, BK=16, GROUP_M=2, num_warps=1)
+    raw = os.environ.get(ENV_FUSED_TILE, "").strip()
+    if raw:
+        try:
+            bm, bn, bk, warps, stages = (int(t) for t in raw.split(","))
+        except ValueError:
+            raise ValueError(f"{ENV_FUSED_TILE}={raw!r}; expected 'BM,BN,BK,num_warps,num_stages'") from None
+        return dict(BM=bm, BN=bn, BK=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
+    if x.dtype in (torch.bfloat16, torch.float16):
+        return dict(BM=128, BN=64, BK=64, GROUP_M=8, num_warps=8, num_stages=3)
+    return dict(BM=64, BN=64, BK=32, GROUP_M=8, num_warps=4, num_stages=3)
+
+
+_MM_WARNED = False
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = a @ b`` with fp32 accumulation *and* fp32 output (cuBLAS on CUDA). fp32 inputs follow
+    torch's matmul precision setting (exact fp32 by default; TF32 if the user enabled it)."""
+    global _MM_WARNED
+    if a.dtype == torch.float32:
+        torch.mm(a, b, out=out)
+        return
+    if a.is_cuda:
+        try:
+            torch.mm(a, b, out_dtype=torch.float32, out=out)
+            return
+        except (TypeError, RuntimeError, NotImplementedError) as e:  # torch without mm(out_dtype=)
+            if not _MM_WARNED:
+                warnings.warn(f"sparsekern: torch.mm(out_dtype=float32) failed ({e}); encoder blocks are "
+                              "multiplied in fp32 instead (slower)", RuntimeWarning, stacklevel=3)
+                _MM_WARNED = True
+    torch.mm(a.float(), b.float(), out=out)
+
+
+def decode_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank keys (``_select.make_key``) -> (fp32 values, int64 feature ids)."""
+    hi = (keys >> 32).to(torch.int32)
+    bits = torch.where(hi >= 0, hi, hi ^ 0x7FFFFFFF)
+    return bits.view(torch.float32), 0x7FFFFFFF - (keys & 0xFFFFFFFF)
+
+
+@dataclass
+class _Inputs:
+    """What both paths multiply: ``xs`` for Triton tiles (centred in-kernel when ``center``), ``xm``
+    for cuBLAS (already centred), fp32 ``bias [d_sae]`` (b_dec folded in for 16-bit inputs)."""
+
+    xs: torch.Tensor
+    xm: torch.Tensor
+    W: torch.Tensor
+    bias: torch.Tensor
+    bdec: Optional[torch.Tensor]
+    center: bool
+
+    def rows(self, sel) -> "_Inputs":
+        return _Inputs(self.xs[sel], self.xm[sel], self.W, self.bias, self.bdec, self.center)
+
+    def gemm_args(self) -> tuple:
+        return (self.xs, self.W, self.bdec if self.center else self.bias, self.bias)
+
+
+def _inputs(x, W_enc, b_enc, b_dec) -> _Inputs:
+    _, center, bdec, bias = prepare(x, W_enc, b_enc, b_dec)
+    xm = x - bdec if center else x
+    return _Inputs(x, xm, W_enc, bias, bdec, center)
+
+
+def _gemm_launch(kernel, inp: _Inputs, n_rows: int, n_cols: int, *args, **const):
+    cfg = _gemm_config(inp.xs)
+    grid = (cdiv(n_rows, cfg["BM"]) * cdiv(n_cols, cfg["BN"]),)
+    kernel[grid](*inp.gemm_args(), *args, CENTER=inp.center, UPCAST=upcast(inp.xs),
+                 PREC=dot_precision(inp.xs), **cfg, **const)
+
+
+# ---- topk_encode ---------------------------------------------------------------------------
+def _topk_rows(inp: _Inputs, k: int, plan: _Plan, fused: bool) -> torch.Tensor:
+    """Rank keys [r, k] of each row's k best features (unsorted) for the rows of ``inp``."""
+    r, d_in = inp.xs.shape
+    d_sae = inp.W.shape[1]
+    dev = inp.xs.device
+    cap = 2 * plan.bc
+    cand = torch.empty(r, cap, dtype=torch.int64, device=dev)
+    cnt = torch.zeros(r, dtype=torch.int32, device=dev)
+    kth = torch.full((r,), NONE_KEY, dtype=torch.int64, device=dev)
+    grid = (cdiv(r, plan.br),)
+    const = dict(K=k, C=cap, BR=plan.br, BC=plan.bc, num_warps=plan.warps)
+    stop = plan.cols if fused else d_sae
+    buf = torch.empty(r * plan.cols, dtype=torch.float32, device=dev)
+    for j0 in range(0, stop, plan.cols):
+        j1 = min(d_sae, j0 + plan.cols)
+        pre = buf[: r * (j1 - j0)].view(r, j1 - j0)
+        _mm_f32(inp.xm, inp.W[:, j0:j1], pre)
+        topk_select_kernel[grid](pre, inp.bias[j0:], cand, cnt, kth, r, j1 - j0, j0, FIRST=j0 == 0, **const)
+    del buf
+    if fused:
+        j = plan.cols
+        while j < d_sae:
+            w = min(d_sae - j, max(plan.cols, j))  # as wide as what was seen: ~K new keys per row
+            _gemm_launch(topk_gemm_kernel, inp, r, w, cand, cnt, kth, r, d_in, j, j + w,
+                         *inp.xs.stride(), *inp.W.stride(), C=cap)
+            tighten_kernel[grid](cand, cnt, kth, r, K=k, C=cap, BR=plan.br, num_warps=plan.warps)
+            j += w
+        over = cnt > cap
+        if bool(over.any()):  # keys were dropped: recompute those rows without the fused GEMM
+            CALLS["topk_encode_overflow_rows"] += int(over.sum())
+            sel = over.nonzero().squeeze(1)
+            cand[sel, :k] = _topk_rows(inp.rows(sel), k, plan, fused=False)
+    return cand[:, :k]
 
 
 @on_first_tensor_device
-def topk_encode(x, W_enc, b_enc, b_dec, k: int, relu: bool, *, splits: int | None = None):
-    """x [N, d_in], W_enc [d_in, d_sae] -> (values [N, k] in x.dtype, indices [N, k] int64),
-    sorted by value desc, ties to the lower index; ReLU after selection. ``splits`` overrides the
-    number of d_sae splits (tests use it to exercise the cross-split merge). k > MAX_K runs the
-    (chunked, memory-bounded) reference instead, with a warning."""
+def topk_encode(x, W_enc, b_enc, b_dec, k: int, relu: bool, *, splits: Optional[int] = None,
+                strategy: Optional[str] = None, block_cols: Optional[int] = None):
+    """x [N, d_in], W_enc [d_in, d_sae] -> (values [N, k] in x.dtype, indices [N, k] int64), sorted by
+    value desc, ties to the lower index, ReLU after selection. ``splits`` (tests) forces the tiles
+    strategy with that many d_sae splits; ``block_cols`` (tests) overrides the planned block width.
+    k > MAX_K runs the (chunked, memory-bounded) reference instead, with a warning."""
     CALLS["topk_encode"] += 1
-    n, d_in = x.shape
-    d_sae = W_enc.shape[1]
+    n, d_sae = x.shape[0], W_enc.shape[1]
     if k > MAX_K:
-        warnings.warn(f"sparsekern: the triton topk_encode keeps k <= {MAX_K} in registers; k={k} runs the "
-                      "reference implementation", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"sparsekern: the triton topk_encode supports k <= {MAX_K}; k={k} runs the reference "
+                      "implementation", RuntimeWarning, stacklevel=2)
         CALLS["topk_encode_ref_fallback"] += 1
         return ref.topk_encode(x, W_enc, b_enc, b_dec, k, relu)
-    if d_sae >= _SENT.value:
-        raise ValueError(f"the triton topk_encode supports d_sae < {_SENT.value}, got {d_sae}")
+    name = "tiles" if splits is not None else strategy_for(x, "topk_encode", strategy)
+    CALLS[f"topk_encode[{name}]"] += 1
+    if name == "tiles":
+        return tiles.topk_encode(x, W_enc, b_enc, b_dec, k, relu, splits=splits)
+    if d_sae >= 2**31:
+        raise ValueError(f"the triton topk_encode supports d_sae < 2**31, got {d_sae}")
     if n == 0:
         return x.new_empty(0, k), torch.empty(0, k, dtype=torch.int64, device=x.device)
-    kp = max(2, next_pow2(k))
-    bm, bn, bk, warps = _tiles(x, kp)
-    n_split, per = _splits(x, n, d_sae, bm, bn, splits)
-    acc, center, bdec, bias = _prepare(x, W_enc, b_enc, b_dec)
-    pv = torch.empty(n, n_split, k, dtype=acc, device=x.device)
-    pi = torch.empty(n, n_split, k, dtype=torch.int32, device=x.device)
-    _topk_kernel[(cdiv(n, bm), n_split)](
-        x, W_enc, bdec if center else bias, bias, pv, pi, n, d_in, d_sae, per,
-        *x.stride(), *W_enc.stride(),
-        K=k, KP=kp, CENTER=center, BM=bm, BN=bn, BK=bk, ACC=tl_dtype(acc), UPCAST=_upcast(x),
-        PREC=_prec(x), num_warps=warps,
-    )
-    # merge the splits: order candidates by index, then a stable sort by value keeps ties ascending
-    pv, pi = pv.reshape(n, -1), pi.reshape(n, -1)
-    by_index = torch.argsort(pi, dim=1)
-    pv, pi = pv.gather(1, by_index), pi.gather(1, by_index)
-    best = torch.sort(pv, dim=1, descending=True, stable=True).indices[:, :k]
-    values, indices = pv.gather(1, best), pi.gather(1, best).long()
+    inp = _inputs(x, W_enc, b_enc, b_dec)
+    bc = max(_min_bc(x), next_pow2(2 * k))
+    plan = _plan(x, d_sae, bc, 2 * bc * 8, block_cols)
+    keys = torch.empty(n, k, dtype=torch.int64, device=x.device)
+    for r0 in range(0, n, plan.rows):
+        sel = slice(r0, min(n, r0 + plan.rows))
+        keys[sel] = _topk_rows(inp.rows(sel), k, plan, fused=name == "fused")
+    values, indices = decode_keys(torch.sort(keys, dim=1, descending=True).values)
     if relu:
         values = values.clamp_min(0)
     return values.to(x.dtype), indices
 
 
+# ---- threshold_encode ----------------------------------------------------------------------
+def _threshold_rows(inp: _Inputs, thr: torch.Tensor, plan: _Plan, cap: int, fused: bool):
+    """(values fp32 [r, cap], features int32 [r, cap], exact hit counts [r]) for the rows of ``inp``;
+    slots past a row's count (or past ``cap``) are unspecified. ``fused`` leaves rows unordered."""
+    r, d_in = inp.xs.shape
+    d_sae = inp.W.shape[1]
+    dev = inp.xs.device
+    vals = torch.empty(r, cap, dtype=torch.float32, device=dev)
+    idx = torch.empty(r, cap, dtype=torch.int32, device=dev)
+    cnt = torch.zeros(r, dtype=torch.int32, device=dev)
+    if fused and r * cap < 2**31:  # int32 offsets in the epilogue
+        _gemm_launch(threshold_gemm_kernel, inp, r, d_sae, thr, vals, idx, cnt, r, d_in, d_sae, cap,
+                     *inp.xs.stride(), *inp.W.stride())
+        return vals, idx, cnt
+    buf = torch.empty(r * plan.cols, dtype=torch.float32, device=dev)
+    grid = (cdiv(r, plan.br),)
+    for j0 in range(0, d_sae, plan.cols):
+        j1 = min(d_sae, j0 + plan.cols)
+        pre = buf[: r * (j1 - j0)].view(r, j1 - j0)
+        _mm_f32(inp.xm, inp.W[:, j0:j1], pre)
+        threshold_select_kernel[grid](pre, inp.bias[j0:], thr[j0:], vals, idx, cnt, r, j1 - j0, j0, cap,
+                                      BR=plan.br, BC=plan.bc, num_warps=plan.warps)
+    return vals, idx, cnt
+
+
+def _threshold_chunk(inp: _Inputs, thr, plan: _Plan, cap: int, fused: bool):
+    """One row chunk -> (values fp32 [r, kmax], features int64 [r, kmax], l0 [r]), ascending
+    features, 0/0 padding. Rows past ``cap`` are recomputed with an exact-size buffer."""
+    vals, idx, cnt = _threshold_rows(inp, thr, plan, cap, fused)
+    kmax = int(cnt.max()) if cnt.numel() else 0
+    width = min(cap, kmax)
+    slots = torch.arange(width, device=cnt.device)
+    live = slots[None, :] < cnt[:, None]
+    vals, idx = vals[:, :width], idx[:, :width]
+    if fused:  # unordered: sort each row by feature (dead slots last)
+        order = torch.sort(torch.where(live, idx, torch.iinfo(torch.int32).max), dim=1).indices
+        vals, idx = vals.gather(1, order), idx.gather(1, order)
+    values = torch.zeros(cnt.shape[0], kmax, dtype=torch.float32, device=cnt.device)
+    feats = torch.zeros(cnt.shape[0], kmax, dtype=torch.int64, device=cnt.device)
+    values[:, :width] = torch.where(live, vals, 0.0)
+    feats[:, :width] = torch.where(live, idx, 0).long()
+    if kmax > cap:  # the buffer was too small for some rows: redo just those, exactly sized
+        CALLS["threshold_encode_overflow_rows"] += int((cnt > cap).sum())
+        sel = (cnt > cap).nonzero().squeeze(1)
+        v2, f2, _ = _threshold_chunk(inp.rows(sel), thr, plan, kmax, fused)
+        values[sel], feats[sel] = v2, f2
+    return values, feats, cnt.long()
+
+
 @on_first_tensor_device
-def threshold_encode(x, W_enc, b_enc, threshold, b_dec, *, splits: int | None = None):
+def threshold_encode(x, W_enc, b_enc, threshold, b_dec, *, splits: Optional[int] = None,
+                     strategy: Optional[str] = None, block_cols: Optional[int] = None,
+                     capacity: Optional[int] = None):
     """x [N, d_in] -> (values [N, K], indices [N, K], l0 [N]); K = max row L0, rows in ascending
-    feature order with 0/0 padding (the reference's contract). ``threshold``: [d_sae]."""
+    feature order with 0/0 padding (the reference's contract). ``threshold``: [d_sae]. ``splits``
+    (tests) forces the tiles strategy; ``block_cols`` / ``capacity`` (tests) override the planned
+    block width / first buffer size (the buffer size only changes speed, never the result)."""
     CALLS["threshold_encode"] += 1
-    n, d_in = x.shape
-    d_sae = W_enc.shape[1]
+    n, d_sae = x.shape[0], W_enc.shape[1]
     dev = x.device
+    name = "tiles" if splits is not None else strategy_for(x, "threshold_encode", strategy)
+    CALLS[f"threshold_encode[{name}]"] += 1
+    if name == "tiles":
+        return tiles.threshold_encode(x, W_enc, b_enc, threshold, b_dec, splits=splits)
     if n == 0:  # three distinct tensors: custom-op outputs must not alias
         z = torch.zeros(0, 0, dtype=torch.int64, device=dev)
         return x.new_zeros(0, 0), z, torch.zeros(0, dtype=torch.int64, device=dev)
-    bm, bn, bk, warps = _tiles(x)
-    n_split, per = _splits(x, n, d_sae, bm, bn, splits)
-    acc, center, bdec, bias = _prepare(x, W_enc, b_enc, b_dec)
-    thr = threshold.to(acc).expand(d_sae).contiguous()
-    counts = torch.empty(n, n_split, dtype=torch.int64, device=dev)
-    grid = (cdiv(n, bm), n_split)
-    common = dict(CENTER=center, BM=bm, BN=bn, BK=bk, ACC=tl_dtype(acc), UPCAST=_upcast(x), PREC=_prec(x),
-                  num_warps=warps)
-    args = (n, d_in, d_sae, per)
-    strides = (*x.stride(), *W_enc.stride())
-    bdec_arg = bdec if center else bias
-    _threshold_kernel[grid](x, W_enc, bdec_arg, bias, thr, counts, counts, x, counts,
-                            *args, 0, *strides, FILL=False, **common)
-    l0 = counts.sum(1)
-    starts = torch.cumsum(counts, 1) - counts  # exclusive scan within each row
-    kmax = int(l0.max())
-    values = torch.zeros(n, kmax, dtype=store_dtype(x), device=dev)
+    inp = _inputs(x, W_enc, b_enc, b_dec)
+    thr = threshold.to(torch.float32).expand(d_sae).contiguous()
+    hint_key = (str(dev), d_sae)
+    cap = capacity or max(64, next_pow2(_L0_HINT.get(hint_key, 192) * 5 // 4))
+    plan = _plan(x, d_sae, _min_bc(x), cap * 8, block_cols)
+    parts = [_threshold_chunk(inp.rows(slice(r0, r0 + plan.rows)), thr, plan, cap, name == "fused")
+             for r0 in range(0, n, plan.rows)]
+    kmax = max(p[0].shape[1] for p in parts)
+    _L0_HINT[hint_key] = kmax
+    values = torch.zeros(n, kmax, dtype=x.dtype, device=dev)
     indices = torch.zeros(n, kmax, dtype=torch.int64, device=dev)
-    if kmax:
-        refill = torch.empty_like(counts)
-        _threshold_kernel[grid](x, W_enc, bdec_arg, bias, thr, refill, starts, values, indices,
-                                *args, kmax, *strides, FILL=True, **common)
-        if not torch.equal(refill, counts):
-            raise RuntimeError("sparsekern triton threshold_encode: count and fill passes disagree")
-    return values.to(x.dtype), indices, l0
+    r0 = 0
+    for v, f, _ in parts:
+        values[r0:r0 + v.shape[0], :v.shape[1]] = v.to(x.dtype)
+        indices[r0:r0 + v.shape[0], :v.shape[1]] = f
+        r0 += v.shape[0]
+    return values, indices, torch.cat([p[2] for p in parts])
