@@ -270,3 +270,17 @@ def test_bad_budget_env_is_a_clear_error(monkeypatch):
         monkeypatch.setenv(E.ENV_BUDGET, raw)
         with pytest.raises(ValueError, match=E.ENV_BUDGET):
             E.budget_bytes()
+
+
+def test_memory_plan_stays_in_budget_and_never_builds_n_by_d_sae():
+    """The fp32 block and the top-k buffers of one call stay within the budget at issue 10's shapes;
+    the first block (read twice by top-k) is about an eighth of the features."""
+    budget = E.budget_bytes()
+    for n, d_sae, k in ((2048, 24576, 32), (16384, 24576, 32), (4096, 65536, 64), (4096, 2**20, 64)):
+        x = torch.empty(n, 1)
+        bc = max(E._min_bc(x), E.next_pow2(2 * k))
+        plan = E._plan(x, d_sae, bc, 2 * bc * 8, None)
+        block = 4 * plan.rows * plan.cols
+        buffers = plan.rows * 2 * bc * 8
+        assert block + buffers <= budget and plan.cols < d_sae or n * d_sae * 4 <= budget // 2
+        assert plan.first <= plan.cols and plan.first >= min(plan.cols, d_sae // 8 - bc)

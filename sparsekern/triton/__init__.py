@@ -1,7 +1,8 @@
 """Triton backend (imported lazily by the op files, never by ``import sparsekern``).
 
 Kernels:
-  ``encode``  topk_encode (tiled matmul + running top-k epilogue), threshold_encode (count + fill)
+  ``encode``  topk_encode / threshold_encode: strategies "blocks" (cuBLAS blocks + ``_select``),
+              "fused" (``_fused``: GEMM + selection epilogue) and "tiles" (``encode_tiles``)
   ``decode``  sparse_decode forward, backward values (sparse-output matmul), backward weight
               (sorted indices + segmented reduction, no atomics)
 

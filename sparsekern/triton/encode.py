@@ -104,7 +104,8 @@ def _on_gpu(x: torch.Tensor) -> bool:
 @dataclass(frozen=True)
 class _Plan:
     rows: int  # rows per chunk
-    cols: int  # columns per cuBLAS block (the first block of the fused strategy)
+    cols: int  # columns per cuBLAS block
+    first: int  # columns of the first block (top-k reads it twice; the fused strategy's only cuBLAS block)
     bc: int  # columns per select-kernel chunk (power of two)
     br: int  # rows per select program
     warps: int  # warps per select program
@@ -120,11 +121,13 @@ def _plan(x: torch.Tensor, d_sae: int, bc: int, slot_bytes: int, block_cols: Opt
         cols = min(d_sae, max(bc, half // (4 * n) // bc * bc))
     rows = max(1, min(n, half // (4 * cols), half // max(1, slot_bytes)))
     rows = min(rows, (2**31 - 1) // max(1, slot_bytes // 8))  # the fused epilogue's int32 offsets
+    # about an eighth of the features for the first block: its bound pass reads it twice
+    first = cols if block_cols is not None else min(cols, max(bc, d_sae // 8 // bc * bc))
     if not _on_gpu(x):
-        return _Plan(rows, cols, bc, 16, 1)  # the interpreter vectorises over rows
+        return _Plan(rows, cols, first, bc, 16, 1)  # the interpreter vectorises over rows
     # compiled for sm_90: no spills at these shapes (8 rows x 256 lanes, 8 warps: ~145 registers)
     br, warps = (8, 8) if bc <= 256 else (4, 8) if bc <= 512 else (1, 4)
-    return _Plan(rows, cols, bc, br, warps)
+    return _Plan(rows, cols, first, bc, br, warps)
 
 
 def _min_bc(x: torch.Tensor) -> int:
@@ -225,18 +228,20 @@ def _topk_rows(inp: _Inputs, k: int, plan: _Plan, fused: bool) -> torch.Tensor:
     kth = torch.full((r,), NONE_KEY, dtype=torch.int64, device=dev)
     grid = (cdiv(r, plan.br),)
     const = dict(K=k, C=cap, BR=plan.br, BC=plan.bc, num_warps=plan.warps)
-    stop = plan.cols if fused else d_sae
+    stop = plan.first if fused else d_sae
     buf = torch.empty(r * plan.cols, dtype=torch.float32, device=dev)
-    for j0 in range(0, stop, plan.cols):
-        j1 = min(d_sae, j0 + plan.cols)
+    j0 = 0
+    while j0 < stop:
+        j1 = min(d_sae, j0 + (plan.first if j0 == 0 else plan.cols))
         pre = buf[: r * (j1 - j0)].view(r, j1 - j0)
         _mm_f32(inp.xm, inp.W[:, j0:j1], pre)
         topk_select_kernel[grid](pre, inp.bias[j0:], cand, cnt, kth, r, j1 - j0, j0, FIRST=j0 == 0, **const)
+        j0 = j1
     del buf
     if fused:
-        j = plan.cols
+        j = plan.first
         while j < d_sae:
-            w = min(d_sae - j, max(plan.cols, j))  # as wide as what was seen: ~K new keys per row
+            w = min(d_sae - j, j)  # as wide as what was seen: ~K new keys per row
             _gemm_launch(topk_gemm_kernel, inp, r, w, cand, cnt, kth, r, d_in, j, j + w,
                          *inp.xs.stride(), *inp.W.stride(), C=cap)
             tighten_kernel[grid](cand, cnt, kth, r, K=k, C=cap, BR=plan.br, num_warps=plan.warps)
