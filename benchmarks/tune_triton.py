@@ -26,6 +26,7 @@ SHAPES = {  # (N, d_in, d_sae, k): issue 10's encoder shapes
 }
 FUSED_TILES = ["128,64,64,8,3", "128,64,64,8,4", "128,128,64,8,3", "64,128,64,4,3", "128,256,64,8,3"]
 BUDGETS_MIB = ["256", "512", "1024"]
+SELECT_TILES = ["8,8", "4,4", "8,4", "16,8"]  # SPARSEKERN_ENCODE_SELECT_TILE (rows, warps) for "blocks"
 DEC_BLOCKS = [(16, 256, 4), (32, 256, 4), (16, 128, 4), (16, 512, 8), (32, 1024, 8)]
 
 
@@ -81,6 +82,7 @@ def main() -> None:
             rows.append({**base, "what": "cublas+topk chunk=16384",
                          "ms": bench(lambda: chunked_cublas_topk(x, W, b, bd, k, 16384))})
             runs = [("tiles", {}), *[("blocks", {"SPARSEKERN_ENCODE_BUDGET_MIB": m}) for m in BUDGETS_MIB],
+                    *[("blocks", {"SPARSEKERN_ENCODE_SELECT_TILE": t}) for t in SELECT_TILES[1:]],
                     *[("fused", {"SPARSEKERN_ENCODE_FUSED_TILE": t})
                       for t in FUSED_TILES[: 2 if args.quick else None]]]
             ref_i = None

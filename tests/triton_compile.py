@@ -124,9 +124,25 @@ REPRESENTATIVE = (
 )
 
 
-def compile_one(fn, sig, constexprs, num_warps, arch: int):
+UNIT_STRIDES = ("sxk", "swn")  # x and W_enc rows are contiguous in real launches (Triton makes 1 a constant)
+ALIGNED_INTS = ("sxm", "swk", "D_IN", "D_SAE", "NC", "R", "N")  # multiples of 16 at the benchmark shapes
+
+
+def compile_one(fn, sig, constexprs, num_warps, arch: int, realistic: bool = True):
+    """Compile as a launch would. ``realistic``: pointers 16-byte aligned, unit strides constant and
+    the usual sizes divisible by 16 (Triton specialises these at launch; without them loads are not
+    vectorised and the GEMM loop is not pipelined, so registers and code would not be the real ones)."""
+    sig, constexprs, attrs = dict(sig), dict(constexprs), {}
+    if realistic:
+        for name in UNIT_STRIDES:
+            if name in sig:
+                del sig[name]
+                constexprs[name] = 1
+        for name, ty in sig.items():
+            if ty.startswith("*") or name in ALIGNED_INTS:
+                attrs[(fn.arg_names.index(name),)] = [["tt.divisibility", 16]]
     sig = {**sig, **{k: "constexpr" for k in constexprs}}
-    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
 
 

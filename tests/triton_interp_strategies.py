@@ -284,3 +284,20 @@ def test_memory_plan_stays_in_budget_and_never_builds_n_by_d_sae():
         buffers = plan.rows * 2 * bc * 8
         assert block + buffers <= budget and plan.cols < d_sae or n * d_sae * 4 <= budget // 2
         assert plan.first <= plan.cols and plan.first >= min(plan.cols, d_sae // 8 - bc)
+
+
+@pytest.mark.parametrize("strategy", STRATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_launch_configs_under_the_interpreter(strategy, dtype, monkeypatch):
+    """The CUDA tile/program shapes (select 8 x 256 lanes, GEMM 128 x 64 x 64 for 16-bit, first block
+    an eighth of the features), run by the interpreter: catches shape bugs that only those sizes hit."""
+    monkeypatch.setattr(E, "_on_gpu", lambda x: True)
+    monkeypatch.setattr(E, "_gemm_config", lambda x, real=E._gemm_config: {
+        **real(type("T", (), {"device": torch.device("cuda"), "dtype": x.dtype})()), "num_stages": None})
+    x, W, b, bd = encoder_problem(20, 70, 2100, dtype)
+    v, i = E.topk_encode(x, W, b, bd, 40, False, strategy=strategy)
+    ev, ei = topk64(pre64(x, W, b, bd), 40)
+    assert torch.equal(i, ei)
+    thr = torch.full((2100,), 1.5)
+    out = E.threshold_encode(x, W, b, thr, bd, strategy=strategy)
+    check_threshold(*out, pre64(x, W, b, bd), 1.5, 1e-5 if dtype == torch.float32 else 2**-8)

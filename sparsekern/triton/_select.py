@@ -77,6 +77,15 @@ def tighten(cand_ptr, rows64, rmask, cnt, kth, K: tl.constexpr, C: tl.constexpr)
 
 
 @triton.jit
+def _chunk(pre_ptr, bias_ptr, rows64, rmask, NC, c0, lanes):
+    """pre + bias for columns c0 + lanes of a row block (0 outside the block)."""
+    cols = c0 + lanes
+    m = rmask[:, None] & (cols < NC)[None, :]
+    v = tl.load(pre_ptr + rows64[:, None] * NC + cols[None, :], mask=m, other=0.0)
+    return v + tl.load(bias_ptr + cols, mask=cols < NC, other=0.0)[None, :]
+
+
+@triton.jit
 def topk_select_kernel(pre_ptr, bias_ptr, cand_ptr, cnt_ptr, kth_ptr, R, NC, col0,
                        FIRST: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
                        BR: tl.constexpr, BC: tl.constexpr):
@@ -97,17 +106,18 @@ def topk_select_kernel(pre_ptr, bias_ptr, cand_ptr, cnt_ptr, kth_ptr, R, NC, col
         for c0 in range(0, NC, BC):
             cols = c0 + lanes
             m = rmask[:, None] & (cols < NC)[None, :]
-            v = tl.load(pre_ptr + rows64[:, None] * NC + cols[None, :], mask=m, other=0.0)
-            v += tl.load(bias_ptr + cols, mask=cols < NC, other=0.0)[None, :]
-            key = make_key(ordered(v), (col0 + cols)[None, :])
+            o = ordered(_chunk(pre_ptr, bias_ptr, rows64, rmask, NC, c0, lanes))
+            key = make_key(o, (col0 + cols)[None, :])
             gmax = tl.maximum(gmax, tl.where(m, key, _NONE))
         tau = kth_largest(gmax, K)
         kth = tl.maximum(kth, tl.where(tau == _NONE, _NONE, tau - 1))  # keep key >= tau
+    v_next = _chunk(pre_ptr, bias_ptr, rows64, rmask, NC, 0, lanes)
     for c0 in range(0, NC, BC):
+        v = v_next
+        # prefetch: the next chunk's loads are in flight while this one is selected
+        v_next = _chunk(pre_ptr, bias_ptr, rows64, rmask, NC, c0 + BC, lanes)
         cols = c0 + lanes
         m = rmask[:, None] & (cols < NC)[None, :]
-        v = tl.load(pre_ptr + rows64[:, None] * NC + cols[None, :], mask=m, other=0.0)
-        v += tl.load(bias_ptr + cols, mask=cols < NC, other=0.0)[None, :]
         o = ordered(v)
         gcols = col0 + cols
         hit = beats(o, gcols, kth) & m

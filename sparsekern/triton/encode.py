@@ -125,9 +125,24 @@ def _plan(x: torch.Tensor, d_sae: int, bc: int, slot_bytes: int, block_cols: Opt
     first = cols if block_cols is not None else min(cols, max(bc, d_sae // 8 // bc * bc))
     if not _on_gpu(x):
         return _Plan(rows, cols, first, bc, 16, 1)  # the interpreter vectorises over rows
-    # compiled for sm_90: no spills at these shapes (8 rows x 256 lanes, 8 warps: ~145 registers)
-    br, warps = (8, 8) if bc <= 256 else (4, 8) if bc <= 512 else (1, 4)
+    br, warps = _select_shape(bc)
     return _Plan(rows, cols, first, bc, br, warps)
+
+
+ENV_SELECT_TILE = "SPARSEKERN_ENCODE_SELECT_TILE"  # "rows,warps" of a select program: GPU sweeps
+
+
+def _select_shape(bc: int) -> tuple[int, int]:
+    """(rows, warps) of a select program on CUDA. Compiled for sm_90 these use 130-180 registers with
+    no spills (``python tests/triton_compile.py 90``); not yet timed on a GPU."""
+    raw = os.environ.get(ENV_SELECT_TILE, "").strip()
+    if raw:
+        try:
+            br, warps = (int(t) for t in raw.split(","))
+        except ValueError:
+            raise ValueError(f"{ENV_SELECT_TILE}={raw!r}; expected 'rows,num_warps'") from None
+        return br, warps
+    return (8, 8) if bc <= 256 else (4, 8) if bc <= 512 else (1, 4)
 
 
 def _min_bc(x: torch.Tensor) -> int:
