@@ -8,6 +8,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ._tracing import has_data
+
 
 @dataclass(frozen=True)
 class SparseActs:
@@ -68,8 +70,6 @@ class SparseActs:
 
     def to_dense(self, d_sae: int) -> Float[Tensor, "*batch d_sae"]:
         """Scatter into a dense ``[..., d_sae]`` tensor (padding slots add 0)."""
-        from .ops._validate import has_data  # here: sparsekern.ops imports this module
-
         if d_sae <= 0:
             raise ValueError(f"to_dense: d_sae must be positive, got {d_sae}")
         idx = self.indices

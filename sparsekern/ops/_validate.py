@@ -10,7 +10,8 @@ from typing import Iterator
 
 import torch
 from torch import Tensor
-from torch._subclasses.fake_tensor import is_fake
+
+from .._tracing import has_data  # noqa: F401  (re-exported: V.has_data)
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -61,15 +62,6 @@ def int_arg(name: str, v, lo: int, hi: int) -> int:
     if not lo <= v <= hi:
         raise ValueError(f"{name} must satisfy {lo} <= {name} <= {hi}, got {v}")
     return v
-
-
-def has_data(t: Tensor) -> bool:
-    """False for meta tensors and while tracing (torch.compile/export, fake tensors).
-
-    Value checks need a host sync on data that does not exist then; the custom-op bodies, which
-    run on real tensors even in a compiled graph, do them instead.
-    """
-    return not (torch.compiler.is_compiling() or t.is_meta or is_fake(t))
 
 
 _own = threading.local()

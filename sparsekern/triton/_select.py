@@ -78,7 +78,7 @@ def tighten(cand_ptr, rows64, rmask, cnt, kth, K: tl.constexpr, C: tl.constexpr)
 
 @triton.jit
 def _chunk(pre_ptr, bias_ptr, rows64, rmask, NC, c0, lanes):
-    """pre + bias for columns c0 + lanes of a row block (0 outside the block)."""
+    """pre + bias for columns c0 + lanes of a row block (unspecified outside it: callers mask)."""
     cols = c0 + lanes
     m = rmask[:, None] & (cols < NC)[None, :]
     v = tl.load(pre_ptr + rows64[:, None] * NC + cols[None, :], mask=m, other=0.0)

@@ -244,7 +244,7 @@ def _topk_rows(inp: _Inputs, k: int, plan: _Plan, fused: bool) -> torch.Tensor:
     grid = (cdiv(r, plan.br),)
     const = dict(K=k, C=cap, BR=plan.br, BC=plan.bc, num_warps=plan.warps)
     stop = plan.first if fused else d_sae
-    buf = torch.empty(r * plan.cols, dtype=torch.float32, device=dev)
+    buf = torch.empty(r * (plan.first if fused else plan.cols), dtype=torch.float32, device=dev)
     j0 = 0
     while j0 < stop:
         j1 = min(d_sae, j0 + (plan.first if j0 == 0 else plan.cols))
@@ -380,6 +380,8 @@ def threshold_encode(x, W_enc, b_enc, threshold, b_dec, *, splits: Optional[int]
              for r0 in range(0, n, plan.rows)]
     kmax = max(p[0].shape[1] for p in parts)
     _L0_HINT[hint_key] = kmax
+    if len(parts) == 1:  # the usual case: no second copy of the output
+        return parts[0][0].to(x.dtype), parts[0][1], parts[0][2]
     values = torch.zeros(n, kmax, dtype=x.dtype, device=dev)
     indices = torch.zeros(n, kmax, dtype=torch.int64, device=dev)
     r0 = 0
