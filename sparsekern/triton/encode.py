@@ -65,10 +65,16 @@ def _measured_table() -> dict:
         return {}
 
 
+@functools.lru_cache(maxsize=None)
+def _gpu_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
 def _measured(device: torch.device, dtype: torch.dtype, op: str) -> Optional[str]:
     if device.type != "cuda":
         return None
-    entry = _measured_table().get(torch.cuda.get_device_name(device), {})
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    entry = _measured_table().get(_gpu_name(index), {})
     choice = entry.get(str(dtype).removeprefix("torch."), {}).get(op)
     return choice if choice in STRATEGIES else None
 
