@@ -3,7 +3,8 @@
 Every public callable of ``transformer_lens.patching`` (same signatures, defaults, output shapes and
 ``index_df`` behaviour), computed by a batched engine that reuses the corrupted run (see ``_engine``).
 Extra keyword-only options: ``progress``, ``max_batch``, ``memory_budget``, ``backend``.
-``sparsekern.patching.attribution`` (attribution patching) is imported lazily on first access.
+``sparsekern.patching.attribution`` (attribution patching) and ``sparsekern.patching.feature_ablation``
+(SAE feature ablation sweeps) are imported lazily on first access.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # `attribution` is written separately and may be absent; import it only when asked for.
-    if name == "attribution":
-        return importlib.import_module(f"{__name__}.attribution")
+    # submodules kept off the import of the patching API; loaded when asked for
+    if name in ("attribution", "feature_ablation"):
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
