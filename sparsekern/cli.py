@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+import tempfile
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -74,8 +76,23 @@ def _device(name: Optional[str]) -> torch.device:
     return torch.device(name)
 
 
+def _check_out_dir(out: str) -> None:
+    """Create ``--out`` and prove it writable now: the results are written only after the whole run."""
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".sparsekern-write-test-"):
+            pass
+    except OSError as e:
+        raise SystemExit(
+            f"sparsekern bench: --out {out!r} must be a folder that exists or can be created and is "
+            f"writable ({type(e).__name__}: {e.strerror or e}); nothing was run"
+        ) from None
+
+
 def bench(args: argparse.Namespace) -> int:
     """Run the suite (or the patching benchmark); 0 on success, 1 if any row errored or mismatched."""
+    _check_out_dir(args.out)
     device = _device(args.device)
     threads = torch.get_num_threads()
     if device.type == "cpu":

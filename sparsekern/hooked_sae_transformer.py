@@ -7,7 +7,9 @@ Same interface as ``sae_lens.HookedSAETransformer`` (``add_sae``, ``reset_saes``
 
 * SAELens SAEs given to it are converted to sparsekern SAEs sharing their weights
   (:meth:`sparsekern.SAE.from_sae_lens`), so every SAE runs on the sparse ops;
-  ``acts_to_saes`` still returns the objects you passed.
+  ``acts_to_saes`` still returns the objects you passed. So are Dunefsky's ``transcoder_circuits``
+  transcoders (:mod:`sparsekern.compat.transcoder_circuits`; the folded ``b_enc`` is a copy, rebuilt
+  when the weights it comes from are edited in place before the next ``add_sae``).
 * With ``use_error_term`` the SAE runs once, not twice (the clean reconstruction comes from the same
   encode unless a hook edited the code).
 * ``run_with_cache_with_saes(..., sparse=True)`` stores ``hook_sae_acts_pre``/``hook_sae_acts_post`` as
@@ -38,22 +40,50 @@ SPECIAL_TOKEN_ATTRS = ("bos_token_id", "eos_token_id", "pad_token_id", "sep_toke
 SPARSE_HOOKS = ("hook_sae_acts_pre", "hook_sae_acts_post")
 AnySAE = Any  # a sparsekern.SAE or a sae_lens SAE / transcoder
 
-# sae_lens SAE -> (its sparsekern twin, the parameter tensors it was built from)
-_CONVERTED: "weakref.WeakKeyDictionary[nn.Module, tuple[SAE, list[int]]]" = weakref.WeakKeyDictionary()
+# sae_lens / Dunefsky SAE -> (its sparsekern twin, what it was built from: see _source_key)
+_CONVERTED: "weakref.WeakKeyDictionary[nn.Module, tuple[SAE, list]]" = weakref.WeakKeyDictionary()
+
+
+def _is_dunefsky(sae: Any) -> bool:
+    from .compat.transcoder_circuits import SparseAutoencoder
+
+    return isinstance(sae, SparseAutoencoder)
+
+
+def _source_key(sae: nn.Module) -> list:
+    """The parameter storages; for a Dunefsky transcoder also the versions of the tensors its folded
+    ``b_enc`` is computed from (the twin's copy goes stale when they are edited in place)."""
+    key: list = [p.data_ptr() for p in sae.parameters()]
+    if _is_dunefsky(sae) and sae.b_dec_out is not None:
+        key += [None if p.is_inference() else p._version for p in (sae.W_enc, sae.b_enc, sae.b_dec)]
+    return key
 
 
 def as_sparsekern_sae(sae: AnySAE) -> SAE:
-    """``sae`` itself if it is a sparsekern SAE, else its sparsekern twin (shared weights, cached)."""
+    """``sae`` itself if it is a sparsekern SAE, else its sparsekern twin (shared weights, cached).
+
+    Converts SAELens SAEs / transcoders (:meth:`SAE.from_sae_lens`) and Dunefsky's
+    ``transcoder_circuits`` ``SparseAutoencoder`` (:meth:`~sparsekern.compat.transcoder_circuits.
+    SparseAutoencoder.to_sparsekern` with ``share_weights=True``); anything else is a ``TypeError``.
+    """
     if isinstance(sae, SAE):
         return sae
-    if not (isinstance(sae, nn.Module) and hasattr(sae, "cfg") and hasattr(sae, "W_dec")):
+    dunefsky = _is_dunefsky(sae)
+    if not dunefsky and not (
+        isinstance(sae, nn.Module)
+        and hasattr(sae, "cfg")
+        and hasattr(sae, "W_dec")
+        and hasattr(sae, "process_state_dict_for_saving")  # what from_sae_lens relies on
+    ):
         raise TypeError(
-            f"expected a sparsekern.SAE or a sae_lens SAE/transcoder, got {type(sae).__name__}"
+            "expected a sparsekern.SAE or a sae_lens SAE/transcoder (or Dunefsky's "
+            f"sparsekern.compat.transcoder_circuits.SparseAutoencoder), got {type(sae).__name__}"
         )
-    ptrs = [p.data_ptr() for p in sae.parameters()]
+    key = _source_key(sae)
     hit = _CONVERTED.get(sae)
-    if hit is None or hit[1] != ptrs:
-        hit = (SAE.from_sae_lens(sae), ptrs)
+    if hit is None or hit[1] != key:
+        twin = sae.to_sparsekern(share_weights=True) if dunefsky else SAE.from_sae_lens(sae)
+        hit = (twin, key)
         _CONVERTED[sae] = hit
     hit[0].use_error_term = bool(getattr(sae, "use_error_term", False))
     return hit[0]

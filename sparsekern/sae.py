@@ -779,6 +779,14 @@ class SAE(HookedRootModule):
         return cls.load_from_disk_with_sparsity(path, device, dtype, converter, fold_W_dec_norm)[0]
 
     @classmethod
+    def load_from_pretrained(
+        cls: type[T], path: Union[str, Path], device: str = "cpu", dtype: Optional[str] = None
+    ) -> T:
+        """Deprecated alias of :meth:`load_from_disk` (as in SAELens 6, with its DeprecationWarning)."""
+        warnings.warn("Use load_from_disk instead", DeprecationWarning, stacklevel=2)
+        return cls.load_from_disk(path, device=device, dtype=dtype)
+
+    @classmethod
     def load_from_disk_with_sparsity(
         cls: type[T],
         path: Union[str, Path],

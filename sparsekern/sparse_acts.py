@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Optional, Union
 
 import torch
 from jaxtyping import Float, Int
@@ -19,6 +20,9 @@ class SparseActs:
     indices: Int64[..., k]  feature id of each slot, always in ``[0, d_sae)`` (padding slots too).
 
     Leading dims are preserved: an encoder fed ``[batch, pos, d_in]`` returns ``[batch, pos, k]``.
+    Tensor-like where TransformerLens's ``ActivationCache`` utilities need it: ``shape``/``ndim``/
+    ``size()``/``dim()`` (k included), indexing of the leading dims, ``to``/``cpu``/``cuda``/
+    ``detach``/``clone``.
     """
 
     values: Float[Tensor, "*batch k"]
@@ -58,11 +62,66 @@ class SparseActs:
     def dtype(self) -> torch.dtype:
         return self.values.dtype
 
+    @property
+    def ndim(self) -> int:
+        """Number of dims of ``[..., k]`` (the k dim included, as ``shape``)."""
+        return self.values.dim()
+
+    def dim(self) -> int:
+        return self.values.dim()
+
+    def size(self, dim: Optional[int] = None) -> Union[torch.Size, int]:
+        """``shape`` (or ``shape[dim]``), as ``Tensor.size``."""
+        return self.values.size() if dim is None else self.values.size(dim)
+
+    def __getitem__(self, key: Any) -> "SparseActs":
+        """Index the leading dims, as a tensor of shape ``[...]`` would be: ``acts[0, -1]`` is the
+        ``SparseActs [k]`` of sequence 0, last position. Ints, slices, ``None``, ``...``, int/bool
+        tensors, lists and numpy arrays work as in torch; an ``...`` spans leading dims only.
+
+        The k dim holds unordered slots, not features, so it cannot be indexed: a key may reach it
+        only with a full ``:`` (what TransformerLens's ``Slice.apply`` passes for untouched dims).
+        """
+        key = key if isinstance(key, tuple) else (key,)
+        lead = self.values.dim() - 1
+        if any(k is Ellipsis for k in key):
+            # the ellipsis must not swallow the k dim: pin k with a trailing full slice
+            key = (*key, slice(None))
+            if _consumed(key) > lead + 1:
+                raise IndexError(
+                    f"SparseActs: too many indices for leading dims {tuple(self.values.shape[:-1])}"
+                )
+        else:
+            used = _consumed(key)
+            if used == lead + 1 and _is_full_slice(key[-1]):
+                key = key[:-1]  # an explicit ':' on the k dim
+            elif used > lead:
+                raise IndexError(
+                    f"SparseActs: the key indexes {used} dims but only the {lead} leading dims "
+                    f"{tuple(self.values.shape[:-1])} can be indexed (the last, k, only with ':'); "
+                    "index .values / .indices directly to select slots"
+                )
+        return SparseActs(self.values[key], self.indices[key])
+
     def to(self, *args, **kwargs) -> "SparseActs":
         """Move/cast like ``Tensor.to``; a dtype applies to ``values`` only (indices stay int64)."""
         values = self.values.to(*args, **kwargs)
         indices = self.indices.to(device=values.device)
         return SparseActs(values, indices)
+
+    def cpu(self) -> "SparseActs":
+        return SparseActs(self.values.cpu(), self.indices.cpu())
+
+    def cuda(
+        self, device: Union[None, int, str, torch.device] = None, non_blocking: bool = False
+    ) -> "SparseActs":
+        return SparseActs(self.values.cuda(device, non_blocking), self.indices.cuda(device, non_blocking))
+
+    def detach(self) -> "SparseActs":
+        return SparseActs(self.values.detach(), self.indices.detach())
+
+    def clone(self) -> "SparseActs":
+        return SparseActs(self.values.clone(), self.indices.clone())
 
     def l0(self) -> Int[Tensor, "*batch"]:
         """Number of non-zero activations per row, shape ``[...]`` (int64)."""
@@ -92,3 +151,19 @@ class SparseActs:
 
     def __repr__(self) -> str:
         return f"SparseActs(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
+
+
+def _is_full_slice(k: Any) -> bool:
+    return isinstance(k, slice) and k == slice(None)
+
+
+def _consumed(key: tuple) -> int:
+    """How many dims of the indexed tensor ``key`` uses up (torch rules: a bool mask uses its ndim)."""
+    n = 0
+    for k in key:
+        if k is None or k is Ellipsis or isinstance(k, bool):  # these add or span dims
+            continue
+        dtype = getattr(k, "dtype", None)
+        is_bool = dtype == torch.bool or str(dtype) == "bool"  # a bool tensor or numpy mask
+        n += getattr(k, "ndim", 1) if is_bool else 1
+    return n

@@ -83,8 +83,8 @@ def test_with_tiny_model():
 
 def test_bad_input():
     sae = tiny_sae()
-    with pytest.raises(ValueError, match=r"activations must be \[batch, pos, d_in\]"):
-        top_activating_examples(sae, [torch.randn(5, 12)], progress=False)
+    with pytest.raises(ValueError, match=r"activations must be \[batch, pos, d_in\] or \[rows, d_in\]"):
+        top_activating_examples(sae, [torch.randn(12)], progress=False)  # [rows, d_in] is fine (issue 11)
     with pytest.raises(ValueError, match="state has d_sae=3"):
         top_activating_examples(sae, [], state=sk.ops.FeatureTopKState.empty(3, 2), progress=False)
     with pytest.raises(ValueError, match="hook_name is required"):

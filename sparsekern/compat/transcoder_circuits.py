@@ -173,6 +173,10 @@ class SparseAutoencoder(nn.Module):
         """
         return threshold_encode(x.to(self.dtype), self.W_enc, self.b_enc, 0.0, b_dec=self.b_dec)
 
+    def encode_sparse(self, x: Float[Tensor, "*batch d_in"]) -> SparseActs:
+        """:meth:`get_sparse_acts` under the name sparsekern SAEs use (``top_activating_examples`` etc.)."""
+        return self.get_sparse_acts(x)
+
     def encode(self, x: Float[Tensor, "*batch d_in"]) -> Float[Tensor, "*batch d_sae"]:
         """Dense ``feature_acts [..., d_sae]`` (= ``self(x)[1]`` without the losses)."""
         return self.get_sparse_acts(x).to_dense(self.d_sae)
@@ -324,12 +328,15 @@ class SparseAutoencoder(nn.Module):
         return instance
 
     # ---- conversion ------------------------------------------------------------------------
-    def _folded_transcoder(self, transcoder_cls: Any, config_cls: Any, metadata_cls: Any) -> nn.Module:
+    def _folded_transcoder(
+        self, transcoder_cls: Any, config_cls: Any, metadata_cls: Any, share_weights: bool = False
+    ) -> nn.Module:
         """Build a sae_lens-style Transcoder with the input pre-bias folded into ``b_enc``.
 
         ``relu((x - b_dec) @ W_enc + b_enc) = relu(x @ W_enc + (b_enc - b_dec @ W_enc))``, so the
         target needs no input bias (``apply_b_dec_to_input=False``); its ``b_dec`` is our
-        ``b_dec_out``. The fold is computed in float64.
+        ``b_dec_out``. The fold is computed in float64. ``share_weights``: ``W_enc``, ``W_dec`` and
+        ``b_dec`` are this module's own Parameters (the folded ``b_enc`` is always a new tensor).
         """
         if self.b_dec_out is None:
             raise ValueError(
@@ -349,25 +356,64 @@ class SparseAutoencoder(nn.Module):
                 hook_layer=getattr(cfg, "hook_point_layer", None),
             ),
         )
-        tc = transcoder_cls(tc_cfg)
         with torch.no_grad():
-            b_enc = self.b_enc.double() - self.b_dec.double() @ self.W_enc.double()
-            tc.load_state_dict(
-                {
-                    "W_enc": self.W_enc.detach().clone(),
-                    "b_enc": b_enc.to(self.dtype),
-                    "W_dec": self.W_dec.detach().clone(),
-                    "b_dec": self.b_dec_out.detach().clone(),
-                }
-            )
+            b_enc = (self.b_enc.double() - self.b_dec.double() @ self.W_enc.double()).to(self.dtype)
+        if share_weights:
+            shared = {"W_enc": self.W_enc, "W_dec": self.W_dec, "b_dec": self.b_dec_out}
+            shared["b_enc"] = nn.Parameter(b_enc, requires_grad=self.b_enc.requires_grad)
+            return self._with_params(transcoder_cls, tc_cfg, shared)
+        tc = transcoder_cls(tc_cfg)
+        tc.load_state_dict(
+            {
+                "W_enc": self.W_enc.detach().clone(),
+                "b_enc": b_enc,
+                "W_dec": self.W_dec.detach().clone(),
+                "b_dec": self.b_dec_out.detach().clone(),
+            }
+        )
         return tc
 
-    def to_sparsekern(self) -> nn.Module:
-        """Equivalent ``sparsekern.Transcoder`` (input pre-bias folded into ``b_enc``)."""
-        import sparsekern  # lazy: the Transcoder class lives in the package root
+    def _with_params(self, sae_cls: Any, sae_cfg: Any, params: dict[str, nn.Parameter]) -> nn.Module:
+        """A sparsekern SAE whose parameters are ``params`` (the objects themselves, not copies)."""
+        device = sae_cfg.device
+        sae_cfg.device = "meta"  # allocate nothing: every parameter is replaced below
+        sae = sae_cls(sae_cfg)
+        for name, p in params.items():
+            setattr(sae, name, p)
+        return sae.to(device)  # sets cfg.device back; the parameters are already there
+
+    def to_sparsekern(self, *, share_weights: bool = False) -> nn.Module:
+        """Equivalent sparsekern module: a ``Transcoder`` (input pre-bias folded into ``b_enc``), or
+        for a plain SAE (``cfg.is_transcoder`` false) a ``StandardSAE`` (same four weights).
+
+        ``share_weights=True`` reuses this module's Parameters instead of copies -- all four for a
+        plain SAE; for a transcoder all but the folded ``b_enc``, which is recomputed from ``b_enc``,
+        ``b_dec`` and ``W_enc`` at conversion (``HookedSAETransformer.add_sae`` converts this way).
+        """
+        import sparsekern  # lazy: the SAE classes live in the package root
 
         sk = sparsekern
-        return self._folded_transcoder(sk.Transcoder, sk.TranscoderConfig, sk.SAEMetadata)
+        if self.b_dec_out is not None:
+            return self._folded_transcoder(
+                sk.Transcoder, sk.TranscoderConfig, sk.SAEMetadata, share_weights
+            )
+        cfg = self.cfg
+        sae_cfg = sk.StandardSAEConfig(
+            d_in=self.d_in,
+            d_sae=self.d_sae,
+            dtype=str(self.dtype).removeprefix("torch."),
+            device=str(self.device),
+            apply_b_dec_to_input=True,  # his b_dec is both the input pre-bias and the output bias
+            metadata=sk.SAEMetadata(
+                hook_name=cfg.hook_point, hook_layer=getattr(cfg, "hook_point_layer", None)
+            ),
+        )
+        names = ("W_enc", "b_enc", "W_dec", "b_dec")
+        if share_weights:
+            return self._with_params(sk.StandardSAE, sae_cfg, {n: getattr(self, n) for n in names})
+        sae = sk.StandardSAE(sae_cfg)
+        sae.load_state_dict({n: getattr(self, n).detach().clone() for n in names})
+        return sae
 
     def to_sae_lens(self) -> nn.Module:
         """Equivalent ``sae_lens.Transcoder`` (needs sae-lens >= 6; same folding as :meth:`to_sparsekern`)."""

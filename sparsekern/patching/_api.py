@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from functools import partial
 
+import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float, Int
@@ -19,6 +20,7 @@ from ._engine import (
     is_position_local_hook,
 )
 from ._setters import (
+    INDEX_AXES,
     INDEX_LEN,
     layer_head_dest_src_pos_pattern_patch_setter,
     layer_head_pattern_patch_setter,
@@ -67,6 +69,7 @@ class _Sweep:
                     f"index_df was given, so index_axis_names must be None (or equal to its columns "
                     f"{list(index_df.columns)}); got {list(index_axis_names)}"
                 )
+            _check_index_dtypes(index_df)
             self.shape = [len(index_df)]
             self.flat = True
         self.index_df = index_df
@@ -74,8 +77,44 @@ class _Sweep:
         self.activation_name = activation_name
         self.setter = patch_setter
         self.kind = setter_kind(patch_setter)
+        if self.flat:  # before the cache lookup, which would blame a missing 'blocks.<bad layer>' entry
+            self._check_layers(cfg)
         self.hook_names = [tl_utils.get_act_name(activation_name, layer=r[0]) for r in self.rows]
         self._check_cache(model, tokens, clean_cache)
+        if self.flat:
+            self._check_index_ranges(clean_cache)
+
+    def _check_layers(self, cfg) -> None:
+        if len(self.index_df.columns) == 0:
+            raise ValueError("index_df has no columns: the first column must be the layer")
+        col = self.index_df.columns[0]
+        layers = self.index_df[col].to_numpy()
+        bad = (layers < 0) | (layers >= cfg.n_layers)
+        if bad.any():
+            i = int(bad.argmax())
+            raise IndexError(
+                f"index_df column {col!r} (the layer) row {i}: layer {layers[i]} is out of range for a "
+                f"model with n_layers={cfg.n_layers} (valid: 0..{cfg.n_layers - 1})"
+            )
+
+    def _check_index_ranges(self, clean_cache) -> None:
+        """IndexError for an index outside its activation axis, as TransformerLens's setters raise (the
+        fused engine would otherwise wrap positions around silently). Negative indices count from the end."""
+        cols = list(self.index_df.columns)
+        if self.kind is None or len(cols) != INDEX_LEN[self.kind]:
+            return  # an unknown setter indexes the real tensor itself (and raises there)
+        shapes = {name: tuple(clean_cache[name].shape) for name in dict.fromkeys(self.hook_names)}
+        for col, axis in zip(cols[1:], INDEX_AXES[self.kind]):
+            vals = self.index_df[col].to_numpy()
+            sizes = np.array([shapes[n][axis] if len(shapes[n]) > axis else 0 for n in self.hook_names])
+            bad = (vals < -sizes) | (vals >= sizes)
+            if bad.any():
+                i = int(bad.argmax())
+                name = self.hook_names[i]
+                raise IndexError(
+                    f"index_df column {col!r} row {i}: index {vals[i]} is out of range for axis {axis} of "
+                    f"{name!r} (shape {list(shapes[name])}; valid: {-sizes[i]}..{sizes[i] - 1})"
+                )
 
     def _check_cache(self, model, tokens, clean_cache):
         B, T = tokens.shape[0], tokens.shape[-1]
@@ -121,6 +160,26 @@ class _Sweep:
                 Patch(sweep_id, slot, layer, start, name, self.kind, _normalise(idx, self.kind, T, name))
             )
         return out
+
+
+def _check_index_dtypes(index_df: pd.DataFrame) -> None:
+    """Index columns must hold integers: TransformerLens indexes tensors with them, and one float column
+    turns every row into floats (layer 1 -> 'blocks.1.0.hook_z')."""
+
+    def is_int(v) -> bool:
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+    for col in index_df.columns:
+        series = index_df[col]
+        ok = pd.api.types.is_integer_dtype(series) and not pd.api.types.is_bool_dtype(series)
+        if series.dtype == object:
+            ok = all(is_int(v) for v in series)
+        if not ok or series.isna().any():
+            bad = next((v for v in series if not is_int(v)), None)
+            example = f" (e.g. {bad!r})" if bad is not None else ""
+            raise TypeError(
+                f"index_df column {col!r} must hold integer indices, got dtype {series.dtype}{example}"
+            )
 
 
 def _normalise(idx: tuple, kind: str, T: int, name: str) -> tuple:

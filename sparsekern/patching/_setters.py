@@ -102,6 +102,15 @@ _OWN_KINDS = {
     layer_head_dest_src_pos_pattern_patch_setter: "pattern_dest_src",
 }
 INDEX_LEN = {"pos": 2, "pos_head": 3, "head": 2, "pattern_head": 2, "pattern_dest": 3, "pattern_dest_src": 4}
+# kind -> the activation axis each index entry after the layer selects (e.g. pos_head: act[:, pos, head])
+INDEX_AXES = {
+    "pos": (1,),
+    "pos_head": (1, 2),
+    "head": (2,),
+    "pattern_head": (1,),
+    "pattern_dest": (1, 2),
+    "pattern_dest_src": (1, 2, 3),
+}
 
 
 def setter_kind(setter) -> str | None:
