@@ -256,8 +256,14 @@ class HookedSAETransformer(HookedTransformer):
     def _token_masks(self, input: Any, kwargs: dict[str, Any]) -> Iterator[None]:
         wrappers = [w for w in self._acts_to_saes.values() if w.exclude_special_tokens is not False]
         if wrappers:
-            tokens = input if isinstance(input, Tensor) else self.to_tokens(
-                input, prepend_bos=kwargs.get("prepend_bos"), padding_side=kwargs.get("padding_side"))
+            if isinstance(input, Tensor) and input.is_floating_point():  # a residual: start_at_layer
+                tokens = kwargs.get("tokens")
+                if tokens is None:
+                    raise ValueError("exclude_special_tokens needs the tokens: with start_at_layer, pass "
+                                     "tokens=[batch, pos] alongside the residual input")
+            else:
+                tokens = input if isinstance(input, Tensor) else self.to_tokens(
+                    input, prepend_bos=kwargs.get("prepend_bos"), padding_side=kwargs.get("padding_side"))
             for w in wrappers:
                 ids = torch.tensor(self._special_ids(w.exclude_special_tokens), device=tokens.device)
                 w.token_mask = torch.isin(tokens, ids)

@@ -270,3 +270,20 @@ def test_hook_z_sae_matches_sae_lens(models, use_error_term):
     _, cs = model.run_with_cache_with_saes(toks, saes=[sae], use_error_term=use_error_term, sparse=True)
     torch.testing.assert_close(cs["blocks.0.attn.hook_z.hook_sae_acts_post"].to_dense(D_SAE),
                                cw["blocks.0.attn.hook_z.hook_sae_acts_post"], rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+def test_exclude_special_tokens_with_start_at_layer(models):
+    """A residual input (start_at_layer) carries no tokens: the special-token mask comes from tokens=."""
+    _, model = models
+    sae = sae_lens_sae("standard")
+    toks = tokens()
+    toks[:, 0] = 5
+    with model.saes([sae], exclude_special_tokens=[5]):
+        want = model(toks)
+        _, cache = model.run_with_cache(toks, names_filter=["blocks.0.hook_resid_pre"])
+        resid = cache["blocks.0.hook_resid_pre"]
+        got = model(resid, start_at_layer=0, tokens=toks)
+        with pytest.raises(ValueError, match="tokens="):
+            model(resid, start_at_layer=0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

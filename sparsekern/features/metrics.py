@@ -221,9 +221,7 @@ def _can_start_late(model: Any) -> bool:
     tok = getattr(model, "tokenizer", None)
     if tok is not None and getattr(tok, "padding_side", "right") == "left":
         return False  # TransformerLens builds an attention mask from the tokens; not available mid-model
-    # HookedSAETransformer masks special tokens of attached SAEs from `input`, which would be the residual
-    wrappers = (getattr(model, "_acts_to_saes", {}) or {}).values()
-    return not any(getattr(w, "exclude_special_tokens", False) is not False for w in wrappers)
+    return True  # (HookedSAETransformer's special-token masks read the tokens= passed alongside)
 
 
 # ---- the pass --------------------------------------------------------------------------------------
@@ -257,7 +255,7 @@ def reconstruction_metrics(
         dense_threshold: a feature is dense if it fires on more than this fraction of tokens.
         skip_early_layers: start the spliced / ablated forwards at the hook's layer from the cached
             residual (results are the same; off = full forwards). Off automatically for left-padding
-            tokenizers and HookedSAETransformers with ``exclude_special_tokens`` SAEs attached.
+            tokenizers.
         progress: tqdm bar over the batches; ``total`` is its length if ``tokens_batches`` has no len.
 
     Returns :class:`ReconstructionMetrics`.
