@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     b.add_argument("--patching", action="store_true",
                    help="benchmark sparsekern.patching against transformer_lens.patching instead of the ops")
+    b.add_argument("--features", action="store_true",
+                   help="benchmark feature analysis (FeatureStats, co-occurrence, conditioned sums, decoder "
+                   "neighbours, feature ablation) against the dense torch way instead of the ops")
     return p
 
 
@@ -102,6 +105,10 @@ def bench(args: argparse.Namespace) -> int:
             from .bench import patching
 
             return patching.main(args.quick, device, args.out, progress=not args.no_progress, seed=args.seed)
+        if args.features:
+            from .bench import features
+
+            return features.main(args.quick, device, args.out, progress=not args.no_progress, seed=args.seed)
         ctx = _backend.use_backend(args.backend) if args.backend else contextlib.nullcontext()
         with ctx:
             return _bench(args, device)
