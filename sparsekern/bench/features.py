@@ -241,7 +241,8 @@ def ablation_case(quick: bool, seed: int, sample: int = 8) -> dict[str, Any]:
         err = max(err, float((val - res.values[row, p]).abs().max()))
     hooked_s = (time.perf_counter() - t0) / len(picks) * n
     return _row("ablation", f"{cfg.n_layers} layers x {cfg.d_model}, {n_active} features x {n_pos} positions",
-                "patching.feature_ablation.ablate_features", "one hooked forward per ablation (sampled, scaled)",
+                "patching.feature_ablation.ablate_features",
+                "one hooked forward per ablation (sampled, scaled)",
                 sk_s, hooked_s, ">= 10x faster", hooked_s >= 10 * sk_s, max_abs_diff=err,
                 info=dict(ablations=n, hooked_sampled=len(picks)))
 
