@@ -32,6 +32,16 @@ from tqdm.auto import tqdm
 
 from ..ops.sparse_decode import _backward_weight
 from ..sparse_acts import SparseActs
+from ._pairs import (
+    MIRROR_BLOCK,
+    Sketch,
+    mirror_upper,
+    pair_ids,
+    sketch_combine,
+    sketch_empty,
+    sketch_entries,
+    sorted_live,
+)
 from .top_examples import _stop_layer
 
 __all__ = ["FeatureStats", "PartnerCounts", "feature_stats", "sae_fingerprint"]
@@ -39,12 +49,10 @@ __all__ = ["FeatureStats", "PartnerCounts", "feature_stats", "sae_fingerprint"]
 INT32_MAX = 2**31 - 1
 _FORMAT = "sparsekern.FeatureStats"
 _VERSION = 1
-_PAIR_CHUNK = 1 << 20  # pair ids per index_add_ call: a few MiB of temporaries per update
 _FLUSH_SLOTS_PER_FEATURE = 8  # conditioned stats: reduce pending rows once they hold 8 F slots ...
 _PENDING_BYTES = 64 << 20  # ... or 64 MiB
 _ADD_BLOCK = 1 << 20  # elements per block when adding a kernel output into the state
 _COUNT_ROWS = 1 << 24  # rows per float32 count kernel call: float32 counts are exact below 2^24
-_MIRROR_BLOCK = 256  # square tiles when mirroring the pair table (cache-friendly transposes)
 _GiB = 2**30
 
 Device = Union[str, torch.device, None]
@@ -142,104 +150,6 @@ def _compute_dtype(*ts: Tensor) -> torch.dtype:
     """Per-batch partial sums: float64 stays float64 (the oracle dtype), anything else accumulates in
     float32; the running state is float64 either way (see the module docstring of FeatureStats)."""
     return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
-
-
-# ---- pair counting -------------------------------------------------------------------------------
-def _sorted_live(pos: Tensor, ok: Tensor, sentinel: int) -> Tensor:
-    """``[N, L]``: each row's live positions ascending, dead slots = ``sentinel`` at the end, trimmed to
-    the longest live row (L = 0 when nothing fires)."""
-    key = torch.where(ok, pos, sentinel).sort(dim=1).values
-    width = int(ok.sum(1).max()) if ok.numel() else 0
-    return key[:, :width]
-
-
-def _pair_ids(key: Tensor, side: int, dtype: torch.dtype) -> Iterable[Tensor]:
-    """Flat ids ``a * side + b`` of the live pairs a < b of each row of ``key`` (from :func:`_sorted_live`),
-    in chunks of at most ``_PAIR_CHUNK`` ids."""
-    n, width = key.shape
-    if width < 2 or n == 0:
-        return
-    iu = torch.triu_indices(width, width, 1, device=key.device)
-    key = key.to(dtype)
-    for chunk in key.split(max(1, _PAIR_CHUNK // iu.shape[1])):
-        b = chunk[:, iu[1]]
-        ids = (chunk[:, iu[0]] * side).add_(b).reshape(-1)
-        if bool((chunk[:, -1] == side).any()):  # some dead slot: keep pairs with both ends live
-            ids = ids[(b < side).reshape(-1)]
-        yield ids
-
-
-def _mirror_upper(table: Tensor, diag: Tensor) -> None:
-    """In place: lower triangle := upper triangle transposed, diagonal := ``diag``; tile by tile so no
-    temporary of the table's size exists."""
-    side, bs = table.shape[0], _MIRROR_BLOCK
-    for i0 in range(0, side, bs):
-        i1 = min(side, i0 + bs)
-        for j0 in range(0, i0, bs):
-            table[i0:i1, j0:j0 + bs].copy_(table[j0:j0 + bs, i0:i1].t())
-        blk = table[i0:i1, i0:i1]
-        up = blk.triu(1)
-        blk.copy_(up + up.t())
-    table.diagonal().copy_(diag.to(table.dtype))
-
-
-# ---- partner sketch (batched, weighted Space-Saving / mergeable Misra-Gries) -------------------------
-class _Sketch(NamedTuple):
-    """Per row i up to m partners sorted by (hi desc, partner asc): ``part`` [F, m] (-1 empty),
-    ``lo``/``hi`` [F, m] bounds on C[i, part]; ``u`` [F] bounds C[i, j] of every partner not kept."""
-
-    part: Tensor
-    lo: Tensor
-    hi: Tensor
-    u: Tensor
-
-
-def _sketch_empty(d_sae: int, m: int, device: torch.device) -> _Sketch:
-    z = torch.zeros(d_sae, m, dtype=torch.int64, device=device)
-    return _Sketch(torch.full_like(z, -1), z, z.clone(), torch.zeros(d_sae, dtype=torch.int64, device=device))
-
-
-def _sketch_entries(s: _Sketch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    row, slot = (s.part >= 0).nonzero(as_tuple=True)
-    return row, s.part[row, slot], s.lo[row, slot], s.hi[row, slot]
-
-
-def _sketch_combine(
-    d_sae: int, m: int, a: tuple[Tensor, Tensor, Tensor, Tensor], u_a: Tensor,
-    b: tuple[Tensor, Tensor, Tensor, Tensor], u_b: Tensor,
-) -> _Sketch:
-    """Merge two summaries given as entries (row, partner, lo, hi) with their unkept bounds u.
-
-    A partner missing from one side co-fired at most ``u`` times there, so its upper bound gains that
-    side's u. Each row keeps its m largest upper bounds; u' = max(u_a + u_b, largest dropped upper).
-    This is Misra-Gries with counters ``hi - u`` (Agarwal et al., "Mergeable summaries"), so
-    u <= (pair events of the row) / (m + 1) however batches and merges are nested; ``lo`` counts exactly
-    the co-firings seen while the partner was kept.
-    """
-    device = u_a.device
-    na = a[0].numel()
-    keys = torch.cat((a[0] * d_sae + a[1], b[0] * d_sae + b[1]))
-    uk, inv = torch.unique(keys, return_inverse=True)
-    lo = torch.zeros(uk.numel(), dtype=torch.int64, device=device).index_add_(0, inv, torch.cat((a[2], b[2])))
-    hi = torch.zeros_like(lo).index_add_(0, inv, torch.cat((a[3], b[3])))
-    in_a = torch.zeros(uk.numel(), dtype=torch.bool, device=device)
-    in_b = torch.zeros_like(in_a)
-    in_a[inv[:na]] = True
-    in_b[inv[na:]] = True
-    row, col = uk // d_sae, uk % d_sae
-    hi += torch.where(in_a, 0, u_a[row]) + torch.where(in_b, 0, u_b[row])
-    # order by (row asc, hi desc, col asc): uk is sorted by (row, col), so two stable sorts do it
-    o1 = torch.sort(-hi, stable=True).indices
-    order = o1[torch.sort(row[o1], stable=True).indices]
-    row, col, lo, hi = row[order], col[order], lo[order], hi[order]
-    start = torch.searchsorted(row, row)
-    rank = torch.arange(row.numel(), device=device) - start
-    keep = rank < m
-    u = (u_a + u_b).scatter_reduce(0, row[~keep], hi[~keep], "amax")
-    out = _sketch_empty(d_sae, m, device)
-    r, k = row[keep], rank[keep]
-    out.part[r, k], out.lo[r, k], out.hi[r, k] = col[keep], lo[keep], hi[keep]
-    return out._replace(u=u)
 
 
 # ---- the accumulator --------------------------------------------------------------------------------
@@ -387,7 +297,7 @@ class FeatureStats:
             side = self._pair_side
             self._pairs = torch.zeros(side, side, dtype=torch.int32, device=device)
         elif cfg.cooccurrence == "sketch":
-            self._sketch = _sketch_empty(F, cfg.partner_capacity, device)
+            self._sketch = sketch_empty(F, cfg.partner_capacity, device)
         self._co_feats = self._co_pos = self._sm_feats = self._sm_pos = None
         if cfg.cooccurrence_features is not None:
             self._co_feats, self._co_pos = self._positions(cfg.cooccurrence_features, device)
@@ -470,7 +380,7 @@ class FeatureStats:
         self._need_table()
         if not self._pairs_synced:
             diag = self.counts if self._co_feats is None else self.counts[self._co_feats]
-            _mirror_upper(self._pairs, diag)
+            mirror_upper(self._pairs, diag)
             self._pairs_synced = True
         return self._pairs
 
@@ -515,7 +425,7 @@ class FeatureStats:
         y = self._check_y(y, lead, values.device)
         self._bind(values.device)
         live = values > 0
-        full_key = _sorted_live(indices, live, self.d_sae)  # [N, L]; also the dense table's pair keys
+        full_key = sorted_live(indices, live, self.d_sae)  # [N, L]; also the dense table's pair keys
         if full_key.shape[1] > 1:
             dup = (full_key[:, 1:] == full_key[:, :-1]) & (full_key[:, 1:] < self.d_sae)
             if bool(dup.any()):
@@ -639,18 +549,18 @@ class FeatureStats:
         key = full_key
         if mode == "subset":
             pos = self._co_pos[indices]
-            key = _sorted_live(pos, live & (pos >= 0), side)
+            key = sorted_live(pos, live & (pos >= 0), side)
         idt = torch.int32 if side * (side + 1) <= INT32_MAX else torch.int64
         flat = self._pairs.view(-1)
         one = torch.ones((), dtype=flat.dtype, device=flat.device)
         self._pairs_synced = False  # the diagonal (= counts) changes even without pairs
-        for ids in _pair_ids(key, side, idt):
+        for ids in pair_ids(key, side, idt):
             flat.index_add_(0, ids, one.expand(ids.numel()))
 
     def _update_sketch(self, key: Tensor) -> None:
         F, m = self.d_sae, self._cfg.partner_capacity
         uniq, cnt = [], []
-        for ids in _pair_ids(key, F, torch.int64):
+        for ids in pair_ids(key, F, torch.int64):
             u, c = torch.unique(ids, return_counts=True)
             uniq.append(u)
             cnt.append(c)
@@ -661,7 +571,7 @@ class FeatureStats:
         a, b = ids // F, ids % F
         batch = (torch.cat((a, b)), torch.cat((b, a)), torch.cat((c, c)), torch.cat((c, c)))
         s = self._sketch
-        self._sketch = _sketch_combine(F, m, _sketch_entries(s), s.u, batch, torch.zeros_like(s.u))
+        self._sketch = sketch_combine(F, m, sketch_entries(s), s.u, batch, torch.zeros_like(s.u))
 
     def _need_table(self) -> None:
         mode = self._cfg.cooccurrence
@@ -725,8 +635,8 @@ class FeatureStats:
         n = min(self._top_n if n is None else _int("n", n, 1), side - 1)  # only side - 1 partners exist
         parts, counts, bounds = [], [], []
         col = torch.arange(side, device=table.device)
-        for r0 in range(0, side, _MIRROR_BLOCK):
-            blk = table[r0:r0 + _MIRROR_BLOCK].to(torch.int64)
+        for r0 in range(0, side, MIRROR_BLOCK):
+            blk = table[r0:r0 + MIRROR_BLOCK].to(torch.int64)
             rr = torch.arange(r0, r0 + blk.shape[0], device=table.device)
             # unique keys: count desc, then column asc; the diagonal (self) is excluded with -1
             key = torch.where(col[None] == rr[:, None], -1, blk * side + (side - 1 - col))
@@ -946,9 +856,9 @@ class FeatureStats:
             self._pairs_synced = False
         if self._sketch is not None:
             s, t = self._sketch, other._sketch
-            t = _Sketch(*(x.to(self.device) for x in t))
-            self._sketch = _sketch_combine(self.d_sae, self._cfg.partner_capacity, _sketch_entries(s), s.u,
-                                           _sketch_entries(t), t.u)
+            t = Sketch(*(x.to(self.device) for x in t))
+            self._sketch = sketch_combine(self.d_sae, self._cfg.partner_capacity, sketch_entries(s), s.u,
+                                           sketch_entries(t), t.u)
         if self._y_mean is not None and other.n_tokens:
             if self.n_tokens:
                 self._chan_merge(self.n_tokens, other.n_tokens, o["y_mean"], o["y_m2"])
@@ -997,8 +907,8 @@ class FeatureStats:
                     setattr(obj, name, t.to(dev, fdt) if t.is_floating_point() else t.to(dev))
                     names.discard(key)
             if obj._sketch is not None:
-                obj._sketch = _Sketch(*(f.get_tensor(f"sketch_{k}").to(dev) for k in _Sketch._fields))
-                names -= {f"sketch_{k}" for k in _Sketch._fields}
+                obj._sketch = Sketch(*(f.get_tensor(f"sketch_{k}").to(dev) for k in Sketch._fields))
+                names -= {f"sketch_{k}" for k in Sketch._fields}
             if names:
                 raise ValueError(f"{path} holds tensors this configuration does not: {sorted(names)}")
         obj.n_tokens = int(meta["n_tokens"])
