@@ -113,6 +113,19 @@ def test_patching_bench_quick(tmp_path, capsys):
     assert "attn_head_out_by_pos" in capsys.readouterr().out
 
 
+def test_features_bench_quick(tmp_path, capsys):
+    rc = cli.main(["bench", "--features", "--quick", "--no-progress", "--out", str(tmp_path)])
+    assert rc == 0
+    rows = json.loads((tmp_path / "latest-features-quick.json").read_text())["rows"]
+    assert [r["case"] for r in rows] == ["stats", "stats vs dense", "conditioned", "neighbours", "ablation"]
+    assert all(r["status"] == "ok" and _pos(r["sk_s"]) and _pos(r["peer_s"]) for r in rows)
+    # every comparison checks its result against the peer's: counts exact, values to float rounding
+    diffs = {r["case"]: r["max_abs_diff"] for r in rows if r.get("max_abs_diff") is not None}
+    assert diffs["stats vs dense"] == 0 and diffs["neighbours"] < 1e-5 and diffs["ablation"] < 1e-4
+    assert diffs["conditioned"] < 1e-5
+    assert "decoder_neighbours" not in capsys.readouterr().err
+
+
 def test_unknown_op_is_a_clear_error(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["bench", "--quick", "--ops", "topk_encode,not_an_op"])

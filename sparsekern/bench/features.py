@@ -14,12 +14,14 @@ Cases (issue 11's CPU targets; ``--quick`` shrinks every shape, targets then onl
   (``sparsekern.patching.feature_ablation``) against one hooked forward per ablation (sampled, scaled):
   >= 10x.
 
-Times are wall clock on the whole workload (one run each; the workloads are seconds to minutes long);
-peak memory is the extra of one update / call (``timing.measure_peak``).
+Times are wall clock on the whole workload (one run each; the workloads are seconds to minutes long;
+on CUDA with a device sync around each timed piece); peak memory is the extra of one update / call
+(``timing.measure_peak``). Inputs are drawn on the CPU from seeded generators and moved to the device.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -49,9 +51,14 @@ def _sizes(quick: bool) -> dict[str, int]:
                 cond_batches=2, d_mlp=D_MLP, nb_sae=NEIGHBOUR_SAE, chunk=4096)
 
 
-def _encoder(F: int, seed: int) -> tuple[Tensor, Tensor]:
+def _encoder(F: int, seed: int, dev: torch.device) -> tuple[Tensor, Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(D_IN, F, generator=g) / math.sqrt(D_IN), torch.randn(F, generator=g) * 0.1
+    W = torch.randn(D_IN, F, generator=g) / math.sqrt(D_IN)
+    return W.to(dev), (torch.randn(F, generator=g) * 0.1).to(dev)
+
+
+def _randn(g: torch.Generator, dev: torch.device, *size: int) -> Tensor:
+    return torch.randn(*size, generator=g).to(dev)  # drawn on the CPU: the same numbers on every device
 
 
 def _row(case: str, shape: str, sk: str, peer: str, sk_s: float, peer_s: float, target: str, met: bool,
@@ -61,31 +68,33 @@ def _row(case: str, shape: str, sk: str, peer: str, sk_s: float, peer_s: float, 
                 **extra)
 
 
-def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+def _timed(fn: Callable[[], Any], dev: torch.device) -> tuple[Any, float]:
+    T.sync(dev)
     t0 = time.perf_counter()
     out = fn()
+    T.sync(dev)
     return out, time.perf_counter() - t0
 
 
 # ---- FeatureStats over a stream ------------------------------------------------------------
-def stats_case(sz: dict[str, int], seed: int, progress: bool) -> dict[str, Any]:
+def stats_case(sz: dict[str, int], seed: int, progress: bool, dev: torch.device) -> dict[str, Any]:
     """Encode + FeatureStats.update per batch, each timed, over the whole stream (fresh x per batch)."""
     from tqdm.auto import tqdm
 
     from ..features import FeatureStats
 
     F, B = sz["F"], sz["batch"]
-    W, b = _encoder(F, seed)
-    stats = FeatureStats(F, histogram=True, cooccurrence=True)
+    W, b = _encoder(F, seed, dev)
+    stats = FeatureStats(F, histogram=True, cooccurrence=True, device=dev)
     g = torch.Generator().manual_seed(seed + 1)
     t_enc = t_upd = 0.0
     n_batches = sz["stream"] // B
     for _ in tqdm(range(n_batches), desc="stats stream", unit="batch", disable=not progress):
-        x = torch.randn(B, D_IN, generator=g)
-        acts, dt = _timed(lambda: ops.topk_encode(x, W, b, K))
+        x = _randn(g, dev, B, D_IN)
+        acts, dt = _timed(lambda: ops.topk_encode(x, W, b, K), dev)
         t_enc += dt
-        t_upd += _timed(lambda: stats.update(acts))[1]
-    _, peak = T.measure_peak(lambda: stats.update(acts), torch.device("cpu"))  # one more update
+        t_upd += _timed(lambda: stats.update(acts), dev)[1]
+    _, peak = T.measure_peak(lambda: stats.update(acts), dev)  # one more update
     total = t_enc + t_upd
     return _row("stats", f"{D_IN}x{F}, k {K}, {n_batches * B} tokens", "encode + FeatureStats.update",
                 "encode only", total, t_enc, "encode + stats <= 1.5x encode", total <= 1.5 * t_enc,
@@ -107,24 +116,24 @@ def _dense_stats_update(acts: SparseActs, F: int, st: dict[str, Tensor], edges: 
     st["co"] += fire.T @ fire
 
 
-def stats_dense_case(sz: dict[str, int], seed: int) -> dict[str, Any]:
+def stats_dense_case(sz: dict[str, int], seed: int, dev: torch.device) -> dict[str, Any]:
     from ..features import FeatureStats
 
     F, B, nb = sz["F"], sz["dense_batch"], sz["dense_batches"]
-    W, b = _encoder(F, seed)
+    W, b = _encoder(F, seed, dev)
     g = torch.Generator().manual_seed(seed + 2)
-    codes = [ops.topk_encode(torch.randn(B, D_IN, generator=g), W, b, K) for _ in range(nb + 1)]
-    ours = FeatureStats(F, histogram=True, cooccurrence=True)
-    edges = ours.hist_edges.float()
-    st = dict(counts=torch.zeros(F, dtype=torch.long), sum=torch.zeros(F, dtype=torch.float64),
-              sq=torch.zeros(F, dtype=torch.float64), max=torch.zeros(F, dtype=torch.float64),
-              hist=torch.zeros(F, edges.numel() + 1, dtype=torch.long), co=torch.zeros(F, F))
+    codes = [ops.topk_encode(_randn(g, dev, B, D_IN), W, b, K) for _ in range(nb + 1)]
+    ours = FeatureStats(F, histogram=True, cooccurrence=True, device=dev)
+    edges = ours.hist_edges.float().to(dev)
+    z = functools.partial(torch.zeros, device=dev)
+    st = dict(counts=z(F, dtype=torch.long), sum=z(F, dtype=torch.float64), sq=z(F, dtype=torch.float64),
+              max=z(F, dtype=torch.float64), hist=z(F, edges.numel() + 1, dtype=torch.long), co=z(F, F))
     ours.update(codes[0])  # warm-up (first-touch of the tables) for both sides
     _dense_stats_update(codes[0], F, st, edges)
-    _, sk_s = _timed(lambda: [ours.update(c) for c in codes[1:]])
-    _, dense_s = _timed(lambda: [_dense_stats_update(c, F, st, edges) for c in codes[1:]])
-    _, sk_peak = T.measure_peak(lambda: ours.update(codes[1]), torch.device("cpu"))
-    _, dense_peak = T.measure_peak(lambda: _dense_stats_update(codes[1], F, st, edges), torch.device("cpu"))
+    _, sk_s = _timed(lambda: [ours.update(c) for c in codes[1:]], dev)
+    _, dense_s = _timed(lambda: [_dense_stats_update(c, F, st, edges) for c in codes[1:]], dev)
+    _, sk_peak = T.measure_peak(lambda: ours.update(codes[1]), dev)
+    _, dense_peak = T.measure_peak(lambda: _dense_stats_update(codes[1], F, st, edges), dev)
     diff = float((ours.cooccurrence.double() - st["co"].double()).abs().max())  # same batches on both sides
     mem_ok = sk_peak is not None and dense_peak is not None and dense_peak >= 50 * max(sk_peak, 1e-3)
     return _row("stats vs dense", f"{D_IN}x{F}, k {K}, {nb} x {B} tokens", "FeatureStats.update",
@@ -134,16 +143,16 @@ def stats_dense_case(sz: dict[str, int], seed: int) -> dict[str, Any]:
                 note="max_abs_diff: co-occurrence counts (dense counted in float32)")
 
 
-def conditioned_case(sz: dict[str, int], seed: int) -> dict[str, Any]:
+def conditioned_case(sz: dict[str, int], seed: int, dev: torch.device) -> dict[str, Any]:
     from ..features import FeatureStats
 
     F, B, nb, d_y = sz["F"], sz["batch"], sz["cond_batches"], sz["d_mlp"]
-    W, b = _encoder(F, seed)
+    W, b = _encoder(F, seed, dev)
     g = torch.Generator().manual_seed(seed + 3)
-    data = [(ops.topk_encode(torch.randn(B, D_IN, generator=g), W, b, K),
-             torch.randn(B, d_y, generator=g).relu()) for _ in range(nb + 1)]
-    ours = FeatureStats(F, histogram=False, conditioned_on=d_y)
-    acc = [torch.zeros(F, d_y), torch.zeros(F, d_y)]
+    data = [(ops.topk_encode(_randn(g, dev, B, D_IN), W, b, K), _randn(g, dev, B, d_y).relu())
+            for _ in range(nb + 1)]
+    ours = FeatureStats(F, histogram=False, conditioned_on=d_y, device=dev)
+    acc = [torch.zeros(F, d_y, device=dev), torch.zeros(F, d_y, device=dev)]
 
     def dense(acts: SparseActs, y: Tensor) -> None:
         a = acts.to_dense(F)
@@ -152,36 +161,36 @@ def conditioned_case(sz: dict[str, int], seed: int) -> dict[str, Any]:
 
     ours.update(data[0][0], y=data[0][1])  # warm-up: first touch of the [F, d_y] tables
     dense(*data[0])
-    _, sk_s = _timed(lambda: [ours.update(a, y=y) for a, y in data[1:]])
-    _, dense_s = _timed(lambda: [dense(a, y) for a, y in data[1:]])
+    _, sk_s = _timed(lambda: [ours.update(a, y=y) for a, y in data[1:]], dev)
+    _, dense_s = _timed(lambda: [dense(a, y) for a, y in data[1:]], dev)
     diff = float((ours.cond_act_sum - acc[0].double()).abs().max() / acc[0].abs().max().clamp_min(1e-30))
     return _row("conditioned", f"F {F}, d_y {d_y}, {nb} x {B} tokens", "FeatureStats(conditioned_on=d_y)",
                 "dense a.T @ y + (a>0).T @ (y>0)", sk_s, dense_s, ">= 10x faster", dense_s >= 10 * sk_s,
                 max_abs_diff=diff, note="max_abs_diff: relative, sum a_f y")
 
 
-def neighbours_case(sz: dict[str, int], seed: int) -> dict[str, Any]:
+def neighbours_case(sz: dict[str, int], seed: int, dev: torch.device) -> dict[str, Any]:
     from ..features import decoder_neighbours
 
     F, k, chunk = sz["nb_sae"], NEIGHBOUR_K, sz["chunk"]
-    W_dec = torch.randn(F, D_IN, generator=torch.Generator().manual_seed(seed + 4))
+    W_dec = _randn(torch.Generator().manual_seed(seed + 4), dev, F, D_IN)
 
     def dense() -> tuple[Tensor, Tensor]:
         Wn = W_dec / W_dec.norm(dim=1, keepdim=True)
         vals, idx = [], []
         for r0 in range(0, F, chunk):
             cos = Wn[r0:r0 + chunk] @ Wn.T
-            cos[torch.arange(cos.shape[0]), torch.arange(r0, r0 + cos.shape[0])] = -math.inf  # self
+            rows = torch.arange(cos.shape[0], device=dev)
+            cos[rows, rows + r0] = -math.inf  # self
             v, i = cos.topk(k, dim=1)
             vals.append(v)
             idx.append(i)
         return torch.cat(vals), torch.cat(idx)
 
-    cpu = torch.device("cpu")
     decoder_neighbours(W_dec[:chunk], k, progress=False)  # warm-up (first call of the op's thread pool)
     ours_fn = lambda: decoder_neighbours(W_dec, k, progress=False)  # noqa: E731
-    (ours, sk_peak), sk_s = _timed(lambda: T.measure_peak(ours_fn, cpu))
-    ((dv, di), dense_peak), dense_s = _timed(lambda: T.measure_peak(dense, cpu))
+    (ours, sk_peak), sk_s = _timed(lambda: T.measure_peak(ours_fn, dev), dev)
+    ((dv, di), dense_peak), dense_s = _timed(lambda: T.measure_peak(dense, dev), dev)
     same = float((ours.indices == di).float().mean())
     return _row("neighbours", f"d_sae {F}, d_in {D_IN}, k {k}", "decoder_neighbours",
                 f"chunked dense W @ W.T ({chunk} rows) + topk", sk_s, dense_s, ">= 2x faster",
@@ -189,7 +198,7 @@ def neighbours_case(sz: dict[str, int], seed: int) -> dict[str, Any]:
                 max_abs_diff=float((ours.values - dv).abs().max()), info=dict(same_indices=round(same, 5)))
 
 
-def ablation_case(quick: bool, seed: int, sample: int = 8) -> dict[str, Any]:
+def ablation_case(quick: bool, seed: int, dev: torch.device, sample: int = 8) -> dict[str, Any]:
     """Per-position ablation of 32 always-active features of a JumpReLU SAE at blocks.6.hook_resid_pre."""
     import sparsekern as sk
     from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -200,7 +209,8 @@ def ablation_case(quick: bool, seed: int, sample: int = 8) -> dict[str, Any]:
     dims = (dict(n_layers=2, d_model=64, n_heads=4, d_head=16, d_mlp=128, d_vocab=101) if quick else
             dict(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=50257))
     hook = "blocks.1.hook_resid_pre" if quick else "blocks.6.hook_resid_pre"
-    cfg = HookedTransformerConfig(**dims, n_ctx=32, act_fn="gelu_new", normalization_type="LN", seed=seed)
+    cfg = HookedTransformerConfig(**dims, n_ctx=32, act_fn="gelu_new", normalization_type="LN", seed=seed,
+                                  device=str(dev))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         model = HookedTransformer(cfg).eval()
@@ -213,13 +223,14 @@ def ablation_case(quick: bool, seed: int, sample: int = 8) -> dict[str, Any]:
         sae.W_dec.copy_(torch.randn(d_sae, cfg.d_model, generator=g) * 0.05)
         sae.b_enc.fill_(-10.0)
         sae.b_enc[:n_active] = 10.0  # these fire at every position, the others never
-    tokens = torch.randint(0, cfg.d_vocab, (1, n_pos), generator=g)
+    sae.to(dev)
+    tokens = torch.randint(0, cfg.d_vocab, (1, n_pos), generator=g).to(dev)
 
     def metric(logits: Tensor) -> Tensor:
         return logits[:, -1, 3] - logits[:, -1, 7]
 
     res, sk_s = _timed(lambda: ablate_features(model, tokens, sae, metric, per_position=True,
-                                               progress=False))
+                                               progress=False), dev)
     n = int(res.active.sum())
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=[hook])
@@ -227,6 +238,7 @@ def ablation_case(quick: bool, seed: int, sample: int = 8) -> dict[str, Any]:
         base = metric(model(tokens))
     cells = res.active.nonzero().tolist()
     picks = [cells[i] for i in torch.randperm(len(cells), generator=g)[:sample].tolist()]
+    T.sync(dev)
     err, t0 = 0.0, time.perf_counter()
     for row, p in picks:
         f = int(res.feature_ids[row])
@@ -239,6 +251,7 @@ def ablation_case(quick: bool, seed: int, sample: int = 8) -> dict[str, Any]:
         with torch.no_grad():
             val = metric(model.run_with_hooks(tokens, fwd_hooks=[(hook, sub)])) - base
         err = max(err, float((val - res.values[row, p]).abs().max()))
+    T.sync(dev)
     hooked_s = (time.perf_counter() - t0) / len(picks) * n
     return _row("ablation", f"{cfg.n_layers} layers x {cfg.d_model}, {n_active} features x {n_pos} positions",
                 "patching.feature_ablation.ablate_features",
@@ -268,22 +281,20 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def main(quick: bool, device: torch.device, out_dir: str, progress: bool, seed: int = 0,
          cases: Optional[list[str]] = None) -> int:
-    """Run the feature-analysis benchmark (CPU), print a table, write JSON/CSV; 0 ok, 1 on an error."""
-    if device.type != "cpu":
-        raise SystemExit("sparsekern bench --features: CPU only for now (the GPU table is pending)")
+    """Run the feature-analysis benchmark, print a table, write JSON/CSV; 0 ok, 1 on an error."""
     t0 = time.perf_counter()
     meta: dict[str, Any] = {"schema": 1, "suite": "features-quick" if quick else "features",
                             "machine": report.machine_info(device), "settings": {"seed": seed}}
-    busy = report.busy_warning(report.cpu_cores())
+    busy = report.busy_warning(report.cpu_cores()) if device.type == "cpu" else None
     if busy:
         meta["warning"] = busy
         print(busy)
     sz = _sizes(quick)
-    runners = {"stats": lambda: stats_case(sz, seed, progress),
-               "stats_dense": lambda: stats_dense_case(sz, seed),
-               "conditioned": lambda: conditioned_case(sz, seed),
-               "neighbours": lambda: neighbours_case(sz, seed),
-               "ablation": lambda: ablation_case(quick, seed)}
+    runners = {"stats": lambda: stats_case(sz, seed, progress, device),
+               "stats_dense": lambda: stats_dense_case(sz, seed, device),
+               "conditioned": lambda: conditioned_case(sz, seed, device),
+               "neighbours": lambda: neighbours_case(sz, seed, device),
+               "ablation": lambda: ablation_case(quick, seed, device)}
     rows = []
     for name in cases or CASES:
         try:
@@ -297,7 +308,8 @@ def main(quick: bool, device: torch.device, out_dir: str, progress: bool, seed: 
     meta["loadavg_after"] = report.load_average()
     paths = report.write_results(rows, meta, out_dir, FIELDS, quick, suite="features")
     m = meta["machine"]
-    print(f"sparsekern bench --features ({meta['suite']}) on {m['cpu_model']}, {m['cpu_cores']} cores, "
+    print(f"sparsekern bench --features ({meta['suite']}) on {m.get('gpu') or m['cpu_model']}, "
+          f"{m['cpu_cores']} cores, "
           f"{torch.get_num_threads()} threads, torch {m['torch']}; load average before {m['loadavg']}, "
           f"after {meta['loadavg_after']}")
     print(format_table(rows))
