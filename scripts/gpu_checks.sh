@@ -5,7 +5,8 @@
 #   4. the GPU benchmarks in fp32 and bf16, written to benchmarks/results/ (file names carry the GPU),
 #   5. the encoder target table (issue 10) of those two runs: python -m sparsekern.bench.targets FILES,
 #      and the strategy `auto` should take per op/dtype on this GPU (python -m sparsekern.bench.choose_strategy).
-# Usage: bash scripts/gpu_checks.sh [--no-sanitizer] [--no-bench] [--encoders-only]
+# Usage: bash scripts/gpu_checks.sh [--no-sanitizer] [--no-bench] [--encoders-only] [--features]
+#   --features: also `sparsekern bench --features --device cuda` (issue 11's table on the GPU).
 #   --encoders-only: build, tests/test_triton_gpu.py, then only topk_encode/threshold_encode benchmarked
 #   (fp32 and bf16) and their target table; sized for a 15-minute GPU budget.
 #
@@ -21,12 +22,13 @@
 set -euo pipefail
 PY=${PYTHON:-python3}
 cd "$(dirname "$0")/.."
-SANITIZE=1; BENCH=1; ENC_ONLY=0
+SANITIZE=1; BENCH=1; ENC_ONLY=0; FEATURES=0
 for a in "$@"; do
   case "$a" in
     --no-sanitizer) SANITIZE=0 ;;
     --no-bench) BENCH=0 ;;
     --encoders-only) ENC_ONLY=1; SANITIZE=0 ;;
+    --features) FEATURES=1 ;;
     *) echo "unknown option $a" >&2; exit 2 ;;
   esac
 done
@@ -77,5 +79,9 @@ if [ "$BENCH" = 1 ]; then
   else
     echo "no benchmark results written"; status=1
   fi
+fi
+if [ "$FEATURES" = 1 ]; then
+  echo "[gpu] feature-analysis benchmark (issue 11)"
+  "$PY" -m sparsekern.cli bench --features --device cuda --no-progress || status=$?
 fi
 exit "${status:-0}"
