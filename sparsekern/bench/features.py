@@ -69,11 +69,9 @@ def _row(case: str, shape: str, sk: str, peer: str, sk_s: float, peer_s: float, 
 
 
 def _timed(fn: Callable[[], Any], dev: torch.device) -> tuple[Any, float]:
-    T.sync(dev)
-    t0 = time.perf_counter()
-    out = fn()
-    T.sync(dev)
-    return out, time.perf_counter() - t0
+    """(result, seconds) of one synchronised call (``timing.time_call`` in seconds)."""
+    out, ms = T.time_call(fn, dev)
+    return out, ms / 1e3
 
 
 # ---- FeatureStats over a stream ------------------------------------------------------------
