@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookedRootModule, HookPoint
 
 from .ops import sparse_decode, threshold_encode, topk_encode
-from .sparse_acts import SparseActs
+from .sparse_acts import SparseActs, dense_to_sparse  # noqa: F401  (also sparsekern.sae.dense_to_sparse)
 
 T = TypeVar("T", bound="SAE")
 
@@ -284,16 +284,6 @@ def _has_hooks(hp: nn.Module) -> bool:
 
 def _version(t: Tensor) -> Optional[int]:
     return None if t.is_inference() else t._version
-
-
-def dense_to_sparse(acts: Float[Tensor, "*batch d_sae"]) -> SparseActs:
-    """Non-zeros of a dense code as :class:`SparseActs` (k = max row L0, ascending feature order)."""
-    nz = acts != 0
-    k = int(nz.sum(-1).max()) if acts.numel() else 0
-    # stable sort puts the non-zero positions first, in index order; padding points at zeros
-    idx = torch.sort((~nz).to(torch.uint8), dim=-1, stable=True).indices[..., :k]
-    vals = acts.gather(-1, idx)
-    return SparseActs(torch.where(vals != 0, vals, torch.zeros_like(vals)), idx)
 
 
 def _identity(x: Tensor) -> Tensor:

@@ -167,3 +167,13 @@ def _consumed(key: tuple) -> int:
         is_bool = dtype == torch.bool or str(dtype) == "bool"  # a bool tensor or numpy mask
         n += getattr(k, "ndim", 1) if is_bool else 1
     return n
+
+
+def dense_to_sparse(acts: Float[Tensor, "*batch d_sae"]) -> SparseActs:
+    """Non-zeros of a dense code as :class:`SparseActs` (k = max row L0, ascending feature order)."""
+    nz = acts != 0
+    k = int(nz.sum(-1).max()) if acts.numel() else 0
+    # stable sort puts the non-zero positions first, in index order; padding points at zeros
+    idx = torch.sort((~nz).to(torch.uint8), dim=-1, stable=True).indices[..., :k]
+    vals = acts.gather(-1, idx)
+    return SparseActs(torch.where(vals != 0, vals, torch.zeros_like(vals)), idx)

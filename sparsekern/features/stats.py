@@ -31,7 +31,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..ops.sparse_decode import _backward_weight
-from ..sparse_acts import SparseActs
+from ..sparse_acts import SparseActs, dense_to_sparse
 from ._pairs import (
     MIRROR_BLOCK,
     Sketch,
@@ -135,15 +135,6 @@ def _budget_check(what: str, nbytes: int, budget: int, hint: str) -> None:
         raise ValueError(
             f"{what} needs {nbytes / _GiB:.2f} GiB > memory_budget={budget / _GiB:.2f} GiB; {hint}"
         )
-
-
-def _dense_to_sparse(acts: Tensor) -> SparseActs:
-    """Non-zeros of a dense ``[..., d_sae]`` code as SparseActs (k = max row L0); as ``sae.dense_to_sparse``,
-    copied so this module does not import transformer_lens."""
-    nz = acts != 0
-    k = int(nz.sum(-1).max()) if acts.numel() else 0
-    idx = torch.sort((~nz).to(torch.uint8), dim=-1, stable=True).indices[..., :k]
-    return SparseActs(acts.gather(-1, idx), idx)
 
 
 def _compute_dtype(*ts: Tensor) -> torch.dtype:
@@ -448,7 +439,7 @@ class FeatureStats:
         if isinstance(acts, Tensor):
             if acts.dim() < 1 or acts.shape[-1] != self.d_sae:
                 raise ValueError(f"a dense code must be [..., d_sae={self.d_sae}], got {tuple(acts.shape)}")
-            acts = _dense_to_sparse(acts)
+            acts = dense_to_sparse(acts)
         if not isinstance(acts, SparseActs):
             raise TypeError(
                 f"acts must be SparseActs or a dense [..., d_sae] tensor, got {type(acts).__name__}")
