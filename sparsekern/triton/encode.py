@@ -34,7 +34,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -237,6 +237,21 @@ def _gemm_launch(kernel, inp: _Inputs, n_rows: int, n_cols: int, *args, **const)
                  PREC=dot_precision(inp.xs), **cfg, **const)
 
 
+def _cublas_blocks(inp: _Inputs, first: int, cols: int, stop: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first column, ``pre`` block [r, width] fp32 without bias) for columns [0, stop): a first block of
+    ``first`` columns, then ``cols`` at a time, all written by cuBLAS into one reused buffer."""
+    r, d_sae = inp.xm.shape[0], inp.W.shape[1]
+    width = first if stop <= first else max(first, cols)  # the widest block this loop writes
+    buf = torch.empty(r * width, dtype=torch.float32, device=inp.xm.device)
+    j0 = 0
+    while j0 < stop:
+        j1 = min(d_sae, j0 + (first if j0 == 0 else cols))
+        pre = buf[: r * (j1 - j0)].view(r, j1 - j0)
+        _mm_f32(inp.xm, inp.W[:, j0:j1], pre)
+        yield j0, pre
+        j0 = j1
+
+
 # ---- topk_encode ---------------------------------------------------------------------------
 def _topk_rows(inp: _Inputs, k: int, plan: _Plan, fused: bool) -> torch.Tensor:
     """Rank keys [r, k] of each row's k best features (unsorted) for the rows of ``inp``."""
@@ -249,16 +264,10 @@ def _topk_rows(inp: _Inputs, k: int, plan: _Plan, fused: bool) -> torch.Tensor:
     kth = torch.full((r,), NONE_KEY, dtype=torch.int64, device=dev)
     grid = (cdiv(r, plan.br),)
     const = dict(K=k, C=cap, BR=plan.br, BC=plan.bc, num_warps=plan.warps)
-    stop = plan.first if fused else d_sae
-    buf = torch.empty(r * (plan.first if fused else plan.cols), dtype=torch.float32, device=dev)
-    j0 = 0
-    while j0 < stop:
-        j1 = min(d_sae, j0 + (plan.first if j0 == 0 else plan.cols))
-        pre = buf[: r * (j1 - j0)].view(r, j1 - j0)
-        _mm_f32(inp.xm, inp.W[:, j0:j1], pre)
-        topk_select_kernel[grid](pre, inp.bias[j0:], cand, cnt, kth, r, j1 - j0, j0, FIRST=j0 == 0, **const)
-        j0 = j1
-    del buf
+    for j0, pre in _cublas_blocks(inp, plan.first, plan.cols, plan.first if fused else d_sae):
+        topk_select_kernel[grid](pre, inp.bias[j0:], cand, cnt, kth, r, pre.shape[1], j0, FIRST=j0 == 0,
+                                 **const)
+    del pre  # the last block's view holds the buffer: free it before the fused GEMMs
     if fused:
         j = plan.first
         while j < d_sae:
@@ -324,13 +333,9 @@ def _threshold_rows(inp: _Inputs, thr: torch.Tensor, plan: _Plan, cap: int, fuse
         _gemm_launch(threshold_gemm_kernel, inp, r, d_sae, thr, vals, idx, cnt, r, d_in, d_sae, cap,
                      *inp.xs.stride(), *inp.W.stride())
         return vals, idx, cnt
-    buf = torch.empty(r * plan.cols, dtype=torch.float32, device=dev)
     grid = (cdiv(r, plan.br),)
-    for j0 in range(0, d_sae, plan.cols):
-        j1 = min(d_sae, j0 + plan.cols)
-        pre = buf[: r * (j1 - j0)].view(r, j1 - j0)
-        _mm_f32(inp.xm, inp.W[:, j0:j1], pre)
-        threshold_select_kernel[grid](pre, inp.bias[j0:], thr[j0:], vals, idx, cnt, r, j1 - j0, j0, cap,
+    for j0, pre in _cublas_blocks(inp, plan.cols, plan.cols, d_sae):
+        threshold_select_kernel[grid](pre, inp.bias[j0:], thr[j0:], vals, idx, cnt, r, pre.shape[1], j0, cap,
                                       BR=plan.br, BC=plan.bc, num_warps=plan.warps)
     return vals, idx, cnt
 
