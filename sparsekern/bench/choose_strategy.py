@@ -17,14 +17,10 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .targets import ENCODER_OPS, MATMUL_PEER
+from .targets import ENCODER_OPS, MATMUL_PEER, strategy_of
 
 CANDIDATES = ("blocks", "fused", "tiles")  # "auto" rows are whatever was chosen before
 TABLE = Path(__file__).resolve().parents[1] / "triton" / "encode_strategy.json"
-
-
-def _strategy(row: dict[str, Any]) -> str:
-    return (row.get("info") or {}).get("strategy") or (row.get("variant") or "").strip("[] ")
 
 
 def choose(docs: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -35,7 +31,7 @@ def choose(docs: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]
         if not gpu:
             continue  # CPU runs say nothing about a GPU's choice
         for r in doc.get("rows", []):
-            name = _strategy(r)
+            name = strategy_of(r)
             if r.get("op") not in ENCODER_OPS or name not in CANDIDATES:
                 continue
             key = (gpu, str(r.get("dtype")), r["op"], name)

@@ -22,6 +22,11 @@ HEAD = ("op", "shape", "dtype", "strategy", "L0", "sk ms", "matmul ms", "sk/matm
         "sae_lens/sk", "sae_lens min", "peak MiB", "peak max", "met")
 
 
+def strategy_of(row: dict[str, Any]) -> str:
+    """The encoder strategy a bench row timed ("" for rows without one)."""
+    return (row.get("info") or {}).get("strategy") or (row.get("variant") or "").strip("[] ")
+
+
 def _find(pattern: re.Pattern[str], target: Optional[str]) -> Optional[float]:
     m = pattern.search(target or "")
     return float(m.group(1)) if m else None
@@ -38,7 +43,7 @@ def _line(rows: Sequence[dict[str, Any]]) -> tuple[list[str], Optional[bool]]:
     sl = next((r for r in rows if str(r.get("peer") or "").startswith("sae_lens")), None)
     sk_ms, peak = r0.get("sparsekern_ms"), r0.get("sparsekern_peak_mib")
     info = r0.get("info") or {}
-    strategy = info.get("strategy") or (r0.get("variant") or "").strip("[] ") or "-"
+    strategy = strategy_of(r0) or "-"
     mm_ms = mm.get("peer_ms") if mm else None
     time_x = sk_ms / mm_ms if sk_ms and mm_ms else None
     limit = _find(_LIMIT, mm.get("target")) if mm else None
