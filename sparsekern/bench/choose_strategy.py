@@ -60,7 +60,8 @@ def write(choices: dict[str, dict[str, dict[str, Any]]], path: Path = TABLE) -> 
     devices = doc.setdefault("devices", {})
     for gpu, dtypes in choices.items():
         for dtype, ops in dtypes.items():
-            devices.setdefault(gpu, {}).setdefault(dtype, {}).update({op: e["strategy"] for op, e in ops.items()})
+            slot = devices.setdefault(gpu, {}).setdefault(dtype, {})
+            slot.update({op: e["strategy"] for op, e in ops.items()})
     path.write_text(json.dumps(doc, indent=2) + "\n")
 
 
