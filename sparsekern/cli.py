@@ -66,7 +66,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--features", action="store_true",
                    help="benchmark feature analysis (FeatureStats, co-occurrence, conditioned sums, decoder "
                    "neighbours, feature ablation) against the dense torch way instead of the ops")
+    b.add_argument("--cases", type=_cases_arg, default=None,
+                   help="with --features: comma-separated subset of "
+                   "stats,stats_dense,conditioned,neighbours,ablation (default: all)")
     return p
+
+
+def _cases_arg(text: str) -> list[str]:
+    from .bench.features import CASES
+
+    cases = [c.strip() for c in text.split(",") if c.strip()]
+    bad = [c for c in cases if c not in CASES]
+    if bad or not cases:
+        raise argparse.ArgumentTypeError(f"unknown case(s) {bad or text!r}; choose from {','.join(CASES)}")
+    return cases
 
 
 def _device(name: Optional[str]) -> torch.device:
@@ -108,7 +121,8 @@ def bench(args: argparse.Namespace) -> int:
         if args.features:
             from .bench import features
 
-            return features.main(args.quick, device, args.out, progress=not args.no_progress, seed=args.seed)
+            return features.main(args.quick, device, args.out, progress=not args.no_progress, seed=args.seed,
+                                 cases=args.cases)
         ctx = _backend.use_backend(args.backend) if args.backend else contextlib.nullcontext()
         with ctx:
             return _bench(args, device)

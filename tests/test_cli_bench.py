@@ -126,6 +126,17 @@ def test_features_bench_quick(tmp_path, capsys):
     assert "decoder_neighbours" not in capsys.readouterr().err
 
 
+def test_features_bench_cases_subset(tmp_path, capsys):
+    rc = cli.main(["bench", "--features", "--quick", "--no-progress", "--cases", "neighbours",
+                   "--out", str(tmp_path)])
+    assert rc == 0
+    rows = json.loads((tmp_path / "latest-features-quick.json").read_text())["rows"]
+    assert [r["case"] for r in rows] == ["neighbours"] and rows[0]["info"]["same_indices"] > 0.99
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--features", "--quick", "--cases", "neighbours,nope"])
+    assert e.value.code != 0 and "nope" in capsys.readouterr().err
+
+
 def test_unknown_op_is_a_clear_error(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["bench", "--quick", "--ops", "topk_encode,not_an_op"])

@@ -342,3 +342,19 @@ def test_bad_input():
         cosine_neighbours(W, gaussian(11, 4), 3, exclude_self=True)
     with pytest.raises(ValueError, match="k must satisfy 1 <= k <= 11"):
         cosine_neighbours(W, gaussian(11, 4), 12)
+
+
+def test_decoder_neighbours_takes_the_symmetric_kernel_on_cpu(monkeypatch):
+    """decoder_neighbours uses gram_topk (half the GEMM work) and agrees with the row-by-row path."""
+    import sparsekern.features.geometry as geo
+
+    calls = []
+    real = geo.gram_topk
+    monkeypatch.setattr(geo, "gram_topk", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    W = gaussian(200, 16, seed=9)
+    sym = decoder_neighbours(W, 6, absolute=True, chunk_size=30, progress=False)
+    assert len(calls) == 1 and calls[0]["block"] == 30
+    rowwise = cosine_neighbours(W, W.clone(), 6, absolute=True, exclude_self=True, progress=False)
+    assert len(calls) == 1  # distinct tensors: not the symmetric path
+    assert torch.equal(sym.indices, rowwise.indices)
+    torch.testing.assert_close(sym.values, rowwise.values, rtol=0, atol=1e-12)

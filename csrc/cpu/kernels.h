@@ -45,4 +45,14 @@ void feature_topk_update_cpu(const at::Tensor& state_values, const at::Tensor& s
                              const at::Tensor& values, const at::Tensor& indices,
                              const at::Tensor& locations);
 
+// Symmetric Gram top-k, in place, over tournament rounds [round_begin, round_end) of
+// gram_topk_rounds(n, block). W [n, d] float32/float64 contiguous; values [n, cap] (W's dtype) and
+// indices [n, cap] int64 (-1 = empty slot) hold each row's candidates. After all rounds every row's
+// slots contain its k best G[i, j] = <W[i], W[j]>, j != i, ranked by G (or |G| if absolute) desc,
+// then index asc; the values are signed.
+int64_t gram_topk_rounds(int64_t n, int64_t block);
+void gram_topk_update_cpu(const at::Tensor& W, const at::Tensor& values, const at::Tensor& indices,
+                          int64_t k, bool absolute, int64_t block, int64_t round_begin,
+                          int64_t round_end);
+
 }  // namespace sparsekern

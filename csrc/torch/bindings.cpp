@@ -26,4 +26,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "sparse decode: grad of W_dec (CPU)");
   m.def("feature_topk_update", &sparsekern::feature_topk_update_cpu,
         "per-feature streaming top-k merge, in place (CPU)");
+  m.def("gram_topk_rounds", &sparsekern::gram_topk_rounds, "tournament rounds of gram_topk_update");
+  m.def("gram_topk_update", &sparsekern::gram_topk_update_cpu,
+        "symmetric Gram-matrix top-k over tournament rounds, in place (CPU)");
 }

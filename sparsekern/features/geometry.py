@@ -1,6 +1,8 @@
 """Feature geometry at scale: cosine neighbours of decoder / encoder directions and per-feature logits.
 
-Every function here is a top-k over a ``[rows, cols]`` similarity matrix that is never built: the rows
+Every function here is a top-k over a ``[rows, cols]`` similarity matrix that is never built. A feature
+set against itself (``decoder_neighbours``) goes, on CPU, through :func:`sparsekern.ops.gram_topk`, which
+uses the symmetry of ``W @ W.T`` (each tile serves two row blocks: half the GEMM work). Otherwise the rows
 go through :func:`sparsekern.ops.topk_encode` (``x @ W_enc + b_enc`` fused with an exact per-row
 top-k, ties -> lower index, memory bounded by one tile) in chunks of ``chunk_size`` rows. Extra memory
 is O(weights) for the normalised keys plus O(chunk_size * (d + k)) per chunk (its normalised / negated
@@ -24,6 +26,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..ops import _validate as V
+from ..ops.gram_topk import DEFAULT_BLOCK as GRAM_BLOCK
+from ..ops.gram_topk import gram_topk, gram_topk_backend
 from ..ops.topk_encode import topk_encode
 
 __all__ = [
@@ -101,7 +105,7 @@ def _unit_rows(W: Tensor, dtype: torch.dtype) -> Tensor:
     """Rows divided by their L2 norm; zero rows stay zero (cosine 0 with everything)."""
     W = W.detach().to(dtype)
     norms = torch.linalg.vector_norm(W, dim=1, keepdim=True)
-    return torch.where(norms > 0, W / torch.where(norms > 0, norms, 1), 0)
+    return W / torch.where(norms > 0, norms, 1)  # a zero row divided by 1 stays zero; one allocation
 
 
 def _chunk_arg(chunk_size: Any) -> int:
@@ -195,8 +199,9 @@ def cosine_neighbours(
         absolute: rank by ``|cos|`` instead of ``cos`` (values keep their sign).
         exclude_self: skip key ``i`` for query ``i`` (needs ``n == m``: both index the same features).
             The self entry is removed by index, so a duplicate row still counts as a neighbour.
-        chunk_size: query rows per :func:`~sparsekern.ops.topk_encode` call.
-        progress: tqdm bar over the chunks.
+        chunk_size: query rows per :func:`~sparsekern.ops.topk_encode` call; on the symmetric path
+            (``queries is keys`` with ``exclude_self``, CPU) it caps the tile size instead.
+        progress: tqdm bar over the chunks (or the symmetric path's rounds).
 
     Returns :class:`Neighbours` with ``values [n, k]``, ``indices [n, k]`` (int64). Never builds the
     ``[n, m]`` matrix: memory is O(weights + chunk_size * (d + k)) besides the outputs.
@@ -215,6 +220,11 @@ def cosine_neighbours(
     chunk_size = _chunk_arg(chunk_size)
     dtype = _compute_dtype(queries, keys)
     unit_keys = _unit_rows(keys, dtype)
+    if queries is keys and exclude_self and gram_topk_backend(keys.device) == "cpp":
+        # symmetric: each tile of W @ W.T serves two row blocks, half the GEMM work of the path below
+        v, i = gram_topk(unit_keys, k, absolute=bool(absolute), block=min(chunk_size, GRAM_BLOCK),
+                         progress=progress, desc="cosine neighbours")
+        return Neighbours(v, i)
     keys_T = unit_keys.T.contiguous()  # [d, m]: the op reads W_enc column blocks; contiguous is faster
     if queries is keys:
         unit_q = unit_keys

@@ -3,6 +3,7 @@
 from ..sparse_acts import SparseActs
 from .dense_encode import dense_encode
 from .feature_topk import FeatureTopKState, feature_topk_update
+from .gram_topk import gram_topk
 from .sparse_decode import sparse_decode
 from .threshold_encode import threshold_encode
 from .topk_encode import topk_encode
@@ -12,6 +13,7 @@ __all__ = [
     "SparseActs",
     "dense_encode",
     "feature_topk_update",
+    "gram_topk",
     "sparse_decode",
     "threshold_encode",
     "topk_encode",
