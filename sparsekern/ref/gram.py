@@ -47,13 +47,14 @@ def gram_topk_update_(W: Tensor, values: Tensor, indices: Tensor, k: int, absolu
     nb = -(-n // block)
     for r in range(round_begin, round_end):
         for a, b in round_pairs(nb, r):
-            I, J = slice(a * block, min(n, (a + 1) * block)), slice(b * block, min(n, (b + 1) * block))
-            tile = W[I] @ W[J].T
-            bi, bj = tile.shape
-            ok = torch.ones(bi, bj, dtype=torch.bool, device=W.device)
+            ra = slice(a * block, min(n, (a + 1) * block))
+            rb = slice(b * block, min(n, (b + 1) * block))
+            tile = W[ra] @ W[rb].T
+            na, nb_ = tile.shape
+            ok = torch.ones(na, nb_, dtype=torch.bool, device=W.device)
             if a == b:
                 ok = torch.triu(ok, diagonal=1)
-            cols = torch.arange(J.start, J.stop, device=W.device).expand(bi, bj)
-            rows = torch.arange(I.start, I.stop, device=W.device).unsqueeze(1).expand(bi, bj)
-            _offer(values, indices, I, tile, cols, ok, absolute)
-            _offer(values, indices, J, tile.T, rows.T, ok.T, absolute)
+            cols = torch.arange(rb.start, rb.stop, device=W.device).expand(na, nb_)
+            rows = torch.arange(ra.start, ra.stop, device=W.device).unsqueeze(1).expand(na, nb_)
+            _offer(values, indices, ra, tile, cols, ok, absolute)
+            _offer(values, indices, rb, tile.T, rows.T, ok.T, absolute)
