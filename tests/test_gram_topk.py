@@ -118,6 +118,7 @@ def test_fuzz_exact(n, d, pool, k_frac, block, absolute, seed, dtype, backend):
     (dict(k=0), "1 <= k <= 4"),
     (dict(k=5), "1 <= k <= 4"),
     (dict(block=0), "block"),
+    (dict(W=torch.tensor([[1.0, 0.0], [float("nan"), 1.0], [0.0, 1.0]])), "NaN or inf"),
 ])
 def test_bad_arguments(bad, match):
     args = dict(W=torch.randn(5, 3), k=2, block=4) | bad

@@ -93,6 +93,8 @@ def gram_topk(
     if n < 2:
         raise ValueError(f"W has n={n} row(s); off-diagonal top-k needs at least 2")
     k = V.int_arg("k", k, 1, n - 1)
+    if V.has_data(W) and not bool(torch.isfinite(W).all()):  # NaN would never be admitted: rows short of k
+        raise ValueError("W contains NaN or inf; the Gram top-k is undefined")
     block = min(V.int_arg("block", block, 1, 2**62), n)
     W = W.detach().contiguous()
     cap = k + max(k, _MIN_SPARE)
