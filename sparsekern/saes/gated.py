@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..sparse_acts import SparseActs
 from ..ops import threshold_encode
+from ..sparse_acts import SparseActs
 from .sae import SAE, SAEConfig
 
 
@@ -16,8 +16,6 @@ class GatedSAEConfig(SAEConfig):
     @classmethod
     def architecture(cls) -> str:
         return "gated"
-
-
 
 
 class GatedSAE(SAE):
@@ -63,5 +61,3 @@ class GatedSAE(SAE):
         norms = self.fold_and_get_W_dec_norm()
         self.b_gate.data.mul_(norms)
         self.b_mag.data.mul_(norms)
-
-

@@ -18,8 +18,6 @@ class JumpReLUSAEConfig(SAEConfig):
         return "jumprelu"
 
 
-
-
 class _JumpReLU:
     """``relu(pre) * (pre > threshold)`` (SAELens); with ``cfg.apply_relu=False`` (circuit-tracer
     transcoders) ``pre * (pre > threshold)``. Adds ``threshold [d_sae]``."""
@@ -46,10 +44,7 @@ class _JumpReLU:
             state_dict["threshold"] = torch.exp(state_dict.pop("log_threshold")).detach().contiguous()
 
 
-
 class JumpReLUSAE(_JumpReLU, SAE):
     """JumpReLU SAE (also BatchTopK / Matryoshka checkpoints, which SAELens saves as JumpReLU)."""
 
     cfg: JumpReLUSAEConfig
-
-

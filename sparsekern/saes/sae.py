@@ -39,6 +39,19 @@ from .._constants import (
 )
 from .._constants import sae_lens_version as _sae_lens_version
 from .._registry import get_sae_class
+from ..loading.formats import (
+    SPARSIFY_WEIGHTS_FILENAME,
+    read_circuit_tracer,
+    read_gemma_scope_npz,
+    read_sparsify,
+)
+from ..loading.pretrained import norm_scaling_factor, pretrained_source, read_pretrained
+from ..loading.sae_lens_format import (
+    check_dtype,
+    handle_config_defaulting,
+    read_sae_lens_dir,
+    read_sparsity,
+)
 from ..ops import sparse_decode, threshold_encode
 from ..sparse_acts import SparseActs, dense_to_sparse  # noqa: F401  (also sparsekern.sae.dense_to_sparse)
 
@@ -456,7 +469,7 @@ class SAE(HookedRootModule):
         self, sink: Callable[[str, SparseActs], None], acts: Union[Tensor, SparseActs],
         pre: Optional[Tensor], sae_in: Tensor, b_in: Optional[Tensor],
     ) -> None:
-        """Give ``sink`` the code (``hook_sae_acts_post``) and its pre-activations (``..._pre``) as SparseActs.
+        """Give ``sink`` the code (``hook_sae_acts_post``) and its pre-activations (``..._pre``), sparse.
 
         The pre-activations are kept only at the code's features: the values there are exact (from the
         dense pre-activations if a hook made them, else recomputed for just those features).
@@ -663,8 +676,6 @@ class SAE(HookedRootModule):
         A config asking for the ``meta`` device while the tensors hold data is an error (moving them
         there would silently drop every weight).
         """
-        from ..loading.sae_lens_format import handle_config_defaulting
-
         where = f" in {source}" if source else ""
         cfg = SAEConfig.from_dict(handle_config_defaulting(dict(cfg_dict)))
         if torch.device(cfg.device).type == "meta" and any(
@@ -701,8 +712,6 @@ class SAE(HookedRootModule):
         source: Union[str, Path],
     ) -> T:
         """A reader's ``(cfg_dict, state_dict)`` -> SAE, in ``dtype`` if given (else the file's)."""
-        from ..loading.sae_lens_format import check_dtype
-
         cfg_dict = dict(cfg_dict)
         if dtype is not None:
             cfg_dict["dtype"] = dtype_to_str(check_dtype(dtype, source))
@@ -745,8 +754,6 @@ class SAE(HookedRootModule):
         fold_W_dec_norm: bool = False,
     ) -> tuple[T, Optional[Float[Tensor, "d_sae"]]]:
         """``load_from_disk`` plus the folder's ``sparsity.safetensors`` tensor (log10 density) or None."""
-        from ..loading.sae_lens_format import read_sae_lens_dir, read_sparsity
-
         overrides = {"dtype": dtype} if dtype is not None else None
         if converter is None:
             cfg_dict, state_dict = read_sae_lens_dir(path, device, overrides)
@@ -867,8 +874,6 @@ class SAE(HookedRootModule):
         As SAELens: an ``expected_average_only_in`` SAE gets the registry's norm scaling factor folded
         into its weights (``normalize_activations`` becomes ``"none"``), then dtype and ``fold_W_dec_norm``.
         """
-        from ..loading.pretrained import norm_scaling_factor, pretrained_source, read_pretrained
-
         cfg_dict, state_dict, log_sparsity = read_pretrained(
             release, sae_id, device=device, dtype=dtype, force_download=force_download, converter=converter
         )
@@ -902,8 +907,6 @@ class SAE(HookedRootModule):
         """An EleutherAI sparsify folder (cfg.json + sae.safetensors) -> ``TopKSAE`` / ``TopKTranscoder`` /
         ``TopKSkipTranscoder`` (see :func:`sparsekern.loading.read_sparsify`). ``dtype`` defaults to the
         file's."""
-        from ..loading.formats import SPARSIFY_WEIGHTS_FILENAME, read_sparsify
-
         cfg, state = read_sparsify(path, hook_name=hook_name, hook_name_out=hook_name_out, device=device)
         return cls._build(cfg, state, dtype, Path(path) / SPARSIFY_WEIGHTS_FILENAME)
 
@@ -919,8 +922,6 @@ class SAE(HookedRootModule):
     ) -> T:
         """A circuit-tracer transcoder safetensors file (see :func:`sparsekern.loading.read_circuit_tracer`).
         ``dtype`` defaults to the file's."""
-        from ..loading.formats import read_circuit_tracer
-
         cfg, state = read_circuit_tracer(
             path, hook_name=hook_name, hook_name_out=hook_name_out, device=device
         )
@@ -939,8 +940,6 @@ class SAE(HookedRootModule):
     ) -> T:
         """A Gemma Scope ``params.npz`` -> ``JumpReLUSAE``, or ``JumpReLUTranscoder`` with ``transcoder=True``
         (see :func:`sparsekern.loading.read_gemma_scope_npz`). ``dtype`` defaults to the file's."""
-        from ..loading.formats import read_gemma_scope_npz
-
         cfg, state = read_gemma_scope_npz(
             path, transcoder=transcoder, hook_name=hook_name, hook_name_out=hook_name_out, device=device
         )
@@ -986,5 +985,3 @@ def _swap_in(new: Path, target: Path) -> None:
             old.rmdir()
         raise
     shutil.rmtree(old, ignore_errors=True)
-
-

@@ -17,11 +17,7 @@ class StandardSAEConfig(SAEConfig):
         return "standard"
 
 
-
-
 class StandardSAE(SAE):
     """ReLU SAE: ``relu((x - b_dec) @ W_enc + b_enc) @ W_dec + b_dec``."""
 
     cfg: StandardSAEConfig
-
-

@@ -69,5 +69,3 @@ class TopKSAE(_TopK, SAE):
     """TopK SAE (``cfg.k``; ``cfg.rescale_acts_by_decoder_norm`` as SAELens)."""
 
     cfg: TopKSAEConfig
-
-

@@ -174,4 +174,3 @@ class TopKTranscoder(_TopK, Transcoder):
 
 class TopKSkipTranscoder(TopKTranscoder, SkipTranscoder):
     cfg: TopKSkipTranscoderConfig
-
