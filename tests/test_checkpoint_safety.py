@@ -105,7 +105,9 @@ def test_save_model_over_an_existing_folder_keeps_other_files(tmp_path):
     (path / "README.md").write_text("notes")
     (path / "sub").mkdir()
     (path / "sub" / "x.txt").write_text("x")
+    path.chmod(0o750)
     weights, cfg_path = make(seed=1).save_model(path)
+    assert path.stat().st_mode & 0o777 == 0o750
     assert (weights, cfg_path) == (path / "sae_weights.safetensors", path / "cfg.json")
     names = sorted(p.name for p in path.iterdir())
     assert names == ["README.md", "cfg.json", "sae_weights.safetensors", "sub"]

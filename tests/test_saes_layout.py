@@ -127,7 +127,9 @@ def test_package_root_stays_lazy():
 def test_loading_aliases_are_the_classmethods():
     import sparsekern.loading as L
 
+    import sparsekern.loading.formats as F
+
     for name in ("load_sparsify", "load_circuit_tracer", "load_gemma_scope_npz"):
-        assert getattr(L, name) == getattr(sk.SAE, name)
+        assert getattr(L, name) == getattr(F, name) == getattr(sk.SAE, name)
     with pytest.raises(AttributeError):
         L.no_such_thing  # noqa: B018

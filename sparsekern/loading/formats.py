@@ -239,3 +239,12 @@ def read_gemma_scope_npz(
         cfg["architecture"] = "jumprelu"
     cfg["metadata"] = _metadata(**meta)
     return _finish(cfg, state, device)
+
+
+def __getattr__(name: str) -> Any:
+    # the old names (they built SAEs here): lazy aliases of the SAE classmethods, via the package root
+    if name in ("load_sparsify", "load_circuit_tracer", "load_gemma_scope_npz"):
+        import importlib
+
+        return getattr(importlib.import_module("sparsekern").SAE, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
+import uuid
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -799,7 +799,7 @@ class SAE(HookedRootModule):
         self.process_state_dict_for_saving(state_dict)
         target = Path(os.path.realpath(path))  # a symlinked folder: replace what it points to
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
+        tmp = _new_folder(target, "saving")
         try:
             save_file(state_dict, str(tmp / SAE_WEIGHTS_FILENAME))
             if sparsity is not None:
@@ -955,6 +955,18 @@ def _check_cls(cls: type, sae: SAE) -> SAE:
 _CHECKPOINT_FILES = (SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_FILENAME)
 
 
+def _new_folder(target: Path, what: str) -> Path:
+    """A new empty hidden folder next to ``target`` (``os.mkdir``, so the umask applies, unlike mkdtemp)."""
+    for _ in range(100):
+        folder = target.parent / f".{target.name}.{what}-{uuid.uuid4().hex[:12]}"
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not make a temporary folder next to {target}")
+
+
 def _swap_in(new: Path, target: Path) -> None:
     """Make the finished folder ``new`` be ``target``, with renames only (same file system).
 
@@ -971,7 +983,8 @@ def _swap_in(new: Path, target: Path) -> None:
             if name not in _CHECKPOINT_FILES:
                 os.rename(target / name, new / name)
                 moved.append(name)
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        shutil.copymode(target, new)
+        old = _new_folder(target, "old")
         os.rename(target, old)  # replaces the empty placeholder folder
         try:
             os.rename(new, target)
