@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .._constants import dtype_to_str, sae_lens_version
-from .sae_lens_format import check_device, read_json, read_safetensors
+from .sae_lens_format import check_device, read_json, read_safetensors, safetensors_shapes
 
 SPARSIFY_CFG_FILENAME = "cfg.json"
 SPARSIFY_WEIGHTS_FILENAME = "sae.safetensors"
@@ -88,17 +88,18 @@ def read_sparsify(
     if "k" not in raw:
         raise ValueError(f"{path / SPARSIFY_CFG_FILENAME} has no 'k'")
     source = path / SPARSIFY_WEIGHTS_FILENAME
-    sd = read_safetensors(source, device)
-    _require(sd, ("encoder.weight", "encoder.bias", "W_dec", "b_dec"), source)
-    if sd["encoder.weight"].dim() != 2 or sd["W_dec"].dim() != 2:
+    shapes = safetensors_shapes(source)  # checked before any tensor is read
+    _require(shapes, ("encoder.weight", "encoder.bias", "W_dec", "b_dec"), source)
+    if len(shapes["encoder.weight"]) != 2 or len(shapes["W_dec"]) != 2:
         raise ValueError(f"{source}: encoder.weight / W_dec must be 2-D [num_latents, d_in]")
-    d_sae, d_in = sd["encoder.weight"].shape
+    d_sae, d_in = shapes["encoder.weight"]
     expected = raw.get("num_latents") or (raw.get("d_in", d_in) * raw.get("expansion_factor", 0)) or d_sae
     if raw.get("d_in", d_in) != d_in or expected != d_sae:
         raise ValueError(
-            f"{source}: encoder.weight is {tuple(sd['encoder.weight'].shape)} but cfg.json says d_in="
+            f"{source}: encoder.weight is {shapes['encoder.weight']} but cfg.json says d_in="
             f"{raw.get('d_in')}, num_latents={expected}"
         )
+    sd = read_safetensors(source, device)
     transcode = bool(raw.get("transcode", False))
     state = {
         "W_enc": sd["encoder.weight"].T,
@@ -146,10 +147,12 @@ def read_circuit_tracer(
     not shifted by ``b_dec``; ``W_skip`` acts on the raw input.
     """
     path = Path(path)
-    sd = read_safetensors(path, device)
-    _require(sd, ("W_enc", "W_dec", "b_enc", "b_dec"), path)
-    if sd["W_enc"].dim() != 2 or sd["W_dec"].dim() != 2:
+    shapes = safetensors_shapes(path)  # checked before any tensor is read
+    _require(shapes, ("W_enc", "W_dec", "b_enc", "b_dec"), path)
+    if len(shapes["W_enc"]) != 2 or len(shapes["W_dec"]) != 2:
         raise ValueError(f"{path}: W_enc / W_dec must be 2-D [d_transcoder, d_model]")
+    check_device(device, path)
+    sd = read_safetensors(path, device)
     d_sae, d_in = sd["W_enc"].shape
     state = {"W_enc": sd["W_enc"].T, "b_enc": sd["b_enc"], "W_dec": sd["W_dec"], "b_dec": sd["b_dec"]}
     cfg: dict[str, Any] = {
