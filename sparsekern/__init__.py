@@ -18,10 +18,8 @@ __all__ = ["SparseActs", "backends", "forced_backend", "ops", "use_backend", "__
 ]
 
 _LAZY = {
-    **{n: "sae" for n in ("SAE", "SAEConfig", "SAEMetadata", "StandardSAE", "StandardSAEConfig", "GatedSAE",
-                          "GatedSAEConfig", "JumpReLUSAE", "JumpReLUSAEConfig", "TopKSAE", "TopKSAEConfig")},
-    **{n: "transcoder" for n in __all__ if "Transcoder" in n and n != "HookedSAETransformer"},
-    "HookedSAETransformer": "hooked_sae_transformer",
+    **{n: "saes" for n in __all__ if n.startswith("SAE") or n.endswith(("SAE", "Config", "Transcoder"))},
+    "HookedSAETransformer": "hooked_sae_transformer",  # (after the line above, which also matches it)
 }
 
 

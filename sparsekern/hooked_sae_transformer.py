@@ -32,7 +32,7 @@ from transformer_lens import HookedTransformer
 from transformer_lens.ActivationCache import ActivationCache
 from transformer_lens.hook_points import HookPoint
 
-from .sae import SAE
+from .saes import SAE
 from .sparse_acts import SparseActs
 
 SPECIAL_TOKEN_ATTRS = ("bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id",

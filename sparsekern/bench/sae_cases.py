@@ -37,7 +37,7 @@ def _sae_pair(w: C.Weights, arch: str, hook: str, acts: Optional[Tensor] = None)
 
     A JumpReLU threshold is set for L0 ≈ 64 on ``acts`` (the activations it will see; default ``w.x``).
     """
-    from ..sae import SAE
+    from ..saes import SAE
 
     if arch == "topk":
         peer = C.topk_sae(w)

@@ -36,6 +36,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
 from ..loading.safe_pickle import ConfigStandIn, CorruptCheckpointError, safe_load
+from ..loading.sae_lens_format import check_device
 from ..ops import sparse_decode, threshold_encode
 from ..sparse_acts import SparseActs
 
@@ -97,6 +98,33 @@ def _usable_device(device: Any, *, what: str) -> torch.device:
         warnings.warn(f"{what}: device {dev} is not available here; loading on cpu instead", stacklevel=3)
         return torch.device("cpu")
     return dev
+
+
+def _check_cfg_against_weights(cfg: Any, state_dict: Mapping[str, Tensor], name: str) -> None:
+    """The sizes ``SparseAutoencoder(cfg)`` would allocate must be positive ints matching the tensors."""
+
+    def size(what: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name}: cfg {what} must be a positive int, got {value!r}")
+        return value
+
+    d_in = size("d_in", cfg.d_in)
+    d_sae = getattr(cfg, "d_sae", None)
+    if d_sae is None or d_sae == 0:  # his rule: d_sae or d_in * expansion_factor
+        d_sae = size("expansion_factor", getattr(cfg, "expansion_factor", None)) * d_in
+    d_sae = size("d_sae", d_sae)
+    d_out = d_in
+    if cfg.is_transcoder and getattr(cfg, "d_out", None) is not None:
+        d_out = size("d_out", cfg.d_out)
+    want = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_out), "b_dec": (d_in,)}
+    if cfg.is_transcoder:
+        want["b_dec_out"] = (d_out,)
+    got = {k: tuple(state_dict[k].shape) for k in want if k in state_dict}
+    if got != want:
+        raise ValueError(
+            f"{name}: weights do not match the file's cfg (d_in={d_in}, d_sae={d_sae}, d_out={d_out}): "
+            f"expected {want}, found {got}"
+        )
 
 
 class SparseAutoencoder(nn.Module):
@@ -313,12 +341,24 @@ class SparseAutoencoder(nn.Module):
             if not hasattr(cfg, field):
                 raise ValueError(f"{name}: cfg ({type(cfg).__name__}) has no {field!r}")
 
-        cfg.device = (
-            torch.device(device)
-            if device is not None
-            else _usable_device(getattr(cfg, "device", "cpu"), what=name)
-        )
-        cfg.dtype = _as_dtype(dtype if dtype is not None else getattr(cfg, "dtype", torch.float32))
+        # everything is checked before the module allocates its parameters
+        if device is not None:
+            cfg.device = check_device(device, name)
+        else:
+            try:
+                cfg.device = _usable_device(getattr(cfg, "device", "cpu"), what=name)
+            except (RuntimeError, TypeError, ValueError) as e:
+                bad = getattr(cfg, "device", None)
+                raise ValueError(f"{name}: cfg.device {bad!r} is not a device: {e}") from None
+            check_device(cfg.device, name)  # the meta device would drop every weight
+        try:
+            dt = _as_dtype(dtype if dtype is not None else getattr(cfg, "dtype", torch.float32))
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+        if not dt.is_floating_point:
+            raise ValueError(f"{name}: dtype {dt} is not a floating-point dtype")
+        cfg.dtype = dt
+        _check_cfg_against_weights(cfg, state_dict, name)
         instance = cls(cfg, init_weights=False)
         try:
             # like his load_state_dict: strict keys, values copied into cfg.dtype on cfg.device

@@ -1,4 +1,7 @@
-"""Checkpoint formats other than SAELens's, converted to sparsekern SAEs / transcoders.
+"""Checkpoint formats other than SAELens's, read into SAELens-style ``(cfg_dict, state_dict)``.
+
+``sparsekern.SAE.load_sparsify`` / ``load_circuit_tracer`` / ``load_gemma_scope_npz`` build the SAEs; the
+readers here only read, check and rename (``cfg_dict`` holds the file's dtype and the ``device`` read to).
 
 * EleutherAI sparsify: folder with ``cfg.json`` + ``sae.safetensors`` (``encoder.weight [F, d_in]``,
   ``encoder.bias [F]``, ``W_dec [F, d_in]``, ``b_dec [d_in]``, optional ``W_skip [d_in, d_in]``).
@@ -18,14 +21,14 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
-from ..sae import SAE, SAEMetadata, dtype_to_str
-from .sae_lens_format import read_json, read_safetensors
+from .._constants import dtype_to_str, sae_lens_version
+from .sae_lens_format import check_device, read_json, read_safetensors, safetensors_shapes
 
 SPARSIFY_CFG_FILENAME = "cfg.json"
 SPARSIFY_WEIGHTS_FILENAME = "sae.safetensors"
 
 PathLike = Union[str, Path]
-DType = Union[str, torch.dtype, None]
+CfgAndState = tuple[dict[str, Any], dict[str, Tensor]]
 
 
 def _require(tensors: dict[str, Any], keys: tuple[str, ...], source: Path) -> None:
@@ -34,14 +37,13 @@ def _require(tensors: dict[str, Any], keys: tuple[str, ...], source: Path) -> No
         raise ValueError(f"{source} lacks tensors {missing} (found {sorted(tensors)})")
 
 
-def _build(cfg: dict[str, Any], state: dict[str, Tensor], dtype: DType, device: str, source: Path) -> SAE:
-    cfg = {
-        **cfg,
-        "dtype": dtype_to_str(dtype) if dtype is not None else dtype_to_str(state["W_enc"].dtype),
-        "device": device,
-    }
-    state = {k: v.contiguous() for k, v in state.items()}
-    return SAE.from_cfg_and_state_dict(cfg, state, source=str(source))
+def _metadata(**meta: Any) -> dict[str, Any]:
+    """A cfg.json ``metadata`` dict written by this SAELens version (so it is not taken for a pre-6 one)."""
+    return {"sae_lens_version": sae_lens_version(), "sae_lens_training_version": sae_lens_version(), **meta}
+
+
+def _finish(cfg: dict[str, Any], state: dict[str, Tensor], device: str) -> CfgAndState:
+    return {**cfg, "dtype": dtype_to_str(state["W_enc"].dtype), "device": device}, state
 
 
 def _sparsify_hooks(folder: str, transcode: bool) -> tuple[Optional[str], Optional[str]]:
@@ -57,22 +59,21 @@ def _sparsify_hooks(folder: str, transcode: bool) -> tuple[Optional[str], Option
     return (f"blocks.{layer}.hook_mlp_out" if mlp else f"blocks.{layer}.hook_resid_post"), None
 
 
-def load_sparsify(
+def read_sparsify(
     path: PathLike,
     *,
     hook_name: Optional[str] = None,
     hook_name_out: Optional[str] = None,
     device: str = "cpu",
-    dtype: DType = None,
-) -> SAE:
-    """An EleutherAI sparsify folder -> ``TopKSAE`` / ``TopKTranscoder`` / ``TopKSkipTranscoder``.
+) -> CfgAndState:
+    """An EleutherAI sparsify folder -> cfg of a ``TopKSAE`` / ``TopKTranscoder`` / ``TopKSkipTranscoder``.
 
     Semantics as sparsify's ``SparseCoder``: ``pre = relu(encoder(x - b_dec))`` (no ``- b_dec`` when
     ``transcode``), top-``k``, ``out = top_acts @ W_dec + b_dec (+ x @ W_skip.T)``. An autoencoder with a
     skip connection becomes a ``TopKSkipTranscoder`` with ``b_dec`` folded into ``b_enc``. Hook names are
     inferred from the folder name (``layers.N`` -> ``blocks.N.hook_resid_post``, ``layers.N.mlp``
-    transcoder -> ``blocks.N.ln2.hook_normalized`` / ``blocks.N.hook_mlp_out``) unless given. ``dtype``
-    defaults to the file's. (SAELens's own sparsify converter keys ``apply_b_dec_to_input`` off
+    transcoder -> ``blocks.N.ln2.hook_normalized`` / ``blocks.N.hook_mlp_out``) unless given.
+    (SAELens's own sparsify converter keys ``apply_b_dec_to_input`` off
     ``normalize_decoder`` instead; this follows sparsify's code.)
     """
     path = Path(path)
@@ -87,15 +88,18 @@ def load_sparsify(
     if "k" not in raw:
         raise ValueError(f"{path / SPARSIFY_CFG_FILENAME} has no 'k'")
     source = path / SPARSIFY_WEIGHTS_FILENAME
-    sd = read_safetensors(source, device)
-    _require(sd, ("encoder.weight", "encoder.bias", "W_dec", "b_dec"), source)
-    d_sae, d_in = sd["encoder.weight"].shape
+    shapes = safetensors_shapes(source)  # checked before any tensor is read
+    _require(shapes, ("encoder.weight", "encoder.bias", "W_dec", "b_dec"), source)
+    if len(shapes["encoder.weight"]) != 2 or len(shapes["W_dec"]) != 2:
+        raise ValueError(f"{source}: encoder.weight / W_dec must be 2-D [num_latents, d_in]")
+    d_sae, d_in = shapes["encoder.weight"]
     expected = raw.get("num_latents") or (raw.get("d_in", d_in) * raw.get("expansion_factor", 0)) or d_sae
     if raw.get("d_in", d_in) != d_in or expected != d_sae:
         raise ValueError(
-            f"{source}: encoder.weight is {tuple(sd['encoder.weight'].shape)} but cfg.json says d_in="
+            f"{source}: encoder.weight is {shapes['encoder.weight']} but cfg.json says d_in="
             f"{raw.get('d_in')}, num_latents={expected}"
         )
+    sd = read_safetensors(source, device)
     transcode = bool(raw.get("transcode", False))
     state = {
         "W_enc": sd["encoder.weight"].T,
@@ -124,30 +128,31 @@ def load_sparsify(
             apply_b_dec_to_input=False,
             d_out=sd["W_dec"].shape[1],
         )
-    cfg["metadata"] = SAEMetadata(**meta).to_dict()
-    return _build(cfg, state, dtype, device, source)
+    cfg["metadata"] = _metadata(**meta)
+    return _finish(cfg, state, device)
 
 
-def load_circuit_tracer(
+def read_circuit_tracer(
     path: PathLike,
     *,
     hook_name: Optional[str] = None,
     hook_name_out: Optional[str] = None,
     device: str = "cpu",
-    dtype: DType = None,
-) -> SAE:
-    """A circuit-tracer ``SingleLayerTranscoder`` safetensors file -> sparsekern transcoder.
+) -> CfgAndState:
+    """A circuit-tracer ``SingleLayerTranscoder`` safetensors file -> cfg of a sparsekern transcoder.
 
     ``activation_function.threshold`` -> ``JumpReLU(Skip)Transcoder`` with ``apply_relu=False``
     (circuit-tracer's JumpReLU is ``pre * (pre > threshold)``, no ReLU); a ``k`` tensor ->
     ``TopK(Skip)Transcoder`` with ``apply_relu=False``; neither -> ReLU ``(Skip)Transcoder``. The input is
-    not shifted by ``b_dec``; ``W_skip`` acts on the raw input. ``dtype`` defaults to the file's.
+    not shifted by ``b_dec``; ``W_skip`` acts on the raw input.
     """
     path = Path(path)
-    sd = read_safetensors(path, device)
-    _require(sd, ("W_enc", "W_dec", "b_enc", "b_dec"), path)
-    if sd["W_enc"].dim() != 2 or sd["W_dec"].dim() != 2:
+    shapes = safetensors_shapes(path)  # checked before any tensor is read
+    _require(shapes, ("W_enc", "W_dec", "b_enc", "b_dec"), path)
+    if len(shapes["W_enc"]) != 2 or len(shapes["W_dec"]) != 2:
         raise ValueError(f"{path}: W_enc / W_dec must be 2-D [d_transcoder, d_model]")
+    check_device(device, path)
+    sd = read_safetensors(path, device)
     d_sae, d_in = sd["W_enc"].shape
     state = {"W_enc": sd["W_enc"].T, "b_enc": sd["b_enc"], "W_dec": sd["W_dec"], "b_dec": sd["b_dec"]}
     cfg: dict[str, Any] = {
@@ -173,24 +178,23 @@ def load_circuit_tracer(
         )
     else:
         cfg["architecture"] = "skip_transcoder" if skip else "transcoder"
-    cfg["metadata"] = SAEMetadata(hook_name=hook_name, hook_name_out=hook_name_out).to_dict()
-    return _build(cfg, state, dtype, device, path)
+    cfg["metadata"] = _metadata(hook_name=hook_name, hook_name_out=hook_name_out)
+    return _finish(cfg, state, device)
 
 
-def load_gemma_scope_npz(
+def read_gemma_scope_npz(
     path: PathLike,
     *,
     transcoder: bool = False,
     hook_name: Optional[str] = None,
     hook_name_out: Optional[str] = None,
     device: str = "cpu",
-    dtype: DType = None,
-) -> SAE:
-    """A Gemma Scope ``params.npz`` -> ``JumpReLUSAE`` (``apply_b_dec_to_input=False``), or with
+) -> CfgAndState:
+    """A Gemma Scope ``params.npz`` -> cfg of a ``JumpReLUSAE`` (``apply_b_dec_to_input=False``), or with
     ``transcoder=True`` a ``JumpReLUTranscoder`` (Gemma Scope transcoders). JumpReLU is
-    ``relu(pre) * (pre > threshold)`` as in Gemma Scope and SAELens. ``dtype`` defaults to the file's.
-    (SAELens's ``from_pretrained`` also rescales the *embedding* SAEs by ``sqrt(d_in)``; this reader
-    does not.)
+    ``relu(pre) * (pre > threshold)`` as in Gemma Scope and SAELens. Shapes are checked before any
+    tensor is made. (SAELens's ``from_pretrained`` also rescales the *embedding* SAEs by ``sqrt(d_in)``;
+    this reader does not.)
     """
     import zipfile
 
@@ -199,17 +203,34 @@ def load_gemma_scope_npz(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Gemma Scope params file not found: {path}")
+    check_device(device, path)
     try:
         with np.load(path, allow_pickle=False) as data:  # never unpickle
             arrays = {("W_" + k[2:] if k.startswith("w_") else k): np.asarray(data[k]) for k in data.files}
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
         raise ValueError(f"could not read {path} as a .npz archive (truncated or corrupt?): {e}") from None
-    _require(arrays, ("W_enc", "W_dec", "b_enc", "b_dec", "threshold"), path)
-    state = {
-        k: torch.from_numpy(arrays[k]).to(device) for k in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
+    names = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
+    _require(arrays, names, path)
+    shapes = {k: tuple(arrays[k].shape) for k in names}
+    if len(shapes["W_enc"]) != 2 or len(shapes["W_dec"]) != 2:
+        raise ValueError(
+            f"{path}: W_enc and W_dec must be 2-D (W_enc [d_in, d_sae], W_dec [d_sae, d_out]); got {shapes}"
+        )
+    d_in, d_sae = shapes["W_enc"]
+    d_out = shapes["W_dec"][-1]
+    want = {
+        "W_enc": (d_in, d_sae),
+        "W_dec": (d_sae, d_out),
+        "b_enc": (d_sae,),
+        "b_dec": (d_out,),
+        "threshold": (d_sae,),
     }
-    d_in, d_sae = state["W_enc"].shape
-    d_out = state["W_dec"].shape[-1]
+    if shapes != want:
+        raise ValueError(f"{path}: tensor shapes {shapes} do not fit together (expected {want})")
+    for k in names:
+        if arrays[k].dtype.kind != "f":
+            raise ValueError(f"{path}: {k} has dtype {arrays[k].dtype}, expected floating point")
+    state = {k: torch.from_numpy(arrays[k]).to(device) for k in names}
     meta = {"hook_name": hook_name}
     cfg: dict[str, Any] = {"d_in": d_in, "d_sae": d_sae, "apply_b_dec_to_input": False}
     if transcoder:
@@ -219,5 +240,14 @@ def load_gemma_scope_npz(
         raise ValueError(f"{path}: W_dec maps to {d_out} != d_in={d_in}; load it with transcoder=True")
     else:
         cfg["architecture"] = "jumprelu"
-    cfg["metadata"] = SAEMetadata(**meta).to_dict()
-    return _build(cfg, state, dtype, device, path)
+    cfg["metadata"] = _metadata(**meta)
+    return _finish(cfg, state, device)
+
+
+def __getattr__(name: str) -> Any:
+    # the old names (they built SAEs here): lazy aliases of the SAE classmethods, via the package root
+    if name in ("load_sparsify", "load_circuit_tracer", "load_gemma_scope_npz"):
+        import importlib
+
+        return getattr(importlib.import_module("sparsekern").SAE, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

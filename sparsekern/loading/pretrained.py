@@ -1,4 +1,5 @@
-"""``SAE.from_pretrained``: SAELens's registry (release, sae_id) -> files in the local Hugging Face cache.
+"""``SAE.from_pretrained``'s reader: SAELens's registry (release, sae_id) -> files in the local Hugging Face
+cache -> ``(cfg_dict, state_dict, log_sparsity)``; ``SAE.from_pretrained_with_cfg_and_sparsity`` builds.
 
 Never downloads and never opens a connection. The release is resolved with SAELens's own registry
 (``sae_lens.loading.pretrained_saes_directory``). SAELens-format releases are read here; the others
@@ -9,15 +10,14 @@ functions swapped for cache look-ups for the duration of the call, so the conver
 from __future__ import annotations
 
 import os
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from torch import Tensor
 
-from ..sae import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_FILENAME, str_to_dtype
-from .sae_lens_format import handle_config_defaulting, read_sae_lens_dir, read_sparsity
+from .._constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_FILENAME
+from .sae_lens_format import check_device, handle_config_defaulting, read_sae_lens_dir, read_sparsity
 
 try:  # so SAELens's loaders, which catch EntryNotFoundError for optional files, treat "not cached" alike
     from huggingface_hub.errors import EntryNotFoundError as _EntryNotFound
@@ -157,8 +157,7 @@ def resolve_release(release: str, sae_id: str) -> tuple[str, str, str, dict[str,
     )
 
 
-def load_pretrained(
-    cls: type,
+def read_pretrained(
     release: str,
     sae_id: str,
     *,
@@ -166,14 +165,18 @@ def load_pretrained(
     dtype: str = "float32",
     force_download: bool = False,
     converter: Optional[Callable[..., Any]] = None,
-    fold_W_dec_norm: bool = False,
-) -> tuple[Any, dict[str, Any], Optional[Tensor]]:
-    """(sae, cfg_dict, log_sparsity) as SAELens's ``from_pretrained_with_cfg_and_sparsity``, cache only."""
+) -> tuple[dict[str, Any], dict[str, Tensor], Optional[Tensor]]:
+    """(cfg_dict, state_dict, log_sparsity) of a registry SAE, from the local cache only.
+
+    The cfg dict is upgraded by ``handle_config_defaulting``; the SAE-building steps (norm scaling factor,
+    dtype, ``fold_W_dec_norm``) are ``SAE.from_pretrained_with_cfg_and_sparsity``'s.
+    """
     if force_download:
         raise ValueError(
             "force_download=True is not supported: sparsekern only reads the local Hugging Face cache"
         )
     repo_id, folder, conversion, overrides = resolve_release(release, sae_id)
+    check_device(device, f"{release}/{sae_id}")
     overrides = {**overrides, "device": device, "dtype": dtype}
     cache_dir = hf_cache_dir()
     if converter is None and conversion == "sae_lens":
@@ -206,22 +209,22 @@ def load_pretrained(
                 force_download=False,
                 cfg_overrides=overrides,
             )
-    cfg_dict = handle_config_defaulting(cfg_dict)
-    sae = cls.from_cfg_and_state_dict(cfg_dict, state_dict, source=f"{repo_id}/{folder}")
-    if cfg_dict.get("normalize_activations") == "expected_average_only_in":
-        from sae_lens.loading.pretrained_saes_directory import get_norm_scaling_factor
+    return handle_config_defaulting(cfg_dict), state_dict, log_sparsity
 
-        factor = get_norm_scaling_factor(release, sae_id)
-        if factor is not None:
-            sae.fold_activation_norm_scaling_factor(factor)
-            cfg_dict["normalize_activations"] = "none"
-        else:
-            warnings.warn(
-                f"norm_scaling_factor not found for {release} and {sae_id}, but normalize_activations is "
-                "'expected_average_only_in'. Skipping normalization folding.",
-                stacklevel=3,
-            )
-    sae = sae.to(dtype=str_to_dtype(dtype), device=device)
-    if fold_W_dec_norm:
-        sae.fold_W_dec_norm()
-    return sae, cfg_dict, log_sparsity
+
+def pretrained_source(release: str, sae_id: str) -> str:
+    """``repo_id/folder`` of a registry SAE, for messages."""
+    repo_id, folder, _, _ = resolve_release(release, sae_id)
+    return f"{repo_id}/{folder}"
+
+
+def norm_scaling_factor(release: str, sae_id: str) -> Optional[float]:
+    """SAELens's registry ``norm_scaling_factor`` of an ``expected_average_only_in`` SAE (None if unknown)."""
+    from sae_lens.loading.pretrained_saes_directory import get_norm_scaling_factor
+
+    return get_norm_scaling_factor(release, sae_id)
+
+
+def load_pretrained(cls: type, release: str, sae_id: str, **kwargs: Any) -> tuple[Any, dict[str, Any], Any]:
+    """Old entry point, kept: ``cls.from_pretrained_with_cfg_and_sparsity(release, sae_id, **kwargs)``."""
+    return cls.from_pretrained_with_cfg_and_sparsity(release, sae_id, **kwargs)

@@ -1,7 +1,10 @@
 """SAELens's on-disk format (``cfg.json`` + ``sae_weights.safetensors`` [+ ``sparsity.safetensors``]).
 
-Readers raise clear errors naming the file (missing, not JSON, truncated/corrupt safetensors) instead of
-whatever the parser throws. ``handle_config_defaulting`` upgrades pre-6.0 SAELens configs as SAELens does.
+Readers return plain data (``(cfg_dict, state_dict)``); ``sparsekern.SAE`` builds the module. They raise
+clear errors naming the file (missing, not JSON, truncated/corrupt safetensors, a config that does not fit
+the tensors, a device that is not there) instead of whatever the parser throws, and check the config
+against the tensor shapes in the safetensors header before reading any tensor. ``handle_config_defaulting``
+upgrades pre-6.0 SAELens configs as SAELens does.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
-from ..sae import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, get_sae_class, str_to_dtype
+from .._constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, str_to_dtype
+from .._registry import get_sae_class
 
 # top-level keys of a pre-6.0 cfg.json that SAELens moves into ``metadata``
 LLM_METADATA_KEYS = {
@@ -52,6 +56,95 @@ def read_json(path: Union[str, Path]) -> dict[str, Any]:
     return out
 
 
+def check_device(device: Any, source: Union[str, Path]) -> torch.device:
+    """``torch.device(device)`` if tensors can be loaded there; else a ValueError naming ``source``.
+
+    Refuses the ``meta`` device (it would keep the shapes and silently drop every weight) and an
+    accelerator this machine does not have (instead of the loader's misleading "corrupt file").
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ValueError(f"{source}: unknown device {device!r} ({e})") from None
+    if dev.type == "meta":
+        raise ValueError(
+            f"{source}: cannot load onto the 'meta' device (it holds no data, so every weight would be "
+            "discarded); load on 'cpu' or an accelerator"
+        )
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{source}: device {device!r} requested, but CUDA is not available on this machine")
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"{source}: device {device!r} requested, but MPS is not available on this machine")
+    return dev
+
+
+def check_dtype(dtype: Any, source: Union[str, Path]) -> torch.dtype:
+    """The floating-point ``torch.dtype`` named by ``dtype``; else a ValueError naming ``source``."""
+    try:
+        dt = str_to_dtype(dtype)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{source}: {e}") from None
+    if not dt.is_floating_point:
+        raise ValueError(f"{source}: dtype {dtype!r} is not a floating-point dtype")
+    return dt
+
+
+def _positive_int(cfg: dict[str, Any], key: str, source: Union[str, Path]) -> int:
+    if key not in cfg:
+        raise ValueError(f"{source} has no {key!r}")
+    v = cfg[key]
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ValueError(f"{source}: {key} must be a positive int, got {v!r}")
+    return v
+
+
+def check_cfg(cfg_dict: dict[str, Any], source: Union[str, Path]) -> None:
+    """Check the fields every SAE config needs (``d_in``, ``d_sae``, ``dtype``, ``device``); errors name
+    ``source``."""
+    _positive_int(cfg_dict, "d_in", source)
+    _positive_int(cfg_dict, "d_sae", source)
+    if "d_out" in cfg_dict and cfg_dict["d_out"] is not None:
+        _positive_int(cfg_dict, "d_out", source)
+    check_dtype(cfg_dict.get("dtype", "float32"), source)
+    check_device(cfg_dict.get("device", "cpu"), source)
+
+
+def safetensors_shapes(path: Union[str, Path]) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors header (reads no tensor data)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except Exception as e:
+        raise ValueError(
+            f"could not read safetensors file {path} (truncated or corrupt?): {type(e).__name__}: {e}"
+        ) from None
+
+
+def check_shapes(
+    cfg_dict: dict[str, Any], shapes: dict[str, tuple[int, ...]], source: Union[str, Path]
+) -> None:
+    """``W_enc`` must be ``[d_in, d_sae]``, ``W_dec`` ``[d_sae, d_out]`` (``d_out`` = ``d_in`` for an SAE)."""
+    d_in, d_sae = cfg_dict["d_in"], cfg_dict["d_sae"]
+    d_out = cfg_dict.get("d_out") or d_in
+    want = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_out)}
+    bad = {k: v for k, v in shapes.items() if k in want and tuple(v) != want[k]}
+    if bad:
+        arch = cfg_dict.get("architecture") or "standard"
+        try:
+            name = get_sae_class(arch)[0].__name__
+        except (ValueError, TypeError):
+            name = f"{arch!r} SAE"
+        raise ValueError(
+            f"weights in {source} do not fit a {name} with d_in={d_in}, d_sae={d_sae}"
+            f"{f', d_out={d_out}' if 'd_out' in cfg_dict else ''}: expected {want}, found {bad}"
+        )
+
+
 def read_safetensors(
     path: Union[str, Path], device: str = "cpu", dtype: Union[str, torch.dtype, None] = None
 ) -> dict[str, Tensor]:
@@ -61,7 +154,8 @@ def read_safetensors(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
-    dt = str_to_dtype(dtype) if dtype is not None else None
+    dt = check_dtype(dtype, path) if dtype is not None else None
+    check_device(device, path)
     try:
         out = {}
         with safe_open(str(path), framework="pt", device=str(device)) as f:
@@ -96,12 +190,15 @@ def read_sae_lens_dir(
             f"SAE folder not found: {path} "
             f"(expected a folder with {SAE_CFG_FILENAME} and {SAE_WEIGHTS_FILENAME})"
         )
-    cfg_dict = read_json(path / SAE_CFG_FILENAME)
+    cfg_path, weights_path = path / SAE_CFG_FILENAME, path / SAE_WEIGHTS_FILENAME
+    cfg_dict = read_json(cfg_path)
     cfg_dict["device"] = device
     if cfg_overrides:
         cfg_dict.update(cfg_overrides)
+    check_cfg(cfg_dict, cfg_path)  # before touching the weights: nothing is allocated for a bad config
+    check_shapes(cfg_dict, safetensors_shapes(weights_path), weights_path)
     dtype = cfg_dict.get("dtype", "float32")
-    state_dict = read_safetensors(path / SAE_WEIGHTS_FILENAME, device, dtype)
+    state_dict = read_safetensors(weights_path, device, dtype)
     if "scaling_factor" in state_dict:  # pre-6 "finetuning scaling factor": SAELens drops it if all ones
         sf = state_dict.pop("scaling_factor")
         if not torch.allclose(sf, torch.ones_like(sf)):
