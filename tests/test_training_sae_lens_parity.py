@@ -1,0 +1,72 @@
+"""One training step against SAELens's own training SAE classes with the same weights."""
+
+import pytest
+import torch
+
+from sparsekern.training import SAETrainer, TrainingConfig
+from sparsekern.training.trainer import build_module
+
+sae_lens = pytest.importorskip("sae_lens")
+from sae_lens.saes.sae import TrainStepInput  # noqa: E402
+
+
+def _pair(arch, dtype, **kw):
+    d_in, d_sae = 12, 48
+    cfg = TrainingConfig(architecture=arch, d_in=d_in, d_sae=d_sae, k=5, dtype=dtype, seed=1,
+                         jumprelu_bandwidth=0.3, l0_coefficient=0.1, **kw)
+    mine = build_module(cfg)
+    mine.initialize_weights(1)
+    if arch == "topk":
+        sl = sae_lens.TopKTrainingSAE(sae_lens.TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=5, dtype=dtype))
+    elif arch == "batchtopk":
+        sl = sae_lens.BatchTopKTrainingSAE(
+            sae_lens.BatchTopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=5, dtype=dtype))
+    else:
+        sl = sae_lens.JumpReLUTrainingSAE(sae_lens.JumpReLUTrainingSAEConfig(
+            d_in=d_in, d_sae=d_sae, dtype=dtype, jumprelu_bandwidth=0.3, l0_coefficient=0.1))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in mine.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
+            p.copy_(noise.abs() * 0.3 if name == "threshold" else noise * 0.3)
+    sl.load_state_dict({**sl.state_dict(), **{k: v.clone() for k, v in mine.state_dict().items()}})
+    return cfg, mine, sl
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu"])
+def test_one_step_loss_and_grads_match_sae_lens(arch, dtype):
+    cfg, mine, sl = _pair(arch, dtype)
+    dt = getattr(torch, dtype)
+    x = torch.randn(32, cfg.d_in, generator=torch.Generator().manual_seed(9), dtype=dt)
+    dead = torch.zeros(cfg.d_sae, dtype=torch.bool)
+    dead[::3] = True
+    coeffs = {"l0": 0.1, "l1": 1.0}
+    out = mine.forward_train(x, x, dead, coeffs)
+    out.loss.backward()
+    ref = sl.training_forward_pass(TrainStepInput(sae_in=x, coefficients={"l0": 0.1}, dead_neuron_mask=dead,
+                                                  n_training_steps=0, is_logging_step=False))
+    ref.loss.backward()
+    tol = 1e-4 if dtype == "float32" else 1e-9
+    torch.testing.assert_close(out.loss.detach(), ref.loss.detach(), rtol=tol, atol=tol)
+    for k, v in ref.losses.items():
+        torch.testing.assert_close(out.losses[k].detach(), v.detach(), rtol=tol, atol=tol, msg=k)
+    sl_params = dict(sl.named_parameters())
+    for name, p in mine.named_parameters():
+        t = max(tol, 1e-6) if name == "threshold" else tol  # threshold is float32 in both libraries
+        torch.testing.assert_close(p.grad, sl_params[name].grad, rtol=t, atol=t, msg=f"grad {name}")
+    if arch == "batchtopk":
+        torch.testing.assert_close(mine.topk_threshold, sl.topk_threshold)
+
+
+def test_init_matches_sae_lens_seeded():
+    """Same seed, same draw: W_dec kaiming-uniform rows at decoder_init_norm, W_enc = W_dec.T."""
+    tr = SAETrainer(TrainingConfig(architecture="topk", d_in=10, d_sae=40, k=4, seed=7))
+    torch.manual_seed(7)
+    sl = sae_lens.TopKTrainingSAE(sae_lens.TopKTrainingSAEConfig(d_in=10, d_sae=40, k=4))
+    ours = torch.empty(40, 10)
+    torch.nn.init.kaiming_uniform_(ours, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(tr.sae.W_dec.norm(dim=-1), torch.full((40,), 0.1))
+    torch.testing.assert_close(tr.sae.W_enc, tr.sae.W_dec.T)
+    torch.testing.assert_close(tr.sae.W_dec, ours / ours.norm(dim=-1, keepdim=True) * 0.1)
+    torch.testing.assert_close(sl.W_dec.norm(dim=-1), tr.sae.W_dec.norm(dim=-1))
