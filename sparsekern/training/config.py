@@ -96,6 +96,7 @@ class TrainingConfig:
     device: str = "cpu"
     dtype: str = "float32"
     seed: int = 42
+    flush_denormal: bool = True  # flush CPU denormals during steps (see SAETrainer.step)
     extra: dict[str, Any] = field(default_factory=dict)  # free-form, saved in the trainer state
 
     def __post_init__(self) -> None:
