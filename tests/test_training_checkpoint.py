@@ -14,7 +14,10 @@ CASES = [
     ("topk", {}),
     ("topk", {"normalize_activations": "expected_average_only_in", "b_dec_init_method": "mean"}),
     ("batchtopk", {"normalize_activations": "expected_average_only_in"}),
-    ("jumprelu", {"normalize_activations": "expected_average_only_in", "b_dec_init_method": "geometric_median"}),
+    (
+        "jumprelu",
+        {"normalize_activations": "expected_average_only_in", "b_dec_init_method": "geometric_median"},
+    ),
     ("standard", {"normalize_activations": "expected_average_only_in"}),
     ("gated", {}),
 ]
@@ -26,8 +29,18 @@ def _batches(n, d_in=12, seed=0, scale=5.0):
 
 
 def _cfg(arch, **kw):
-    base = dict(architecture=arch, d_in=12, d_sae=40, k=4, train_batch_size_tokens=32, training_tokens=32 * 20,
-                dead_feature_window=3, n_batches_for_norm_estimate=2, jumprelu_init_threshold=0.05, lr=1e-2)
+    base = dict(
+        architecture=arch,
+        d_in=12,
+        d_sae=40,
+        k=4,
+        train_batch_size_tokens=32,
+        training_tokens=32 * 20,
+        dead_feature_window=3,
+        n_batches_for_norm_estimate=2,
+        jumprelu_init_threshold=0.05,
+        lr=1e-2,
+    )
     base.update(kw)
     return TrainingConfig(**base)
 
@@ -58,8 +71,15 @@ def test_checkpoint_loads_in_both_libraries_with_same_outputs(tmp_path, arch, kw
 @pytest.mark.parametrize("mode", ["plain", "skip"])
 @pytest.mark.parametrize("arch", ["standard", "jumprelu", "topk"])
 def test_transcoder_checkpoint_round_trip(tmp_path, arch, mode):
-    cfg = _cfg(arch, transcoder=True, skip_transcoder=mode == "skip", d_out=10, hook_name="blocks.0.ln2.hook_normalized",
-               hook_name_out="blocks.0.hook_mlp_out", normalize_activations="expected_average_only_in")
+    cfg = _cfg(
+        arch,
+        transcoder=True,
+        skip_transcoder=mode == "skip",
+        d_out=10,
+        hook_name="blocks.0.ln2.hook_normalized",
+        hook_name_out="blocks.0.hook_mlp_out",
+        normalize_activations="expected_average_only_in",
+    )
     tr = SAETrainer(cfg)
     xs = _batches(6)
     ys = [x[:, :10] * 2 + 0.5 for x in xs]
@@ -78,8 +98,14 @@ def test_transcoder_checkpoint_round_trip(tmp_path, arch, mode):
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu", "standard", "gated"])
 def test_resume_is_bitwise_equal_to_uninterrupted(tmp_path, arch):
-    kw = dict(normalize_activations="expected_average_only_in", lr_warm_up_steps=3, lr_decay_steps=4,
-              l1_warm_up_steps=5, l0_warm_up_steps=5, b_dec_init_method="mean")
+    kw = dict(
+        normalize_activations="expected_average_only_in",
+        lr_warm_up_steps=3,
+        lr_decay_steps=4,
+        l1_warm_up_steps=5,
+        l0_warm_up_steps=5,
+        b_dec_init_method="mean",
+    )
     batches = _batches(12, seed=3)
     full = SAETrainer(_cfg(arch, **kw))
     full.fit(batches, progress=False)
@@ -115,20 +141,23 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
 
 
-@pytest.mark.parametrize("kw,field", [
-    (dict(architecture="topk", d_sae=8, k=9), "k"),
-    (dict(architecture="topk", transcoder=True, apply_b_dec_to_input=True), "apply_b_dec_to_input"),
-    (dict(architecture="mystery"), "architecture"),
-    (dict(d_sae=0), "d_sae"),
-    (dict(d_in=-3), "d_in"),
-    (dict(train_batch_size_tokens=0), "train_batch_size_tokens"),
-    (dict(lr=0.0), "lr"),
-    (dict(normalize_activations="layer_norm"), "normalize_activations"),
-    (dict(b_dec_init_method="median"), "b_dec_init_method"),
-    (dict(architecture="gated", transcoder=True), "gated"),
-    (dict(architecture="batchtopk", k=0), "k"),
-    (dict(device="cuda:7" if not torch.cuda.is_available() else "meta"), "device"),
-])
+@pytest.mark.parametrize(
+    "kw,field",
+    [
+        (dict(architecture="topk", d_sae=8, k=9), "k"),
+        (dict(architecture="topk", transcoder=True, apply_b_dec_to_input=True), "apply_b_dec_to_input"),
+        (dict(architecture="mystery"), "architecture"),
+        (dict(d_sae=0), "d_sae"),
+        (dict(d_in=-3), "d_in"),
+        (dict(train_batch_size_tokens=0), "train_batch_size_tokens"),
+        (dict(lr=0.0), "lr"),
+        (dict(normalize_activations="layer_norm"), "normalize_activations"),
+        (dict(b_dec_init_method="median"), "b_dec_init_method"),
+        (dict(architecture="gated", transcoder=True), "gated"),
+        (dict(architecture="batchtopk", k=0), "k"),
+        (dict(device="cuda:7" if not torch.cuda.is_available() else "meta"), "device"),
+    ],
+)
 def test_bad_configs_raise_naming_the_field(kw, field):
     base = dict(d_in=8, d_sae=32, k=4)
     base.update(kw)

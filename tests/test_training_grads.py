@@ -19,10 +19,21 @@ D = torch.float64
 
 
 def _cfg(arch, n_in, n_sae, k, mode, apply_b_dec, rescale, **kw):
-    return TrainingConfig(architecture=arch, d_in=n_in, d_sae=n_sae, k=k, transcoder=mode >= 1,
-                          skip_transcoder=mode == 2, d_out=n_in + 1 if mode else None,
-                          apply_b_dec_to_input=apply_b_dec and mode == 0, rescale_acts_by_decoder_norm=rescale,
-                          dtype="float64", jumprelu_bandwidth=0.5, aux_loss_coefficient=0.7, **kw)
+    return TrainingConfig(
+        architecture=arch,
+        d_in=n_in,
+        d_sae=n_sae,
+        k=k,
+        transcoder=mode >= 1,
+        skip_transcoder=mode == 2,
+        d_out=n_in + 1 if mode else None,
+        apply_b_dec_to_input=apply_b_dec and mode == 0,
+        rescale_acts_by_decoder_norm=rescale,
+        dtype="float64",
+        jumprelu_bandwidth=0.5,
+        aux_loss_coefficient=0.7,
+        **kw,
+    )
 
 
 def _randomise(m, g):
@@ -88,17 +99,19 @@ def _reference(m, P, x, y, dead, coeffs):
     return loss
 
 
-CASES = st.fixed_dictionaries({
-    "seed": st.integers(0, 2**31 - 1),
-    "n": st.integers(1, 7),
-    "d_in": st.integers(2, 6),
-    "d_sae": st.integers(3, 14),
-    "k": st.integers(1, 4),
-    "mode": st.sampled_from([0, 1, 2]),
-    "apply_b_dec": st.booleans(),
-    "rescale": st.booleans(),
-    "dead_p": st.sampled_from([0.0, 0.1, 0.5, 1.0]),
-})
+CASES = st.fixed_dictionaries(
+    {
+        "seed": st.integers(0, 2**31 - 1),
+        "n": st.integers(1, 7),
+        "d_in": st.integers(2, 6),
+        "d_sae": st.integers(3, 14),
+        "k": st.integers(1, 4),
+        "mode": st.sampled_from([0, 1, 2]),
+        "apply_b_dec": st.booleans(),
+        "rescale": st.booleans(),
+        "dead_p": st.sampled_from([0.0, 0.1, 0.5, 1.0]),
+    }
+)
 
 
 def _check(arch, c, k=None):
@@ -152,8 +165,17 @@ def test_gated_loss_and_grads_match_dense(c):
 
 
 def test_jumprelu_threshold_grad_is_nonzero_in_band():
-    c = {"seed": 3, "n": 16, "d_in": 8, "d_sae": 32, "k": 1, "mode": 0, "apply_b_dec": True,
-         "rescale": False, "dead_p": 0.0}
+    c = {
+        "seed": 3,
+        "n": 16,
+        "d_in": 8,
+        "d_sae": 32,
+        "k": 1,
+        "mode": 0,
+        "apply_b_dec": True,
+        "rescale": False,
+        "dead_p": 0.0,
+    }
     cfg = _cfg("jumprelu", 8, 32, 1, 0, True, False)
     m = build_module(cfg)
     _randomise(m, torch.Generator().manual_seed(c["seed"]))

@@ -23,8 +23,16 @@ def test_planted_dictionary_is_recovered(arch):
     F = torch.randn(64, 32, generator=g)
     F /= F.norm(dim=-1, keepdim=True)
     steps = 200
-    cfg = TrainingConfig(architecture=arch, d_in=32, d_sae=128, k=3, train_batch_size_tokens=256,
-                         training_tokens=256 * steps, lr=1e-2, seed=0)
+    cfg = TrainingConfig(
+        architecture=arch,
+        d_in=32,
+        d_sae=128,
+        k=3,
+        train_batch_size_tokens=256,
+        training_tokens=256 * steps,
+        lr=1e-2,
+        seed=0,
+    )
     tr = SAETrainer(cfg)
     sae = tr.fit((_data(256, g, F) for _ in range(steps)), progress=False)
     W = sae.W_dec.detach()

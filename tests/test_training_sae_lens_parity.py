@@ -12,18 +12,33 @@ from sae_lens.saes.sae import TrainStepInput  # noqa: E402
 
 def _pair(arch, dtype, **kw):
     d_in, d_sae = 12, 48
-    cfg = TrainingConfig(architecture=arch, d_in=d_in, d_sae=d_sae, k=5, dtype=dtype, seed=1,
-                         jumprelu_bandwidth=0.3, l0_coefficient=0.1, **kw)
+    cfg = TrainingConfig(
+        architecture=arch,
+        d_in=d_in,
+        d_sae=d_sae,
+        k=5,
+        dtype=dtype,
+        seed=1,
+        jumprelu_bandwidth=0.3,
+        l0_coefficient=0.1,
+        **kw,
+    )
     mine = build_module(cfg)
     mine.initialize_weights(1)
     if arch == "topk":
-        sl = sae_lens.TopKTrainingSAE(sae_lens.TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=5, dtype=dtype))
+        sl = sae_lens.TopKTrainingSAE(
+            sae_lens.TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=5, dtype=dtype)
+        )
     elif arch == "batchtopk":
         sl = sae_lens.BatchTopKTrainingSAE(
-            sae_lens.BatchTopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=5, dtype=dtype))
+            sae_lens.BatchTopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=5, dtype=dtype)
+        )
     else:
-        sl = sae_lens.JumpReLUTrainingSAE(sae_lens.JumpReLUTrainingSAEConfig(
-            d_in=d_in, d_sae=d_sae, dtype=dtype, jumprelu_bandwidth=0.3, l0_coefficient=0.1))
+        sl = sae_lens.JumpReLUTrainingSAE(
+            sae_lens.JumpReLUTrainingSAEConfig(
+                d_in=d_in, d_sae=d_sae, dtype=dtype, jumprelu_bandwidth=0.3, l0_coefficient=0.1
+            )
+        )
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for name, p in mine.named_parameters():
@@ -44,8 +59,15 @@ def test_one_step_loss_and_grads_match_sae_lens(arch, dtype):
     coeffs = {"l0": 0.1, "l1": 1.0}
     out = mine.forward_train(x, x, dead, coeffs)
     out.loss.backward()
-    ref = sl.training_forward_pass(TrainStepInput(sae_in=x, coefficients={"l0": 0.1}, dead_neuron_mask=dead,
-                                                  n_training_steps=0, is_logging_step=False))
+    ref = sl.training_forward_pass(
+        TrainStepInput(
+            sae_in=x,
+            coefficients={"l0": 0.1},
+            dead_neuron_mask=dead,
+            n_training_steps=0,
+            is_logging_step=False,
+        )
+    )
     ref.loss.backward()
     tol = 1e-4 if dtype == "float32" else 1e-9
     torch.testing.assert_close(out.loss.detach(), ref.loss.detach(), rtol=tol, atol=tol)

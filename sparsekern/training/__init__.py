@@ -14,5 +14,12 @@ from .config import TrainingConfig
 from .multi import MultiSAETrainer
 from .trainer import SAETrainer
 
-__all__ = ["ActivationStore", "MultiSAETrainer", "SAETrainer", "TrainingConfig", "cache_activations",
-           "train_sae", "train_saes"]
+__all__ = [
+    "ActivationStore",
+    "MultiSAETrainer",
+    "SAETrainer",
+    "TrainingConfig",
+    "cache_activations",
+    "train_sae",
+    "train_saes",
+]

@@ -114,11 +114,3 @@ class TrainingModule(nn.Module):
         self, x: Tensor, y: Tensor, dead_mask: Optional[Tensor], coefficients: dict[str, float]
     ) -> StepOutput:
         raise NotImplementedError
-
-    @torch.no_grad()
-    def after_step(self) -> None:
-        """Hook run after each optimiser step (batchtopk: nothing; decoder normalisation is the trainer's)."""
-
-    def inference_state(self) -> tuple[str, dict[str, Tensor]]:
-        """``(inference architecture, state dict)`` in the inference SAE's parameter names (unfolded)."""
-        raise NotImplementedError

@@ -41,7 +41,9 @@ def check_hooks(model: Any, hook_names: Sequence[str]) -> None:
     """Raise a ``ValueError`` naming any hook ``model`` does not have (before anything runs)."""
     hooks = getattr(model, "hook_dict", None)
     if hooks is None:
-        raise TypeError(f"model must be a TransformerLens HookedTransformer (with .hook_dict), got {type(model)}")
+        raise TypeError(
+            f"model must be a TransformerLens HookedTransformer (with .hook_dict), got {type(model)}"
+        )
     for h in hook_names:
         if h not in hooks:
             close = difflib.get_close_matches(h, list(hooks), n=3)
@@ -63,8 +65,10 @@ def _token_chunks(tokens: TokenSource, batch: int, key: str) -> Callable[[], Ite
     """A function returning a fresh iterator of ``[b, ctx]`` token chunks (one epoch)."""
     if isinstance(tokens, Tensor):
         if tokens.dim() != 2 or tokens.dtype.is_floating_point:
-            raise ValueError(f"tokens must be an int tensor [n_seq, ctx], got {tokens.dtype} {tuple(tokens.shape)}")
-        return lambda: (tokens[i:i + batch] for i in range(0, tokens.shape[0], batch))
+            raise ValueError(
+                f"tokens must be an int tensor [n_seq, ctx], got {tokens.dtype} {tuple(tokens.shape)}"
+            )
+        return lambda: (tokens[i : i + batch] for i in range(0, tokens.shape[0], batch))
     if isinstance(tokens, (str, Path)):
         path = Path(tokens)
         if not path.is_file():
@@ -75,7 +79,9 @@ def _token_chunks(tokens: TokenSource, batch: int, key: str) -> Callable[[], Ite
             arr = np.load(path, mmap_mode="r")
             if arr.ndim != 2:
                 raise ValueError(f"{path}: tokens must be [n_seq, ctx], got shape {arr.shape}")
-            return lambda: (torch.from_numpy(np.array(arr[i:i + batch])).long() for i in range(0, arr.shape[0], batch))
+            return lambda: (
+                torch.from_numpy(np.array(arr[i : i + batch])).long() for i in range(0, arr.shape[0], batch)
+            )
         if path.suffix == ".safetensors":
             from safetensors import safe_open
 
@@ -92,7 +98,7 @@ def _token_chunks(tokens: TokenSource, batch: int, key: str) -> Callable[[], Ite
                 with safe_open(str(path), framework="pt") as f:
                     sl = f.get_slice(name)
                     for i in range(0, shape[0], batch):
-                        yield sl[i:i + batch].long()
+                        yield sl[i : i + batch].long()
 
             return gen
         raise ValueError(f"token file {path}: expected .npy or .safetensors")
@@ -127,15 +133,21 @@ class ActivationStore:
             raise ValueError("hook_names is empty")
         if model is not None:
             check_hooks(model, self.hook_names)
-        for name, v in (("train_batch_size_tokens", train_batch_size_tokens),
-                        ("store_batch_size_prompts", store_batch_size_prompts)):
+        for name, v in (
+            ("train_batch_size_tokens", train_batch_size_tokens),
+            ("store_batch_size_prompts", store_batch_size_prompts),
+        ):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         self.batch_size = train_batch_size_tokens
-        self.buffer_size = buffer_size_tokens if buffer_size_tokens is not None else 16 * train_batch_size_tokens
+        self.buffer_size = (
+            buffer_size_tokens if buffer_size_tokens is not None else 16 * train_batch_size_tokens
+        )
         if self.buffer_size < train_batch_size_tokens:
-            raise ValueError(f"buffer_size_tokens ({self.buffer_size}) must be >= train_batch_size_tokens "
-                             f"({train_batch_size_tokens})")
+            raise ValueError(
+                f"buffer_size_tokens ({self.buffer_size}) must be >= train_batch_size_tokens "
+                f"({train_batch_size_tokens})"
+            )
         self.model, self.shuffle, self.seed, self.drop_last = model, shuffle, seed, drop_last
         self.device, self.dtype = torch.device(device), dtype
         self.epoch = 0
@@ -153,7 +165,11 @@ class ActivationStore:
             return None
         if exclude is True:
             tok = getattr(self.model, "tokenizer", None)
-            ids = {getattr(tok, a, None) for a in ("bos_token_id", "eos_token_id", "pad_token_id")} if tok else set()
+            ids = (
+                {getattr(tok, a, None) for a in ("bos_token_id", "eos_token_id", "pad_token_id")}
+                if tok
+                else set()
+            )
             ids.discard(None)
             return torch.tensor(sorted(ids), dtype=torch.long)
         return torch.tensor(list(exclude), dtype=torch.long)
@@ -202,7 +218,7 @@ class ActivationStore:
                         yield self._split(buf[:B])
                         buf = buf[B:]
                     continue
-                piece, acts = acts[:C - rows], acts[C - rows:]
+                piece, acts = acts[: C - rows], acts[C - rows :]
                 buf = piece if buf is None else torch.cat([buf, piece])
                 self.max_rows_held = max(self.max_rows_held, buf.shape[0])
         if buf is not None and buf.shape[0]:
@@ -210,7 +226,7 @@ class ActivationStore:
             for i in range(0, buf.shape[0], B):
                 if self.drop_last and buf.shape[0] - i < B:
                     break
-                yield self._split(buf[i:i + B])
+                yield self._split(buf[i : i + B])
 
     def batches(self, n_batches: Optional[int] = None) -> Iterator[Union[Tensor, tuple[Tensor, ...]]]:
         """``n_batches`` batches (``None``: forever), starting new epochs as needed (re-iterable sources)."""
@@ -272,7 +288,7 @@ class ActivationStore:
                     sls = [f.get_slice(h) for h in names]
                     n = sls[0].get_shape()[0]
                     for i in range(0, n, read_rows):
-                        yield torch.cat([s[i:i + read_rows] for s in sls], dim=1)
+                        yield torch.cat([s[i : i + read_rows] for s in sls], dim=1)
 
         return cls(None, None, names, _rows_source=rows, _dims=dims, **kwargs)
 
@@ -291,9 +307,15 @@ def cache_activations(
     shards ``out_dir/shard_00000.safetensors``... in token order (read them with ``from_cached``)."""
     from safetensors.torch import save_file
 
-    store = ActivationStore(model, tokens, hook_names, train_batch_size_tokens=shard_size_tokens,
-                            store_batch_size_prompts=store_batch_size_prompts,
-                            exclude_special_tokens=exclude_special_tokens, shuffle=False)
+    store = ActivationStore(
+        model,
+        tokens,
+        hook_names,
+        train_batch_size_tokens=shard_size_tokens,
+        store_batch_size_prompts=store_batch_size_prompts,
+        exclude_special_tokens=exclude_special_tokens,
+        shuffle=False,
+    )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -22,8 +22,15 @@ def _with_model_info(cfg: TrainingConfig, model: Any, tokens: Any) -> TrainingCo
     return dataclasses.replace(cfg, **upd) if upd else cfg
 
 
-def train_sae(model: Any, tokens: Any, hook_name: str, cfg: TrainingConfig, *, progress: bool = True,
-              **store_kwargs: Any):
+def train_sae(
+    model: Any,
+    tokens: Any,
+    hook_name: str,
+    cfg: TrainingConfig,
+    *,
+    progress: bool = True,
+    **store_kwargs: Any,
+):
     """Train one SAE (or transcoder: ``cfg.transcoder``, output hook ``cfg.hook_name_out``) on the
     activations of ``model`` at ``hook_name`` over ``tokens`` (tensor ``[n_seq, ctx]``, iterable of
     such, or a ``.npy`` / ``.safetensors`` token file) and return the inference SAE.
@@ -34,14 +41,23 @@ def train_sae(model: Any, tokens: Any, hook_name: str, cfg: TrainingConfig, *, p
     cfg = _with_model_info(dataclasses.replace(cfg, hook_name=hook_name), model, tokens)
     hooks = hooks_of([cfg])
     check_hooks(model, hooks)
-    store = ActivationStore(model, tokens, hooks, train_batch_size_tokens=cfg.train_batch_size_tokens,
-                            seed=cfg.seed, device=cfg.device, dtype=cfg.torch_dtype, **store_kwargs)
+    store = ActivationStore(
+        model,
+        tokens,
+        hooks,
+        train_batch_size_tokens=cfg.train_batch_size_tokens,
+        seed=cfg.seed,
+        device=cfg.device,
+        dtype=cfg.torch_dtype,
+        **store_kwargs,
+    )
     trainer = SAETrainer(cfg)
     return trainer.fit(store.batches(cfg.total_training_steps), progress=progress)
 
 
-def train_saes(model: Any, tokens: Any, cfgs: Sequence[TrainingConfig], *, progress: bool = True,
-               **store_kwargs: Any) -> list:
+def train_saes(
+    model: Any, tokens: Any, cfgs: Sequence[TrainingConfig], *, progress: bool = True, **store_kwargs: Any
+) -> list:
     """Train several SAEs / transcoders (any hooks, widths, architectures) from one forward pass per
     batch of tokens; returns their inference SAEs in ``cfgs`` order."""
     cfgs = [_with_model_info(c, model, tokens) for c in cfgs]
@@ -49,7 +65,15 @@ def train_saes(model: Any, tokens: Any, cfgs: Sequence[TrainingConfig], *, progr
     check_hooks(model, hooks)
     multi = MultiSAETrainer(cfgs, hooks)
     c0 = cfgs[0]
-    store = ActivationStore(model, tokens, hooks, train_batch_size_tokens=c0.train_batch_size_tokens,
-                            seed=c0.seed, device=c0.device, dtype=c0.torch_dtype, **store_kwargs)
+    store = ActivationStore(
+        model,
+        tokens,
+        hooks,
+        train_batch_size_tokens=c0.train_batch_size_tokens,
+        seed=c0.seed,
+        device=c0.device,
+        dtype=c0.torch_dtype,
+        **store_kwargs,
+    )
     n = max(c.total_training_steps for c in cfgs)
     return multi.fit(store.batches(n), n_steps=n, progress=progress)

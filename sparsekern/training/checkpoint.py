@@ -31,7 +31,9 @@ def optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], di
     tensors = {}
     for i, st in sd["state"].items():
         for key, v in st.items():
-            tensors[f"optim.{i}.{key}"] = v.detach().contiguous() if isinstance(v, Tensor) else torch.tensor(v)
+            tensors[f"optim.{i}.{key}"] = (
+                v.detach().contiguous() if isinstance(v, Tensor) else torch.tensor(v)
+            )
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
     return tensors, {"param_groups": groups}
 

@@ -47,7 +47,9 @@ class TrainingConfig:
     k: Union[int, float] = 100
     # transcoders (sparsekern): read hook_name, reconstruct hook_name_out ([N, d_out])
     transcoder: bool = False
-    skip_transcoder: bool = False  # adds y += x @ W_skip.T (W_skip [d_out, d_in], zero init); implies transcoder
+    skip_transcoder: bool = (
+        False  # adds y += x @ W_skip.T (W_skip [d_out, d_in], zero init); implies transcoder
+    )
     d_out: Optional[int] = None  # default d_in
     hook_name: str = "blocks.0.hook_resid_pre"
     hook_name_out: Optional[str] = None
@@ -101,12 +103,29 @@ class TrainingConfig:
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"TrainingConfig.architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
-        for name in ("d_in", "d_sae", "train_batch_size_tokens", "training_tokens", "dead_feature_window",
-                     "feature_sampling_window", "n_batches_for_norm_estimate", "n_eval_batches"):
+            raise ValueError(
+                f"TrainingConfig.architecture must be one of {ARCHITECTURES}, got {self.architecture!r}"
+            )
+        for name in (
+            "d_in",
+            "d_sae",
+            "train_batch_size_tokens",
+            "training_tokens",
+            "dead_feature_window",
+            "feature_sampling_window",
+            "n_batches_for_norm_estimate",
+            "n_eval_batches",
+        ):
             _positive_int(name, getattr(self, name))
-        for name in ("lr_warm_up_steps", "lr_decay_steps", "l1_warm_up_steps", "l0_warm_up_steps",
-                     "eval_every_n_steps", "n_checkpoints", "seed"):
+        for name in (
+            "lr_warm_up_steps",
+            "lr_decay_steps",
+            "l1_warm_up_steps",
+            "l0_warm_up_steps",
+            "eval_every_n_steps",
+            "n_checkpoints",
+            "seed",
+        ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"TrainingConfig.{name} must be a non-negative int, got {v!r}")
@@ -116,30 +135,49 @@ class TrainingConfig:
             self.d_out = self.d_in
         _positive_int("d_out", self.d_out)
         if not self.transcoder and self.d_out != self.d_in:
-            raise ValueError(f"TrainingConfig.d_out ({self.d_out}) must equal d_in ({self.d_in}) for an SAE; "
-                             "set transcoder=True for a transcoder")
+            raise ValueError(
+                f"TrainingConfig.d_out ({self.d_out}) must equal d_in ({self.d_in}) for an SAE; "
+                "set transcoder=True for a transcoder"
+            )
         if self.apply_b_dec_to_input is None:
             self.apply_b_dec_to_input = not self.transcoder
         if self.transcoder and self.apply_b_dec_to_input:
-            raise ValueError("TrainingConfig.apply_b_dec_to_input must be False for a transcoder "
-                             "(b_dec lives in the output space [d_out])")
+            raise ValueError(
+                "TrainingConfig.apply_b_dec_to_input must be False for a transcoder "
+                "(b_dec lives in the output space [d_out])"
+            )
         if self.transcoder and self.architecture == "gated":
-            raise ValueError("TrainingConfig.architecture='gated' has no transcoder variant "
-                             "(neither SAELens nor sparsekern has a gated transcoder class)")
+            raise ValueError(
+                "TrainingConfig.architecture='gated' has no transcoder variant "
+                "(neither SAELens nor sparsekern has a gated transcoder class)"
+            )
         if self.architecture == "topk":
             if isinstance(self.k, bool) or not isinstance(self.k, int) or not 1 <= self.k <= self.d_sae:
-                raise ValueError(f"TrainingConfig.k must be an int in [1, d_sae={self.d_sae}] for topk, got {self.k!r}")
+                raise ValueError(
+                    f"TrainingConfig.k must be an int in [1, d_sae={self.d_sae}] for topk, got {self.k!r}"
+                )
         if self.architecture == "batchtopk":
-            if isinstance(self.k, bool) or not isinstance(self.k, (int, float)) or not 0 < self.k <= self.d_sae:
-                raise ValueError(f"TrainingConfig.k must be in (0, d_sae={self.d_sae}] for batchtopk, got {self.k!r}")
+            if (
+                isinstance(self.k, bool)
+                or not isinstance(self.k, (int, float))
+                or not 0 < self.k <= self.d_sae
+            ):
+                raise ValueError(
+                    f"TrainingConfig.k must be in (0, d_sae={self.d_sae}] for batchtopk, got {self.k!r}"
+                )
         for name in ("lr", "jumprelu_bandwidth", "adam_beta1", "adam_beta2"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise ValueError(f"TrainingConfig.{name} must be a positive finite number, got {v!r}")
         if not self.adam_beta1 < 1 or not self.adam_beta2 < 1:
             raise ValueError("TrainingConfig.adam_beta1 / adam_beta2 must be < 1")
-        for name in ("l1_coefficient", "l0_coefficient", "aux_loss_coefficient", "jumprelu_init_threshold",
-                     "topk_threshold_lr"):
+        for name in (
+            "l1_coefficient",
+            "l0_coefficient",
+            "aux_loss_coefficient",
+            "jumprelu_init_threshold",
+            "topk_threshold_lr",
+        ):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"TrainingConfig.{name} must be a non-negative finite number, got {v!r}")
@@ -148,21 +186,31 @@ class TrainingConfig:
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"TrainingConfig.max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
         if self.decoder_init_norm is not None and not self.decoder_init_norm > 0:
-            raise ValueError(f"TrainingConfig.decoder_init_norm must be > 0 or None, got {self.decoder_init_norm!r}")
+            raise ValueError(
+                f"TrainingConfig.decoder_init_norm must be > 0 or None, got {self.decoder_init_norm!r}"
+            )
         if self.normalize_activations not in NORMALIZE_MODES:
-            raise ValueError(f"TrainingConfig.normalize_activations must be one of {NORMALIZE_MODES}, "
-                             f"got {self.normalize_activations!r}")
+            raise ValueError(
+                f"TrainingConfig.normalize_activations must be one of {NORMALIZE_MODES}, "
+                f"got {self.normalize_activations!r}"
+            )
         if self.b_dec_init_method not in B_DEC_INIT_METHODS:
-            raise ValueError(f"TrainingConfig.b_dec_init_method must be one of {B_DEC_INIT_METHODS}, "
-                             f"got {self.b_dec_init_method!r}")
+            raise ValueError(
+                f"TrainingConfig.b_dec_init_method must be one of {B_DEC_INIT_METHODS}, "
+                f"got {self.b_dec_init_method!r}"
+            )
         if self.lr_scheduler_name.lower() not in LR_SCHEDULERS:
-            raise ValueError(f"TrainingConfig.lr_scheduler_name must be one of {LR_SCHEDULERS}, "
-                             f"got {self.lr_scheduler_name!r}")
+            raise ValueError(
+                f"TrainingConfig.lr_scheduler_name must be one of {LR_SCHEDULERS}, "
+                f"got {self.lr_scheduler_name!r}"
+            )
         if self.lr_end is None:
             self.lr_end = self.lr / 10
         if self.lr_warm_up_steps + self.lr_decay_steps > self.total_training_steps:
-            raise ValueError(f"TrainingConfig.lr_warm_up_steps + lr_decay_steps ({self.lr_warm_up_steps} + "
-                             f"{self.lr_decay_steps}) exceed total_training_steps ({self.total_training_steps})")
+            raise ValueError(
+                f"TrainingConfig.lr_warm_up_steps + lr_decay_steps ({self.lr_warm_up_steps} + "
+                f"{self.lr_decay_steps}) exceed total_training_steps ({self.total_training_steps})"
+            )
         if self.dtype not in _DTYPES:
             raise ValueError(f"TrainingConfig.dtype must be one of {_DTYPES}, got {self.dtype!r}")
         try:

@@ -23,8 +23,13 @@ from ._base import TrainingModule
 
 
 def inference_architecture(cfg) -> str:
-    base = {"standard": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu",
-            "gated": "gated"}[cfg.architecture]
+    base = {
+        "standard": "standard",
+        "topk": "topk",
+        "batchtopk": "jumprelu",
+        "jumprelu": "jumprelu",
+        "gated": "gated",
+    }[cfg.architecture]
     if not cfg.transcoder:
         return base
     stem = {"standard": "", "topk": "topk_", "jumprelu": "jumprelu_"}[base]
@@ -55,9 +60,16 @@ def inference_state(module: TrainingModule, scaling_factor: Optional[float]) -> 
         sd["threshold"] = sd["threshold"].to(sd["b_enc"].dtype)
     arch = inference_architecture(cfg)
     metadata = {"model_name": cfg.model_name, "hook_name": cfg.hook_name, "context_size": cfg.context_size}
-    d: dict[str, Any] = {"architecture": arch, "d_in": cfg.d_in, "d_sae": cfg.d_sae, "dtype": cfg.dtype,
-                         "device": cfg.device, "apply_b_dec_to_input": bool(cfg.apply_b_dec_to_input),
-                         "normalize_activations": "none", "reshape_activations": "none"}
+    d: dict[str, Any] = {
+        "architecture": arch,
+        "d_in": cfg.d_in,
+        "d_sae": cfg.d_sae,
+        "dtype": cfg.dtype,
+        "device": cfg.device,
+        "apply_b_dec_to_input": bool(cfg.apply_b_dec_to_input),
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+    }
     if cfg.architecture == "topk":
         d.update(k=cfg.k, rescale_acts_by_decoder_norm=cfg.rescale_acts_by_decoder_norm)
     if cfg.transcoder:

@@ -45,6 +45,10 @@ class GatedTrainingModule(TrainingModule):
         l1 = coefficients["l1"] * torch.sum(pi_gate_act * self.W_dec.norm(dim=1), dim=-1).mean()
         aux = mse_loss(pi_gate_act @ self.W_dec + self.b_dec, y)
         fired = f.detach() != 0
-        return StepOutput(loss=mse + l1 + aux,
-                          losses={"mse_loss": mse, "l1_loss": l1, "auxiliary_reconstruction_loss": aux},
-                          sae_out=sae_out, fire_counts=fired.sum(0).float(), l0=fired.sum(-1).float().mean())
+        return StepOutput(
+            loss=mse + l1 + aux,
+            losses={"mse_loss": mse, "l1_loss": l1, "auxiliary_reconstruction_loss": aux},
+            sae_out=sae_out,
+            fire_counts=fired.sum(0).float(),
+            l0=fired.sum(-1).float().mean(),
+        )

@@ -81,7 +81,8 @@ class JumpReLUTrainingModule(TrainingModule):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.threshold = nn.Parameter(
-            torch.full((cfg.d_sae,), cfg.jumprelu_init_threshold, dtype=torch.float32, device=cfg.device))
+            torch.full((cfg.d_sae,), cfg.jumprelu_init_threshold, dtype=torch.float32, device=cfg.device)
+        )
 
     def forward_train(self, x, y, dead_mask, coefficients) -> StepOutput:
         with torch.no_grad():
@@ -89,12 +90,25 @@ class JumpReLUTrainingModule(TrainingModule):
         t = self.threshold.detach().to(x.dtype)
         acts = ops.threshold_encode(x, self.W_enc, self.b_enc, t, b_dec=self.b_dec_in())
         l0_rows = (acts.values.detach() != 0).sum(-1).to(x.dtype)
-        zero, l0_ste = _ThresholdSTE.apply(self.threshold, self.sae_in(x).detach(), self.W_enc.detach(),
-                                           self.b_enc.detach(), self.W_dec.detach(), l0_rows,
-                                           self.cfg.jumprelu_bandwidth)
-        sae_out = self.add_skip(ops.sparse_decode(acts.values, acts.indices, self.W_dec, self.b_dec) + zero, x)
+        zero, l0_ste = _ThresholdSTE.apply(
+            self.threshold,
+            self.sae_in(x).detach(),
+            self.W_enc.detach(),
+            self.b_enc.detach(),
+            self.W_dec.detach(),
+            l0_rows,
+            self.cfg.jumprelu_bandwidth,
+        )
+        sae_out = self.add_skip(
+            ops.sparse_decode(acts.values, acts.indices, self.W_dec, self.b_dec) + zero, x
+        )
         mse = mse_loss(sae_out, y)
         l0_loss = (coefficients["l0"] * l0_ste).mean()
         counts = fire_counts_sparse(acts.values, acts.indices, self.cfg.d_sae)
-        return StepOutput(loss=mse + l0_loss, losses={"mse_loss": mse, "l0_loss": l0_loss}, sae_out=sae_out,
-                          fire_counts=counts, l0=l0_rows.mean())
+        return StepOutput(
+            loss=mse + l0_loss,
+            losses={"mse_loss": mse, "l0_loss": l0_loss},
+            sae_out=sae_out,
+            fire_counts=counts,
+            l0=l0_rows.mean(),
+        )

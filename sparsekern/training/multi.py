@@ -22,7 +22,7 @@ def hooks_of(cfgs: Sequence[TrainingConfig]) -> list[str]:
     """The hooks the configs read, each once, in first-use order."""
     out: list[str] = []
     for c in cfgs:
-        for h in ([c.hook_name, c.hook_name_out] if c.transcoder else [c.hook_name]):
+        for h in [c.hook_name, c.hook_name_out] if c.transcoder else [c.hook_name]:
             if h not in out:
                 out.append(h)
     return out
@@ -39,7 +39,7 @@ class MultiSAETrainer:
             raise ValueError(f"all configs must share train_batch_size_tokens, got {sorted(sizes)}")
         self.hook_names = list(hook_names) if hook_names is not None else hooks_of(cfgs)
         for c in cfgs:
-            for h in ([c.hook_name, c.hook_name_out] if c.transcoder else [c.hook_name]):
+            for h in [c.hook_name, c.hook_name_out] if c.transcoder else [c.hook_name]:
                 if h not in self.hook_names:
                     raise ValueError(f"config hook {h!r} is not among the batch hooks {self.hook_names}")
         self.trainers = [SAETrainer(c) for c in cfgs]
@@ -61,12 +61,15 @@ class MultiSAETrainer:
         if n_steps is None:
             n_steps = max(t.cfg.total_training_steps - t.n_training_steps for t in self.trainers)
         it = iter(batches)
-        need = [t for t in self.trainers if t.cfg.normalize_activations != "none" and t.scaling_factor is None]
+        need = [
+            t for t in self.trainers if t.cfg.normalize_activations != "none" and t.scaling_factor is None
+        ]
         if need:
             head = list(itertools.islice(it, max(t.cfg.n_batches_for_norm_estimate for t in need)))
             for t in need:
                 t.estimate_scaling_factor(
-                    [self._inputs(b, t.cfg)[0] for b in head[:t.cfg.n_batches_for_norm_estimate]])
+                    [self._inputs(b, t.cfg)[0] for b in head[: t.cfg.n_batches_for_norm_estimate]]
+                )
             it = itertools.chain(head, it)
         with tqdm(total=n_steps, disable=not progress, desc=f"training {len(self.trainers)} SAEs") as pbar:
             for i, batch in enumerate(it):

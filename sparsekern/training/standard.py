@@ -28,7 +28,12 @@ class StandardTrainingModule(TrainingModule):
         mse = mse_loss(sae_out, y)
         sparsity = (f * self.W_dec.norm(dim=1)).norm(p=self.cfg.lp_norm, dim=-1)
         l1 = (coefficients["l1"] * sparsity).mean()
-        fired = (f.detach() != 0)
+        fired = f.detach() != 0
         counts = fired.sum(0).float()
-        return StepOutput(loss=mse + l1, losses={"mse_loss": mse, "l1_loss": l1}, sae_out=sae_out,
-                          fire_counts=counts, l0=fired.sum(-1).float().mean())
+        return StepOutput(
+            loss=mse + l1,
+            losses={"mse_loss": mse, "l1_loss": l1},
+            sae_out=sae_out,
+            fire_counts=counts,
+            l0=fired.sum(-1).float().mean(),
+        )

@@ -69,8 +69,15 @@ class TopKTrainingModule(TrainingModule):
         acts = ops.topk_encode(x, W, b, self.cfg.k, b_dec=self.b_dec_in(), relu=True)
         return acts.values, acts.indices
 
-    def aux_loss(self, x: Tensor, W: Tensor, b: Tensor, n: Optional[Tensor], residual: Tensor,
-                 dead_mask: Optional[Tensor]) -> Tensor:
+    def aux_loss(
+        self,
+        x: Tensor,
+        W: Tensor,
+        b: Tensor,
+        n: Optional[Tensor],
+        residual: Tensor,
+        dead_mask: Optional[Tensor],
+    ) -> Tensor:
         """SAELens's TopK auxiliary loss (see the module docstring); ``residual [N, d_out]`` detached."""
         if dead_mask is None or (num_dead := int(dead_mask.sum())) == 0:
             return residual.new_zeros(())
@@ -94,8 +101,13 @@ class TopKTrainingModule(TrainingModule):
         mse = mse_loss(sae_out, y)
         aux = self.aux_loss(x, W, b, n, (y - sae_out).detach(), dead_mask)
         counts = fire_counts_sparse(values, indices, self.cfg.d_sae)
-        out = StepOutput(loss=mse + aux, losses={"mse_loss": mse, "auxiliary_reconstruction_loss": aux},
-                         sae_out=sae_out, fire_counts=counts, l0=counts.sum() / x.shape[0])
+        out = StepOutput(
+            loss=mse + aux,
+            losses={"mse_loss": mse, "auxiliary_reconstruction_loss": aux},
+            sae_out=sae_out,
+            fire_counts=counts,
+            l0=counts.sum() / x.shape[0],
+        )
         self.after_forward(values, out)
         return out
 
@@ -155,11 +167,15 @@ class BatchTopKTrainingModule(TopKTrainingModule):
             return acts.values, acts.indices
 
         values, indices, exact = batch_topk_select(
-            values_fn, self.cfg.k, x.shape[0], self.cfg.d_sae, self.cfg.extra.get("batchtopk_max_k_row"))
+            values_fn, self.cfg.k, x.shape[0], self.cfg.d_sae, self.cfg.extra.get("batchtopk_max_k_row")
+        )
         if not exact and not self._warned:
             self._warned = True
-            warnings.warn("BatchTopK: batchtopk_max_k_row capped the per-row candidates; the batch top-k "
-                          "is approximate on some rows", stacklevel=3)
+            warnings.warn(
+                "BatchTopK: batchtopk_max_k_row capped the per-row candidates; the batch top-k "
+                "is approximate on some rows",
+                stacklevel=3,
+            )
         return values, indices
 
     @torch.no_grad()

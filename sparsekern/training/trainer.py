@@ -43,8 +43,13 @@ def build_module(cfg: TrainingConfig) -> TrainingModule:
     from .standard import StandardTrainingModule
     from .topk import BatchTopKTrainingModule, TopKTrainingModule
 
-    cls = {"standard": StandardTrainingModule, "topk": TopKTrainingModule, "batchtopk": BatchTopKTrainingModule,
-           "jumprelu": JumpReLUTrainingModule, "gated": GatedTrainingModule}[cfg.architecture]
+    cls = {
+        "standard": StandardTrainingModule,
+        "topk": TopKTrainingModule,
+        "batchtopk": BatchTopKTrainingModule,
+        "jumprelu": JumpReLUTrainingModule,
+        "gated": GatedTrainingModule,
+    }[cfg.architecture]
     return cls(cfg)
 
 
@@ -91,7 +96,9 @@ class SAETrainer:
                 own = self.sae.state_dict()
                 src = {k: v for k, v in sae.state_dict().items() if k in own}
                 self.sae.load_state_dict({**own, **src})
-        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
+        self.optimizer = torch.optim.Adam(
+            self.sae.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2)
+        )
         d_sae = cfg.d_sae
         self.n_training_steps = 0
         self.n_training_tokens = 0
@@ -120,8 +127,10 @@ class SAETrainer:
 
     def coefficients(self) -> dict[str, float]:
         c, s = self.cfg, self.n_training_steps
-        return {"l1": coefficient(s, c.l1_coefficient, c.l1_warm_up_steps),
-                "l0": coefficient(s, c.l0_coefficient, c.l0_warm_up_steps)}
+        return {
+            "l1": coefficient(s, c.l1_coefficient, c.l1_warm_up_steps),
+            "l0": coefficient(s, c.l0_coefficient, c.l0_warm_up_steps),
+        }
 
     # ---- data preparation ------------------------------------------------------------------------
     @torch.no_grad()
@@ -218,9 +227,15 @@ class SAETrainer:
         m["dead_fraction"] = self.dead_neurons.float().mean().item()
         return m
 
-    def fit(self, batches: Iterable[Batch], n_steps: Optional[int] = None, progress: bool = True,
-            eval_batches: Optional[Iterable[Batch]] = None, model: Any = None,
-            eval_tokens: Optional[Iterable[Tensor]] = None):
+    def fit(
+        self,
+        batches: Iterable[Batch],
+        n_steps: Optional[int] = None,
+        progress: bool = True,
+        eval_batches: Optional[Iterable[Batch]] = None,
+        model: Any = None,
+        eval_tokens: Optional[Iterable[Tensor]] = None,
+    ):
         """Step through ``batches`` (tensors, or ``(x, y)`` pairs for transcoders) and return the
         inference SAE (:meth:`to_inference`).
 
@@ -251,10 +266,14 @@ class SAETrainer:
                 done += 1
                 pbar.update(1)
                 if done % 10 == 0 or done == n_steps:
-                    pbar.set_postfix(loss=f"{m['loss']:.4g}", l0=f"{m['l0']:.1f}",
-                                     ev=f"{m['explained_variance']:.3f}")
-                if cfg.eval_every_n_steps and self.n_training_steps % cfg.eval_every_n_steps == 0 and (
-                        eval_batches is not None or model is not None):
+                    pbar.set_postfix(
+                        loss=f"{m['loss']:.4g}", l0=f"{m['l0']:.1f}", ev=f"{m['explained_variance']:.3f}"
+                    )
+                if (
+                    cfg.eval_every_n_steps
+                    and self.n_training_steps % cfg.eval_every_n_steps == 0
+                    and (eval_batches is not None or model is not None)
+                ):
                     self.last_eval = self.evaluate(eval_batches, model=model, eval_tokens=eval_tokens)
                 if ck_every and done % ck_every == 0 and done < n_steps and cfg.checkpoint_path:
                     self.save_checkpoint(Path(cfg.checkpoint_path) / f"step_{self.n_training_steps}")
@@ -263,8 +282,12 @@ class SAETrainer:
         return self.to_inference()
 
     @torch.no_grad()
-    def evaluate(self, batches: Optional[Iterable[Batch]] = None, model: Any = None,
-                 eval_tokens: Optional[Iterable[Tensor]] = None) -> dict[str, float]:
+    def evaluate(
+        self,
+        batches: Optional[Iterable[Batch]] = None,
+        model: Any = None,
+        eval_tokens: Optional[Iterable[Tensor]] = None,
+    ) -> dict[str, float]:
         """Held-out metrics: ``mse``, ``explained_variance`` (over all rows: ``1 - sum res / sum ||y -
         mean||^2``, SAELens's eval formula), ``l0``, ``dead_fraction``; with ``model`` and
         ``eval_tokens``, ``sparsekern.features.metrics.reconstruction_metrics``'s CE / KL scores too
@@ -287,8 +310,11 @@ class SAETrainer:
         m: dict[str, float] = {"dead_fraction": self.dead_neurons.float().mean().item()}
         if n:
             var = sq - (sums.pow(2).sum().item() / n)
-            m.update(mse=res_sum / n, l0=l0_sum / n,
-                     explained_variance=1 - res_sum / var if var > 0 else float("nan"))
+            m.update(
+                mse=res_sum / n,
+                l0=l0_sum / n,
+                explained_variance=1 - res_sum / var if var > 0 else float("nan"),
+            )
         if model is not None and eval_tokens is not None:
             from ..features.metrics import reconstruction_metrics
 
@@ -315,10 +341,16 @@ class SAETrainer:
             tensors["rng.cpu"] = torch.get_rng_state()
             if torch.cuda.is_available() and self.device.type == "cuda":
                 tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
-            meta = {"format": "sparsekern-trainer/1", "cfg": self.cfg.to_dict(),
-                    "n_training_steps": self.n_training_steps, "n_training_tokens": self.n_training_tokens,
-                    "n_frac_active_samples": self.n_frac_active_samples, "scaling_factor": self.scaling_factor,
-                    "b_dec_initialized": self.b_dec_initialized, "optimizer": opt_meta}
+            meta = {
+                "format": "sparsekern-trainer/1",
+                "cfg": self.cfg.to_dict(),
+                "n_training_steps": self.n_training_steps,
+                "n_training_tokens": self.n_training_tokens,
+                "n_frac_active_samples": self.n_frac_active_samples,
+                "scaling_factor": self.scaling_factor,
+                "b_dec_initialized": self.b_dec_initialized,
+                "optimizer": opt_meta,
+            }
             ckpt.save_state(folder, tensors, meta)
 
         return ckpt.write_atomic(Path(path), write)
@@ -350,6 +382,9 @@ class SAETrainer:
         return tr
 
     def optimizer_load(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-        opt = {k: v.to(self.device) if not k.endswith(".step") else v for k, v in tensors.items()
-               if k.startswith("optim.")}
+        opt = {
+            k: v.to(self.device) if not k.endswith(".step") else v
+            for k, v in tensors.items()
+            if k.startswith("optim.")
+        }
         ckpt.optimizer_from_flat(self.optimizer, opt, meta["optimizer"])
