@@ -170,3 +170,20 @@ def test_train_saes_share_one_forward_per_token_batch(model, monkeypatch):
     assert [type(s).__name__ for s in saes] == ["TopKSAE", "JumpReLUSAE", "StandardSAE"]
     assert all(c == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"] for c in calls)
     assert len(calls) <= 4  # 5 batches of 32 rows come from at most 4 forwards of 10 x 8 tokens
+
+
+def test_periodic_eval_with_model_and_checkpoints(model, tmp_path):
+    from sparsekern.training import SAETrainer
+
+    cfg = TrainingConfig(architecture="topk", d_in=8, d_sae=16, k=2, train_batch_size_tokens=32,
+                         training_tokens=32 * 6, eval_every_n_steps=3, n_eval_batches=2, n_checkpoints=1,
+                         checkpoint_path=str(tmp_path / "ck"), hook_name="blocks.0.hook_resid_post")
+    store = ActivationStore(model, _tokens(), cfg.hook_name, train_batch_size_tokens=32)
+    tr = SAETrainer(cfg)
+    tr.fit(store.batches(6), progress=False, eval_batches=list(store.batches(2)), model=model,
+           eval_tokens=[_tokens()[:4]])
+    m = tr.last_eval
+    for key in ("mse", "explained_variance", "l0", "dead_fraction", "model_ce_loss_score"):
+        assert key in m, key
+    assert m["l0"] <= 2
+    assert (tmp_path / "ck" / "step_3" / "cfg.json").is_file()
