@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
+from torch import Tensor
+
 from .activations import ActivationStore, check_hooks
 from .config import TrainingConfig
 from .multi import MultiSAETrainer, hooks_of
@@ -31,9 +33,10 @@ def train_sae(
     progress: bool = True,
     **store_kwargs: Any,
 ):
-    """Train one SAE (or transcoder: ``cfg.transcoder``, output hook ``cfg.hook_name_out``) on the
-    activations of ``model`` at ``hook_name`` over ``tokens`` (tensor ``[n_seq, ctx]``, iterable of
-    such, or a ``.npy`` / ``.safetensors`` token file) and return the inference SAE.
+    """Train one SAE on the activations of ``model`` at ``hook_name`` over ``tokens`` (tensor
+    ``[n_seq, ctx]``, iterable of such, or a ``.npy`` / ``.safetensors`` token file) and return the
+    inference SAE. A transcoder (``cfg.transcoder``) reconstructs ``cfg.hook_name_out`` (default
+    ``hook_name``).
 
     Hooks are checked before anything runs. ``store_kwargs`` go to :class:`ActivationStore`
     (``store_batch_size_prompts``, ``buffer_size_tokens``, ``exclude_special_tokens``, ...).
@@ -52,7 +55,14 @@ def train_sae(
         **store_kwargs,
     )
     trainer = SAETrainer(cfg)
-    return trainer.fit(store.batches(cfg.total_training_steps), progress=progress)
+
+    def inputs(batches):  # (x, y) for transcoders, also when both hooks are the same one
+        for b in batches:
+            parts = (b,) if isinstance(b, Tensor) else b
+            x = parts[hooks.index(cfg.hook_name)]
+            yield (x, parts[hooks.index(cfg.target_hook_name)]) if cfg.transcoder else x
+
+    return trainer.fit(inputs(store.batches(cfg.total_training_steps)), progress=progress)
 
 
 def train_saes(

@@ -221,14 +221,17 @@ class TrainingConfig:
             raise ValueError(f"TrainingConfig.device={self.device!r} but CUDA is not available")
         if dev.type == "meta":
             raise ValueError("TrainingConfig.device='meta' cannot train")
-        if self.transcoder and self.hook_name_out is None:
-            self.hook_name_out = self.hook_name
 
     # ---- derived --------------------------------------------------------------------------------
     @property
     def total_training_steps(self) -> int:
         """``training_tokens // train_batch_size_tokens`` (SAELens)."""
         return max(1, self.training_tokens // self.train_batch_size_tokens)
+
+    @property
+    def target_hook_name(self) -> str:
+        """The hook a transcoder reconstructs: ``hook_name_out``, or ``hook_name`` when unset."""
+        return self.hook_name_out or self.hook_name
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -74,7 +74,7 @@ def inference_state(module: TrainingModule, scaling_factor: Optional[float]) -> 
         d.update(k=cfg.k, rescale_acts_by_decoder_norm=cfg.rescale_acts_by_decoder_norm)
     if cfg.transcoder:
         d["d_out"] = cfg.d_out
-        metadata["hook_name_out"] = cfg.hook_name_out
+        metadata["hook_name_out"] = cfg.target_hook_name
     d["metadata"] = metadata
     return d, sd
 

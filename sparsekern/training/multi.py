@@ -22,7 +22,7 @@ def hooks_of(cfgs: Sequence[TrainingConfig]) -> list[str]:
     """The hooks the configs read, each once, in first-use order."""
     out: list[str] = []
     for c in cfgs:
-        for h in [c.hook_name, c.hook_name_out] if c.transcoder else [c.hook_name]:
+        for h in [c.hook_name, c.target_hook_name] if c.transcoder else [c.hook_name]:
             if h not in out:
                 out.append(h)
     return out
@@ -39,7 +39,7 @@ class MultiSAETrainer:
             raise ValueError(f"all configs must share train_batch_size_tokens, got {sorted(sizes)}")
         self.hook_names = list(hook_names) if hook_names is not None else hooks_of(cfgs)
         for c in cfgs:
-            for h in [c.hook_name, c.hook_name_out] if c.transcoder else [c.hook_name]:
+            for h in [c.hook_name, c.target_hook_name] if c.transcoder else [c.hook_name]:
                 if h not in self.hook_names:
                     raise ValueError(f"config hook {h!r} is not among the batch hooks {self.hook_names}")
         self.trainers = [SAETrainer(c) for c in cfgs]
@@ -47,7 +47,7 @@ class MultiSAETrainer:
     def _inputs(self, batch: Union[Tensor, Sequence[Tensor]], cfg: TrainingConfig):
         parts = (batch,) if isinstance(batch, Tensor) else tuple(batch)
         x = parts[self.hook_names.index(cfg.hook_name)]
-        y = parts[self.hook_names.index(cfg.hook_name_out)] if cfg.transcoder else None
+        y = parts[self.hook_names.index(cfg.target_hook_name)] if cfg.transcoder else None
         return x, y
 
     def step(self, batch) -> list[dict[str, float]]:
