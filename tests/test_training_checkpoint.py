@@ -20,6 +20,7 @@ CASES = [
     ),
     ("standard", {"normalize_activations": "expected_average_only_in"}),
     ("gated", {}),
+    ("gated", {"normalize_activations": "expected_average_only_in"}),
 ]
 
 
@@ -172,3 +173,19 @@ def test_step_rejects_wrong_shapes():
     tc = SAETrainer(_cfg("topk", transcoder=True, d_out=6))
     with pytest.raises(ValueError, match="targets"):
         tc.step(torch.randn(4, 12))
+
+
+def test_geometric_median_is_the_weiszfeld_fixed_point():
+    from sparsekern.training.trainer import geometric_median
+
+    g = torch.Generator().manual_seed(0)
+    pts = torch.cat(
+        [
+            torch.randn(200, 5, generator=g, dtype=torch.float64),
+            torch.full((20, 5), 50.0, dtype=torch.float64),
+        ]
+    )
+    m = geometric_median(pts)
+    u = (pts - m) / (pts - m).norm(dim=-1, keepdim=True)
+    assert u.sum(0).norm() < 1e-4 * len(pts)  # the gradient of sum ||p - m|| vanishes
+    assert m.norm() < 1.5 < pts.mean(0).norm()  # robust to the outliers, unlike the mean

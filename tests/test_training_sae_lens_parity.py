@@ -92,3 +92,52 @@ def test_init_matches_sae_lens_seeded():
     torch.testing.assert_close(tr.sae.W_enc, tr.sae.W_dec.T)
     torch.testing.assert_close(tr.sae.W_dec, ours / ours.norm(dim=-1, keepdim=True) * 0.1)
     torch.testing.assert_close(sl.W_dec.norm(dim=-1), tr.sae.W_dec.norm(dim=-1))
+
+
+@pytest.mark.parametrize("name", ["constant", "cosineannealing"])
+@pytest.mark.parametrize("warm,decay", [(0, 0), (5, 0), (0, 7), (4, 6), (1, 1)])
+def test_lr_schedule_matches_sae_lens(name, warm, decay):
+    from sae_lens.training.optim import get_lr_scheduler
+
+    from sparsekern.training.schedule import lr_factor
+
+    cfg = TrainingConfig(
+        d_in=4,
+        d_sae=8,
+        k=2,
+        lr=1e-3,
+        lr_end=2e-4,
+        lr_scheduler_name=name,
+        lr_warm_up_steps=warm,
+        lr_decay_steps=decay,
+        train_batch_size_tokens=1,
+        training_tokens=30,
+    )
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = get_lr_scheduler(
+        name,
+        opt,
+        training_steps=30,
+        lr=cfg.lr,
+        warm_up_steps=warm,
+        decay_steps=decay,
+        lr_end=cfg.lr_end,
+        num_cycles=1,
+    )
+    for step in range(30):
+        assert cfg.lr * lr_factor(step, cfg) == pytest.approx(
+            opt.param_groups[0]["lr"], rel=1e-6, abs=1e-12
+        ), step
+        opt.step()
+        sched.step()
+
+
+def test_coefficient_warm_up_matches_sae_lens():
+    from sae_lens.training.optim import CoefficientScheduler
+
+    from sparsekern.training.schedule import coefficient
+
+    s = CoefficientScheduler(warm_up_steps=4, final_value=2.5)
+    for step in range(8):
+        assert coefficient(step, 2.5, 4) == pytest.approx(s.value)
+        s.step()
