@@ -141,3 +141,10 @@ def test_coefficient_warm_up_matches_sae_lens():
     for step in range(8):
         assert coefficient(step, 2.5, 4) == pytest.approx(s.value)
         s.step()
+
+
+@pytest.mark.parametrize("arch", ["standard", "topk", "batchtopk", "jumprelu", "gated"])
+def test_to_sae_lens_config_builds_the_same_architecture(arch):
+    cfg = TrainingConfig(architecture=arch, d_in=6, d_sae=12, k=3)
+    sl_cfg = cfg.to_sae_lens()
+    assert sl_cfg.architecture() == arch and sl_cfg.d_sae == 12

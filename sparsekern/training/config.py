@@ -240,6 +240,47 @@ class TrainingConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def to_sae_lens(self) -> Any:
+        """The equivalent SAELens ``*TrainingSAEConfig`` (SAEs only; needs ``sae_lens``), e.g. to train
+        the same SAE with SAELens's trainer for a comparison."""
+        if self.transcoder:
+            raise ValueError("SAELens has no training transcoders")
+        import sae_lens
+
+        common = dict(
+            d_in=self.d_in,
+            d_sae=self.d_sae,
+            dtype=self.dtype,
+            device=self.device,
+            apply_b_dec_to_input=self.apply_b_dec_to_input,
+            decoder_init_norm=self.decoder_init_norm,
+            normalize_activations=self.normalize_activations,
+        )
+        a = self.architecture
+        if a in ("topk", "batchtopk"):
+            cls = sae_lens.TopKTrainingSAEConfig if a == "topk" else sae_lens.BatchTopKTrainingSAEConfig
+            extra = dict(
+                k=self.k,
+                aux_loss_coefficient=self.aux_loss_coefficient,
+                rescale_acts_by_decoder_norm=self.rescale_acts_by_decoder_norm,
+            )
+            if a == "batchtopk":
+                extra["topk_threshold_lr"] = self.topk_threshold_lr
+            return cls(**common, **extra)
+        if a == "jumprelu":
+            return sae_lens.JumpReLUTrainingSAEConfig(
+                **common,
+                jumprelu_init_threshold=self.jumprelu_init_threshold,
+                jumprelu_bandwidth=self.jumprelu_bandwidth,
+                l0_coefficient=self.l0_coefficient,
+                l0_warm_up_steps=self.l0_warm_up_steps,
+            )
+        cls = sae_lens.StandardTrainingSAEConfig if a == "standard" else sae_lens.GatedTrainingSAEConfig
+        extra = dict(l1_coefficient=self.l1_coefficient, l1_warm_up_steps=self.l1_warm_up_steps)
+        if a == "standard":
+            extra["lp_norm"] = self.lp_norm
+        return cls(**common, **extra)
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainingConfig":
         names = {f.name for f in fields(cls)}
