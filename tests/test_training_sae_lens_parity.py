@@ -148,3 +148,75 @@ def test_to_sae_lens_config_builds_the_same_architecture(arch):
     cfg = TrainingConfig(architecture=arch, d_in=6, d_sae=12, k=3)
     sl_cfg = cfg.to_sae_lens()
     assert sl_cfg.architecture() == arch and sl_cfg.d_sae == 12
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu", "standard", "gated"])
+def test_whole_run_matches_sae_lens_trainer(arch, tmp_path):
+    """Same init, same batches (float64): SAELens's SAETrainer and ours end with the same SAE."""
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer as SLTrainer
+
+    import sparsekern
+
+    steps, n, n_norm = 16, 64, 2
+    cfg = TrainingConfig(
+        architecture=arch,
+        d_in=12,
+        d_sae=48,
+        k=4,
+        dtype="float64",
+        seed=3,
+        lr=3e-3,
+        lr_warm_up_steps=3,
+        lr_decay_steps=4,
+        l1_warm_up_steps=4,
+        l0_warm_up_steps=4,
+        l1_coefficient=0.5,
+        l0_coefficient=0.05,
+        jumprelu_bandwidth=0.2,
+        dead_feature_window=2,
+        train_batch_size_tokens=n,
+        training_tokens=n * steps,
+        normalize_activations="expected_average_only_in",
+        n_batches_for_norm_estimate=n_norm,
+    )
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(n, 12, generator=g, dtype=torch.float64) * 3 + 0.5 for _ in range(steps + n_norm)]
+    ours = SAETrainer(cfg)
+    sl_sae = getattr(
+        sae_lens,
+        {
+            "topk": "TopKTrainingSAE",
+            "batchtopk": "BatchTopKTrainingSAE",
+            "jumprelu": "JumpReLUTrainingSAE",
+            "gated": "GatedTrainingSAE",
+            "standard": "StandardTrainingSAE",
+        }[arch],
+    )(cfg.to_sae_lens())
+    sl_sae.load_state_dict(
+        {**sl_sae.state_dict(), **{k: v.clone() for k, v in ours.sae.state_dict().items()}}
+    )
+    sl_cfg = SAETrainerConfig(
+        total_training_samples=n * steps,
+        train_batch_size_samples=n,
+        lr=cfg.lr,
+        lr_end=cfg.lr_end,
+        lr_warm_up_steps=3,
+        lr_decay_steps=4,
+        dead_feature_window=2,
+        n_batches_for_norm_estimate=n_norm,
+    )
+    sl = SLTrainer(sl_cfg, sl_sae, iter(batches))
+    import contextlib
+    import io
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        sl.fit()
+    sl_sae.save_inference_model(tmp_path / "sl")
+    expected = sparsekern.SAE.load_from_disk(tmp_path / "sl", dtype="float64")
+
+    ours.estimate_scaling_factor(batches[:n_norm])
+    got = ours.fit(batches[n_norm:], progress=False)
+    exp_sd = expected.state_dict()
+    for k, v in got.state_dict().items():
+        torch.testing.assert_close(v, exp_sd[k], rtol=1e-7, atol=1e-9, msg=k)
