@@ -69,6 +69,7 @@ def test_checkpoint_loads_in_both_libraries_with_same_outputs(tmp_path, arch, kw
         torch.testing.assert_close(ours(x), mod_out, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore:.*sparsekern addition that SAELens cannot load")
 @pytest.mark.parametrize("mode", ["plain", "skip"])
 @pytest.mark.parametrize("arch", ["standard", "jumprelu", "topk"])
 def test_transcoder_checkpoint_round_trip(tmp_path, arch, mode):
