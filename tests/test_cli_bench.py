@@ -154,11 +154,11 @@ def test_training_bench_quick(tmp_path):
     doc = json.loads((tmp_path / "latest-training-quick.json").read_text())
     rows = {r["case"]: r for r in doc["rows"]}
     assert rc == 0, [(r["case"], r.get("note"), r.get("info")) for r in doc["rows"]]
-    assert list(rows) == ["throughput", "quality topk", "quality jumprelu", "scale"]
+    assert list(rows) == ["step", "throughput", "quality topk", "quality jumprelu", "scale"]
     assert list(tmp_path.glob("training-quick-*.csv"))
     for r in rows.values():
         assert r["status"] == "ok", r
-        assert r["target_met"] in (True, False)
+        assert r["target_met"] in ((True, False) if r["case"] != "step" else (None,))
     t = rows["throughput"]
     assert _pos(t["sk_tok_s"]) and _pos(t["peer_tok_s"]) and t["speedup"] == pytest.approx(
         t["sk_tok_s"] / t["peer_tok_s"])
@@ -180,3 +180,14 @@ def test_training_bench_unknown_case(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["bench", "--training", "--quick", "--cases", "stats"])
     assert e.value.code != 0
+
+
+def test_training_bench_step_needs_no_trainer(tmp_path):
+    """The bare encode + decode training step against the dense torch step (no trainer, no SAELens)."""
+    rc = cli.main(["bench", "--training", "--quick", "--no-progress", "--cases", "step", "--out", str(tmp_path)])
+    assert rc == 0
+    (r,) = json.loads((tmp_path / "latest-training-quick.json").read_text())["rows"]
+    assert r["case"] == "step" and r["status"] == "ok" and _pos(r["sk_ms"]) and _pos(r["peer_ms"])
+    assert r["speedup"] == pytest.approx(r["peer_ms"] / r["sk_ms"])
+    assert r["info"]["grad_rel_diff"] < 1e-4  # the same gradients as the dense step
+    assert r["info"]["encoder_backward"] == "cpp"

@@ -14,6 +14,10 @@ sparsekern's config into SAELens's, listed in ``info.aligned``).
 
 Cases (issue 12's targets; ``--quick`` shrinks every shape, targets then only informational):
 
+- ``step``: the bare training step, no trainer: TopK encode + decode forward and backward at 768 x 24576,
+  N 16384, k 32 (``ops.topk_encode`` + ``ops.sparse_decode``) against the dense torch step; GPU targets
+  >= 3.5x in fp32, >= 2.5x in bf16 (``scripts/gpu_checks.sh --training``); on CPU informational.
+  ``info.encoder_backward`` names the backend of the encoder's input/weight gradients.
 - ``throughput``: TopK, 768 -> 24576, k 32, 4096 tokens per step, fp32 (``--dtype bfloat16`` on CUDA:
   parameters and activations in bf16 on both sides). Steps of the two trainers alternate (one timed
   step each, order swapped every step) after warm-up; tokens/s of both; target >= 2x on CPU, >= 2x and
@@ -37,6 +41,7 @@ seen there): ``info.dense_ops`` for sparsekern (expected empty) and ``info.peer_
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 import traceback
 import warnings
@@ -49,10 +54,10 @@ from .. import ops
 from . import report
 from . import timing as T
 
-FIELDS = ("case", "shape", "dtype", "sparsekern", "peer", "steps", "sk_tok_s", "peer_tok_s", "speedup",
-          "sk_mse", "peer_mse", "mse_rel_diff", "sk_ev", "peer_ev", "ev_rel_diff", "sk_peak_mib",
-          "peer_peak_mib", "mem_ratio", "target", "target_met", "status", "note", "info")
-CASES = ("throughput", "quality_topk", "quality_jumprelu", "scale")
+FIELDS = ("case", "shape", "dtype", "sparsekern", "peer", "steps", "sk_ms", "peer_ms", "sk_tok_s",
+          "peer_tok_s", "speedup", "sk_mse", "peer_mse", "mse_rel_diff", "sk_ev", "peer_ev", "ev_rel_diff",
+          "sk_peak_mib", "peer_peak_mib", "mem_ratio", "target", "target_met", "status", "note", "info")
+CASES = ("step", "throughput", "quality_topk", "quality_jumprelu", "scale")
 PEER = "sae_lens.training.sae_trainer.SAETrainer (step seam of fit())"
 NO_TRAINER = ("sparsekern.training is not importable in this tree (the trainer lands on the `train` "
               "branch); run with it on PYTHONPATH")
@@ -62,10 +67,10 @@ def sizes(quick: bool) -> dict[str, Any]:
     if quick:
         return dict(d_in=256, d_sae=2048, k=16, batch=512, warmup=1, steps=4, pool=4,
                     q_steps=12, q_d_sae=1024, lr=1e-3, q_batch=512, scale_d_sae=2**14, scale_batch=128,
-                    scale_steps=2)
+                    scale_steps=2, step_n=1024, step_repeats=3)
     return dict(d_in=768, d_sae=24576, k=32, batch=4096, warmup=2, steps=20, pool=16,
                 q_steps=100, q_d_sae=24576, lr=3e-4, q_batch=4096, scale_d_sae=2**20, scale_batch=256,
-                scale_steps=3)
+                scale_steps=3, step_n=16384, step_repeats=10)
 
 
 # ---- data ----------------------------------------------------------------------------------
@@ -100,13 +105,17 @@ def _field_names(obj_or_cls: Any) -> set[str]:
 
 
 def sk_trainer(arch: str, d_in: int, d_sae: int, k: int, batch: int, lr: float, seed: int,
-               device: torch.device, dtype: torch.dtype):
+               device: torch.device, dtype: torch.dtype, total_steps: int = 0):
     """(sparsekern SAETrainer, names of requested extras its config lacks)."""
     from ..training import SAETrainer, TrainingConfig  # the `train` branch
 
     kw = dict(architecture=arch, d_in=d_in, d_sae=d_sae, k=k, lr=lr, train_batch_size_tokens=batch,
               seed=seed, device=str(device), dtype=str(dtype).removeprefix("torch."))
     names = _field_names(TrainingConfig)
+    if total_steps and "training_tokens" in names:  # the lr schedule's length, as SAELens's
+        kw["training_tokens"] = total_steps * batch
+    if "checkpoint_path" in names:
+        kw["checkpoint_path"] = None
     missing = []
     for key, v in ARCH_EXTRAS[arch].items():
         if not names or key in names:
@@ -139,8 +148,9 @@ def _sl_sae(arch: str, d_in: int, d_sae: int, k: int, device: torch.device, dtyp
     sk_names = _field_names(sk_cfg)
     own = {"d_in", "d_sae", "dtype", "device", "k", "metadata"}
     for key in sorted(_field_names(cfg_cls) & sk_names - own):
-        kw[key] = getattr(sk_cfg, key)
-        aligned.append(key)
+        if getattr(sk_cfg, key) is not None:  # None: "the default", resolved by each library
+            kw[key] = getattr(sk_cfg, key)
+            aligned.append(key)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return cls(cfg_cls(**kw))
@@ -179,9 +189,11 @@ class SLStepper:
 
         kw: dict[str, Any] = dict(total_training_samples=total_steps * batch, train_batch_size_samples=batch,
                                   lr=lr, device=str(device))
-        for key in sorted(_field_names(SAETrainerConfig) & _field_names(sk_cfg) - set(kw) - {"logger"}):
-            kw[key] = getattr(sk_cfg, key)
-            aligned.append(key)
+        skip = set(kw) | {"logger", "checkpoint_path", "n_checkpoints", "save_final_checkpoint"}
+        for key in sorted(_field_names(SAETrainerConfig) & _field_names(sk_cfg) - skip):
+            if getattr(sk_cfg, key) is not None:
+                kw[key] = getattr(sk_cfg, key)
+                aligned.append(key)
         if kw.get("lr_end") is None:
             kw["lr_end"] = kw["lr"] / 10  # LanguageModelSAERunnerConfig.__post_init__'s default
         self.trainer = SAETrainer(SAETrainerConfig(**kw), sae, data_provider=iter(()))
@@ -197,7 +209,7 @@ class SLStepper:
 
 def _pair(arch: str, d_in: int, d_sae: int, k: int, batch: int, total_steps: int, seed: int,
           device: torch.device, dtype: torch.dtype, lr: float = 3e-4):
-    sk, missing = sk_trainer(arch, d_in, d_sae, k, batch, lr, seed, device, dtype)
+    sk, missing = sk_trainer(arch, d_in, d_sae, k, batch, lr, seed, device, dtype, total_steps)
     aligned: list[str] = []
     sl_sae = _sl_sae(arch, d_in, d_sae, k, device, dtype, sk.cfg, aligned)
     copied = copy_params(sk.sae, sl_sae)
@@ -248,8 +260,9 @@ def _rel(a: float, b: float) -> float:
 
 
 def _row(case: str, shape: str, dtype: torch.dtype, steps: int, target: str, **extra: Any) -> dict[str, Any]:
+    extra.setdefault("sparsekern", "sparsekern.training.SAETrainer")
     return dict(case=case, shape=shape, dtype=str(dtype).removeprefix("torch."), steps=steps, target=target,
-                sparsekern="sparsekern.training.SAETrainer", status="ok", **extra)
+                status="ok", **extra)
 
 
 def throughput_case(sz: dict[str, Any], seed: int, dev: torch.device, dtype: torch.dtype,
@@ -379,17 +392,71 @@ def scale_case(sz: dict[str, Any], seed: int, dev: torch.device, dtype: torch.dt
                 note="peak: extra memory of one step after the first (grads are re-allocated every step)")
 
 
+# ---- the bare training step (no trainer, no optimiser) -------------------------------------
+def step_case(sz: dict[str, Any], seed: int, dev: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """TopK encode + decode, forward and backward (grads of W_enc, b_enc, W_dec, b_dec) of the
+    reconstruction loss: ``ops.topk_encode`` + ``ops.sparse_decode`` against the dense torch step
+    (``pre.topk`` -> dense code by scatter -> ``code @ W_dec``). Interleaved medians
+    (``timing.interleaved_ms``); issue 12's GPU targets: >= 3.5x in fp32, >= 2.5x in bf16."""
+    d_in, d_sae, k, n = sz["d_in"], sz["d_sae"], sz["k"], sz["step_n"]
+    g = torch.Generator().manual_seed(seed + 4)
+    W_enc = torch.randn(d_in, d_sae, generator=g) / math.sqrt(d_in)
+    params = [W_enc, torch.randn(d_sae, generator=g) * 0.1, W_enc.t().contiguous(),
+              torch.randn(d_in, generator=g) * 0.1]
+    params = [p.to(dev, dtype).requires_grad_(True) for p in params]
+    x = torch.randn(n, d_in, generator=g).to(dev, dtype)
+
+    def sparse() -> tuple[Tensor, ...]:
+        We, be, Wd, bd = params
+        acts = ops.topk_encode(x, We, be, k, b_dec=bd)
+        out = ops.sparse_decode(acts.values, acts.indices, Wd, bd)
+        return torch.autograd.grad((out.float() - x.float()).pow(2).sum(), params)
+
+    def dense() -> tuple[Tensor, ...]:
+        We, be, Wd, bd = params
+        pre = (x - bd) @ We + be
+        v, i = pre.topk(k, dim=1)
+        code = torch.zeros_like(pre).scatter(1, i, v.relu())
+        out = code @ Wd + bd
+        return torch.autograd.grad((out.float() - x.float()).pow(2).sum(), params)
+
+    ours, dense_out = sparse(), dense()  # warm-up (and the cross-check)
+    diff = max(float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
+               for a, b in zip(ours, dense_out))
+    del ours, dense_out
+    reps = sz["step_repeats"]
+    sk_ms, dense_ms = (T.median(t) for t in T.interleaved_ms([sparse, dense], dev, reps))
+    _, sk_peak = T.measure_peak(sparse, dev)
+    _, dense_peak = T.measure_peak(dense, dev)
+    speed = dense_ms / sk_ms
+    need = {torch.float32: 3.5, torch.bfloat16: 2.5}.get(dtype)
+    on_gpu = dev.type == "cuda" and need is not None
+    from .. import _backend
+
+    return _row("step", f"topk {d_in}x{d_sae}, k {k}, N {n}", dtype, reps,
+                f">= {need}x the dense torch step (GPU)" if on_gpu else "informational (targets are GPU)",
+                sparsekern="ops.topk_encode + ops.sparse_decode, fwd+bwd",
+                peer="dense torch: pre.topk -> scatter -> code @ W_dec, fwd+bwd",
+                sk_ms=sk_ms, peer_ms=dense_ms,
+                speedup=speed, sk_peak_mib=sk_peak, peer_peak_mib=dense_peak,
+                mem_ratio=sk_peak / dense_peak if sk_peak is not None and dense_peak else None,
+                target_met=bool(speed >= need) if on_gpu else None,
+                info=dict(grad_rel_diff=diff, encode=_backend.select("topk_encode", dev)[0],
+                          encoder_backward=_backend.select("encode_backward_input", dev)[0]))
+
+
 # ---- driver --------------------------------------------------------------------------------
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = ("case", "shape", "dtype", "steps", "sk tok/s", "peer tok/s", "sk/peer", "sk MSE", "peer MSE",
-            "dMSE", "sk EV", "peer EV", "dEV", "sk MiB", "peer MiB", "target", "met")
+    head = ("case", "shape", "dtype", "steps", "sk tok/s|ms", "peer tok/s|ms", "sk/peer", "sk MSE",
+            "peer MSE", "dMSE", "sk EV", "peer EV", "dEV", "sk MiB", "peer MiB", "target", "met")
 
     def f(r: dict[str, Any], key: str, spec: str) -> str:
         v = r.get(key)
         return "-" if v is None or isinstance(v, str) else format(v, spec)
 
     lines = [(r["case"], r.get("shape", ""), r.get("dtype", ""), str(r.get("steps", "")),
-              f(r, "sk_tok_s", ".0f"), f(r, "peer_tok_s", ".0f"),
+              f(r, "sk_tok_s", ".0f") if r.get("sk_ms") is None else f(r, "sk_ms", ".2f") + " ms",
+              f(r, "peer_tok_s", ".0f") if r.get("peer_ms") is None else f(r, "peer_ms", ".2f") + " ms",
               f(r, "speedup", ".2f") + ("x" if r.get("speedup") else ""),
               f(r, "sk_mse", ".4g"), f(r, "peer_mse", ".4g"), f(r, "mse_rel_diff", ".2%"),
               f(r, "sk_ev", ".4f"), f(r, "peer_ev", ".4f"), f(r, "ev_rel_diff", ".2%"),
@@ -414,6 +481,7 @@ def main(quick: bool, device: torch.device, out_dir: str, progress: bool, seed: 
         print(busy)
     sz = sizes(quick)
     runners = {"throughput": lambda: throughput_case(sz, seed, device, dtype, progress),
+               "step": lambda: step_case(sz, seed, device, dtype),
                "quality_topk": lambda: quality_case("topk", sz, seed, device, dtype, progress),
                "quality_jumprelu": lambda: quality_case("jumprelu", sz, seed, device, dtype, progress),
                "scale": lambda: scale_case(sz, seed, device, dtype)}
