@@ -108,7 +108,7 @@ def _encode_grad_variants(cuda_like, P: str, acc) -> list:
         (f"encode_grad_weight {dt}", encode_grad._weight_t_kernel,
          {"x_ptr": P, "g_ptr": P, "perm_ptr": "*i64", "bounds_ptr": "*i64", "out_ptr": P,
           **ints("K", "D", "F", "sxn", "sxd", "sgn", "sgk")},
-         dict(BF=b["WF"], BD=b["WD"], ACC=tl_dtype(acc)), w),
+         dict(BF=b["WF"], BD=b["WD"], ACC=tl_dtype(acc)), b["wwarps"]),
     ]
 
 

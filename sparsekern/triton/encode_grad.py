@@ -40,7 +40,7 @@ CHUNK_BYTES = 64 << 20  # transient transposed W_enc chunk
 def _transpose_kernel(w_ptr, out_ptr, D0, DC, F, sw0, sw1, BD: tl.constexpr, BF: tl.constexpr):
     """out[f, c] = w[D0 + c, f] for c < DC, f < F; out is [F, DC] contiguous."""
     fs = tl.program_id(0).to(tl.int64) * BF + tl.arange(0, BF)
-    cs = tl.program_id(1) * BD + tl.arange(0, BD)
+    cs = tl.program_id(1).to(tl.int64) * BD + tl.arange(0, BD)  # int64: (D0 + c) * sw0 passes 2^31
     tile = tl.load(w_ptr + (D0 + cs[:, None]) * sw0 + fs[None, :] * sw1,
                    mask=(cs[:, None] < DC) & (fs[None, :] < F))  # [BD, BF], read along f
     tl.store(out_ptr + fs[:, None] * DC + cs[None, :], tl.trans(tile),
@@ -52,7 +52,7 @@ def _gather_kernel(g_ptr, i_ptr, w_ptr, out_ptr, K, D, sgn, sgk, sin, sik, swf, 
                    BK: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr):
     """out[n, ds] = sum_j g[n, j] * w[idx[n, j], ds]: one program per (row, d block)."""
     n = tl.program_id(0).to(tl.int64)
-    ds = tl.program_id(1) * BD + tl.arange(0, BD)
+    ds = tl.program_id(1).to(tl.int64) * BD + tl.arange(0, BD)  # in place, ds * swd reaches d_in * d_sae
     dmask = ds < D
     acc = tl.zeros((BD,), ACC)
     for j0 in range(0, K, BK):
@@ -71,7 +71,7 @@ def _weight_t_kernel(x_ptr, g_ptr, perm_ptr, bounds_ptr, out_ptr, K, D, F, sxn, 
                      BF: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr):
     """out[ds, f] = sum over sorted slots p of f: g[p] * x[p // K, ds]; out is [D, F] contiguous."""
     fs = tl.program_id(0).to(tl.int64) * BF + tl.arange(0, BF)
-    ds = tl.program_id(1) * BD + tl.arange(0, BD)
+    ds = tl.program_id(1).to(tl.int64) * BD + tl.arange(0, BD)  # ds * F reaches d_in * d_sae
     fmask = fs < F
     dmask = ds < D
     start = tl.load(bounds_ptr + fs, mask=fmask, other=0)
@@ -93,12 +93,13 @@ def _weight_t_kernel(x_ptr, g_ptr, perm_ptr, bounds_ptr, out_ptr, K, D, F, sxn, 
 def _blocks(t: torch.Tensor, d: int) -> dict[str, int]:
     """Tile sizes. CUDA: not timed (no GPU here); chosen so every variant compiles for sm_90 without
     spills and at ~100 registers or fewer for fp32/bf16 (``python tests/triton_compile.py 90``: the
-    weight kernel at [32, 64] tiles spilled at 168 registers, at [32, 32] it takes 102). The
-    interpreter gets small tiles (every program runs in Python)."""
+    weight kernel's [32 features, 64 d] tile spills with 4 warps, not with 8). The interpreter gets
+    small tiles (every program runs in Python)."""
     p = next_pow2(d)
     if t.device.type != "cuda":
-        return dict(BK=16, BD=min(64, max(16, p)), TD=16, TF=16, WF=16, WD=min(32, max(16, p)), warps=1)
-    return dict(BK=16, BD=min(256, max(32, p)), TD=32, TF=64, WF=32, WD=32, warps=4)
+        return dict(BK=16, BD=min(64, max(16, p)), TD=16, TF=16, WF=16, WD=min(32, max(16, p)), warps=1,
+                    wwarps=1)
+    return dict(BK=16, BD=min(256, max(32, p)), TD=32, TF=64, WF=32, WD=64, warps=4, wwarps=8)
 
 
 def use_transposed_copy(n_slots: int, d_sae: int, esize: int) -> bool:
@@ -161,5 +162,5 @@ def encode_backward_weight(xc, g, indices, d_sae: int):
     b = _blocks(xc, d_in)
     _weight_t_kernel[(cdiv(d_sae, b["WF"]), cdiv(d_in, b["WD"]))](
         xc, g, perm, bounds, out, k, d_in, d_sae, *xc.stride(), *g.stride(),
-        BF=b["WF"], BD=b["WD"], ACC=tl_dtype(acc_dtype(xc.dtype)), num_warps=b["warps"])
+        BF=b["WF"], BD=b["WD"], ACC=tl_dtype(acc_dtype(xc.dtype)), num_warps=b["wwarps"])
     return out.to(xc.dtype)
