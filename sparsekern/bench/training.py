@@ -30,7 +30,7 @@ Cases (issue 12's targets; ``--quick`` shrinks every shape, targets then only in
 - ``scale``: a d_sae = 2^20 TopK SAE at d_in 768 trains a few steps of 256 tokens, no peer (SAELens's
   ``TopKTrainingSAE`` builds the dense ``[N, d_sae]`` pre-activations, code, and their gradients).
   Reported: peak memory of one step against the parameter bytes and against one fp32 ``[N, d_sae]``
-  buffer. Needs about 9x the parameter bytes in RAM (weights, grads, Adam moments); skipped, with a
+  buffer. Needs about 8x the parameter bytes in RAM (weights, grads, Adam moments); skipped, with a
   note, when the machine has less free memory.
 
 Every case also records, on one extra untimed step, which ops produced a tensor shaped ``[N, d_sae]``
@@ -65,9 +65,9 @@ NO_TRAINER = ("sparsekern.training is not importable in this tree (the trainer l
 
 def sizes(quick: bool) -> dict[str, Any]:
     if quick:
-        return dict(d_in=256, d_sae=2048, k=16, batch=512, warmup=1, steps=4, pool=4,
-                    q_steps=12, q_d_sae=1024, lr=1e-3, q_batch=512, scale_d_sae=2**14, scale_batch=128,
-                    scale_steps=2, step_n=1024, step_repeats=3)
+        return dict(d_in=256, d_sae=2048, k=16, batch=512, warmup=1, steps=3, pool=4,
+                    q_steps=10, q_d_sae=1024, lr=1e-3, q_batch=256, scale_d_sae=2**13, scale_batch=128,
+                    scale_steps=2, step_n=512, step_repeats=3)
     return dict(d_in=768, d_sae=24576, k=32, batch=4096, warmup=2, steps=20, pool=16,
                 q_steps=100, q_d_sae=24576, lr=3e-4, q_batch=4096, scale_d_sae=2**20, scale_batch=256,
                 scale_steps=3, step_n=16384, step_repeats=10)
@@ -359,7 +359,7 @@ def scale_case(sz: dict[str, Any], seed: int, dev: torch.device, dtype: torch.dt
     d_in, d_sae, k, B, n = 768, sz["scale_d_sae"], sz["k"], sz["scale_batch"], sz["scale_steps"]
     esize = torch.empty((), dtype=dtype).element_size()
     param_bytes = 2 * d_in * d_sae * esize
-    need = 9 * param_bytes + (64 << 20)  # weights, grads, 2 Adam moments, Adam/clip temporaries
+    need = 8 * param_bytes + (256 << 20)  # weights, grads, 2 Adam moments, Adam/clip temporaries
     free = _free_bytes(dev)
     shape = f"topk {d_in}x{d_sae}, k {k}, {B} tokens/step"
     dense_mib = B * d_sae * 4 / T.MIB
