@@ -158,7 +158,7 @@ def test_encode_grad_kernels_cuda(dtype, transpose):
     x = torch.randn(n, d_in, device="cuda", generator=g).to(dtype)
     grad = torch.randn(n, k, device="cuda", generator=g).to(dtype)
     idx = torch.randint(0, d_sae, (n, k), device="cuda", generator=g)
-    idx[:, 0] = 7  # a hot feature (a 2048-slot segment), and a row of one repeated feature
+    idx[:, 0] = 7  # a hot feature (2048 slots > HOT_SLOTS: the hot kernel), a row of one repeated feature
     idx[1] = 11
     grad[2] = 0
     dx = eg.encode_backward_input(grad, idx, W, transpose=transpose)

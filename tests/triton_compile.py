@@ -107,8 +107,12 @@ def _encode_grad_variants(cuda_like, P: str, acc) -> list:
          dict(BK=b["BK"], BD=b["BD"], ACC=tl_dtype(acc)), w),
         (f"encode_grad_weight {dt}", encode_grad._weight_t_kernel,
          {"x_ptr": P, "g_ptr": P, "perm_ptr": "*i64", "bounds_ptr": "*i64", "out_ptr": P,
-          **ints("K", "D", "F", "sxn", "sxd", "sgn", "sgk")},
+          **ints("K", "D", "F", "HOT", "sxn", "sxd", "sgn", "sgk")},
          dict(BF=b["WF"], BD=b["WD"], ACC=tl_dtype(acc)), b["wwarps"]),
+        (f"encode_grad_weight_hot {dt}", encode_grad._weight_hot_kernel,
+         {"x_ptr": P, "g_ptr": P, "perm_ptr": "*i64", "bounds_ptr": "*i64", "out_ptr": P,
+          **ints("K", "D", "F", "HOT", "sxn", "sxd", "sgn", "sgk")},
+         dict(BE=b["BK"], BD=b["BD"], ACC=tl_dtype(acc)), w),
     ]
 
 
@@ -142,7 +146,7 @@ REPRESENTATIVE = (
     "threshold torch.float32 fill=False", "fold_bias torch.bfloat16", "decode_fwd torch.bfloat16",
     "decode_bwd_values torch.float32", "decode_bwd_weight torch.bfloat16",
     "encode_grad_transpose torch.bfloat16", "encode_grad_gather torch.float32",
-    "encode_grad_weight torch.bfloat16",
+    "encode_grad_weight torch.bfloat16", "encode_grad_weight_hot torch.float32",
 )
 
 

@@ -85,7 +85,9 @@ def test_transposed_copy_rule():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_weight_grad_matches_float64(dtype, shape):
+@pytest.mark.parametrize("hot", [128, 2], ids=["hot128", "hot2"])  # hot2: most features take the hot kernel
+def test_weight_grad_matches_float64(dtype, shape, hot, monkeypatch):
+    monkeypatch.setattr(eg, "HOT_SLOTS", hot)
     n, k, d_in, d_sae = shape
     x, W, grad, idx = problem(n, k, d_in, d_sae, dtype)
     out = eg.encode_backward_weight(x, grad, idx, d_sae)

@@ -20,8 +20,13 @@ With ``pre[n, f] = xc[n] @ W_enc[:, f] + b_enc[f]`` and ``g [N, K]`` the gradien
     ``2*d_in*d_sae*e`` pass and a second ``[d_in, d_sae]`` buffer). ``_weight_t_kernel`` writes
     ``[d_in, d_sae]`` directly: one program per (block of ``BF`` consecutive features, ``BD`` block of
     ``d_in``) walks its features' segments of the sorted slots together (``BF`` rows of ``xc``, each a
-    contiguous ``BD`` read) and stores the ``[BD, BF]`` tile along ``d_sae`` (coalesced). Indices are
-    sorted once (``torch.sort``, stable); no atomics, deterministic, O(N*K + d_sae) extra memory.
+    contiguous ``BD`` read) and stores the ``[BD, BF]`` tile along ``d_sae`` (coalesced). It takes one
+    slot per feature per iteration, so a block lasts as long as its longest segment: features with
+    more than ``HOT_SLOTS`` slots (a feature firing on a large share of tokens) are left to
+    ``_weight_hot_kernel`` (one program per (feature, ``d_in`` block), ``BE`` slots per iteration,
+    the column stored with stride ``d_sae``: uncoalesced, but only for those few columns), which runs
+    after it on the same stream. Indices are sorted once (``torch.sort``, stable); no atomics,
+    deterministic, O(N*K + d_sae) extra memory.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from . import CALLS
 from ._common import acc_dtype, cdiv, next_pow2, on_first_tensor_device, store_dtype, tl_dtype
 
 CHUNK_BYTES = 64 << 20  # transient transposed W_enc chunk
+HOT_SLOTS = 128  # features with more slots go through _weight_hot_kernel
 
 
 @triton.jit
@@ -67,15 +73,17 @@ def _gather_kernel(g_ptr, i_ptr, w_ptr, out_ptr, K, D, sgn, sgk, sin, sik, swf, 
 
 
 @triton.jit
-def _weight_t_kernel(x_ptr, g_ptr, perm_ptr, bounds_ptr, out_ptr, K, D, F, sxn, sxd, sgn, sgk,
+def _weight_t_kernel(x_ptr, g_ptr, perm_ptr, bounds_ptr, out_ptr, K, D, F, HOT, sxn, sxd, sgn, sgk,
                      BF: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr):
-    """out[ds, f] = sum over sorted slots p of f: g[p] * x[p // K, ds]; out is [D, F] contiguous."""
+    """out[ds, f] = sum over sorted slots p of f: g[p] * x[p // K, ds]; out is [D, F] contiguous.
+    Features with more than HOT slots get zeros here (``_weight_hot_kernel`` writes them)."""
     fs = tl.program_id(0).to(tl.int64) * BF + tl.arange(0, BF)
     ds = tl.program_id(1).to(tl.int64) * BD + tl.arange(0, BD)  # ds * F reaches d_in * d_sae
     fmask = fs < F
     dmask = ds < D
     start = tl.load(bounds_ptr + fs, mask=fmask, other=0)
     count = tl.load(bounds_ptr + fs + 1, mask=fmask, other=0) - start
+    count = tl.where(count > HOT, 0, count)
     longest = tl.max(count, axis=0)
     acc = tl.zeros((BF, BD), ACC)
     for e in range(0, longest):
@@ -88,6 +96,30 @@ def _weight_t_kernel(x_ptr, g_ptr, perm_ptr, bounds_ptr, out_ptr, K, D, F, sxn, 
         acc += v[:, None] * rows
     tl.store(out_ptr + ds[None, :] * F + fs[:, None], acc.to(out_ptr.dtype.element_ty),
              mask=fmask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _weight_hot_kernel(x_ptr, g_ptr, perm_ptr, bounds_ptr, out_ptr, K, D, F, HOT, sxn, sxd, sgn, sgk,
+                       BE: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr):
+    """The columns of features with more than HOT slots: one program per (feature, d block)."""
+    f = tl.program_id(0).to(tl.int64)
+    ds = tl.program_id(1).to(tl.int64) * BD + tl.arange(0, BD)
+    dmask = ds < D
+    start = tl.load(bounds_ptr + f)
+    count = tl.load(bounds_ptr + f + 1) - start
+    todo = tl.where(count > HOT, count, 0)
+    acc = tl.zeros((BD,), ACC)
+    for e0 in range(0, todo, BE):
+        es = e0 + tl.arange(0, BE)
+        emask = es < todo
+        p = tl.load(perm_ptr + start + es, mask=emask, other=0)
+        n = p // K
+        v = tl.load(g_ptr + n * sgn + (p - n * K) * sgk, mask=emask, other=0.0).to(ACC)
+        rows = tl.load(x_ptr + n[:, None] * sxn + ds[None, :] * sxd,
+                       mask=emask[:, None] & dmask[None, :], other=0.0).to(ACC)
+        acc += tl.sum(v[:, None] * rows, axis=0)
+    keep = dmask & ((ds * 0 + count) > HOT)  # a vector mask (the interpreter rejects scalar & vector)
+    tl.store(out_ptr + ds * F + f, acc.to(out_ptr.dtype.element_ty), mask=keep)
 
 
 def _blocks(t: torch.Tensor, d: int) -> dict[str, int]:
@@ -160,7 +192,12 @@ def encode_backward_weight(xc, g, indices, d_sae: int):
     flat_sorted, perm = torch.sort(indices.reshape(-1), stable=True)
     bounds = torch.searchsorted(flat_sorted, torch.arange(d_sae + 1, device=dev))
     b = _blocks(xc, d_in)
+    acc = tl_dtype(acc_dtype(xc.dtype))
     _weight_t_kernel[(cdiv(d_sae, b["WF"]), cdiv(d_in, b["WD"]))](
-        xc, g, perm, bounds, out, k, d_in, d_sae, *xc.stride(), *g.stride(),
-        BF=b["WF"], BD=b["WD"], ACC=tl_dtype(acc_dtype(xc.dtype)), num_warps=b["wwarps"])
+        xc, g, perm, bounds, out, k, d_in, d_sae, HOT_SLOTS, *xc.stride(), *g.stride(),
+        BF=b["WF"], BD=b["WD"], ACC=acc, num_warps=b["wwarps"])
+    if n * k > HOT_SLOTS:  # else no feature can be hot
+        _weight_hot_kernel[(d_sae, cdiv(d_in, b["BD"]))](
+            xc, g, perm, bounds, out, k, d_in, d_sae, HOT_SLOTS, *xc.stride(), *g.stride(),
+            BE=b["BK"], BD=b["BD"], ACC=acc, num_warps=b["warps"])
     return out.to(xc.dtype)
