@@ -6,7 +6,14 @@
 #   5. the encoder target table (issue 10) of those two runs: python -m sparsekern.bench.targets FILES,
 #      and the strategy `auto` should take per op/dtype on this GPU (python -m sparsekern.bench.choose_strategy).
 # Usage: bash scripts/gpu_checks.sh [--no-sanitizer] [--no-bench] [--encoders-only] [--features]
+#                                   [--training] [--training-step-only]
 #   --features: also `sparsekern bench --features --device cuda` (issue 11's table on the GPU).
+#   --training: also issue 12's training table in fp32 and bf16: `sparsekern bench --training --device cuda`
+#     (the bare TopK encode + decode fwd+bwd step at 768 x 24576, N 16384, k 32 against the dense torch
+#     step, targets >= 3.5x fp32 / >= 2.5x bf16, then the trainer against SAELens's: throughput, quality,
+#     d_sae 2^20 scale; the trainer rows need sparsekern.training).
+#   --training-step-only: build, tests/test_triton_gpu.py -k encode_grad, then only the step case in fp32
+#     and bf16 (a few minutes: sized for a 15-minute GPU budget).
 #   --encoders-only: build, tests/test_triton_gpu.py, then only topk_encode/threshold_encode benchmarked
 #   (fp32 and bf16) and their target table; sized for a 15-minute GPU budget.
 #
@@ -22,13 +29,15 @@
 set -euo pipefail
 PY=${PYTHON:-python3}
 cd "$(dirname "$0")/.."
-SANITIZE=1; BENCH=1; ENC_ONLY=0; FEATURES=0
+SANITIZE=1; BENCH=1; ENC_ONLY=0; FEATURES=0; TRAINING=0; STEP_ONLY=0
 for a in "$@"; do
   case "$a" in
     --no-sanitizer) SANITIZE=0 ;;
     --no-bench) BENCH=0 ;;
     --encoders-only) ENC_ONLY=1; SANITIZE=0 ;;
     --features) FEATURES=1 ;;
+    --training) TRAINING=1 ;;
+    --training-step-only) TRAINING=1; STEP_ONLY=1; SANITIZE=0; BENCH=0 ;;
     *) echo "unknown option $a" >&2; exit 2 ;;
   esac
 done
@@ -47,9 +56,10 @@ echo "[gpu] build (CUDA sources join when torch has CUDA and nvcc is on the PATH
 
 echo "[gpu] GPU tests"
 gpu_tests=()
-[ "$ENC_ONLY" = 1 ] || gpu_tests+=(tests/test_gpu_kernels.py)
+[ "$ENC_ONLY" = 1 ] || [ "$STEP_ONLY" = 1 ] || gpu_tests+=(tests/test_gpu_kernels.py)
 [ -f tests/test_triton_gpu.py ] && gpu_tests+=(tests/test_triton_gpu.py)
-[ "${#gpu_tests[@]}" = 0 ] || "$PY" -m pytest "${gpu_tests[@]}" -q -p no:cacheprovider -rs || status=$?
+ksel=(); [ "$STEP_ONLY" = 1 ] && ksel=(-k encode_grad)
+[ "${#gpu_tests[@]}" = 0 ] || "$PY" -m pytest "${gpu_tests[@]}" "${ksel[@]}" -q -p no:cacheprovider -rs || status=$?
 
 if [ "$SANITIZE" = 1 ]; then
   # only the CUDA C++ backend's tests (Triton/cuBLAS kernels are not ours to sanitize), small subset
@@ -83,5 +93,12 @@ fi
 if [ "$FEATURES" = 1 ]; then
   echo "[gpu] feature-analysis benchmark (issue 11)"
   "$PY" -m sparsekern.cli bench --features --device cuda --no-progress || status=$?
+fi
+if [ "$TRAINING" = 1 ]; then
+  cases=(); [ "$STEP_ONLY" = 1 ] && cases=(--cases step)
+  for dtype in float32 bfloat16; do
+    echo "[gpu] training benchmark (issue 12, $dtype${cases[*]:+, ${cases[*]}})"
+    "$PY" -m sparsekern.cli bench --training --device cuda --dtype "$dtype" "${cases[@]}" --no-progress || status=$?
+  done
 fi
 exit "${status:-0}"

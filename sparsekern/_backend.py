@@ -17,6 +17,8 @@ import torch
 BACKEND_NAMES = ("cpp", "cuda", "triton", "metal", "ref")
 # "mps": Metal kernels where they exist (sparse_decode forward), the reference for the rest
 _AUTO_PRIORITY = {"cpu": ("cpp", "ref"), "cuda": ("cuda", "triton", "ref"), "mps": ("metal", "ref")}
+# per-op exceptions: op -> device type -> order (e.g. a Triton kernel that beats the CUDA C++ path)
+_OP_PRIORITY: dict[str, dict[str, tuple[str, ...]]] = {}
 
 # op name -> backend -> (implementation, device types it accepts; None = any)
 _IMPLS: dict[str, dict[str, tuple[Callable, frozenset[str] | None]]] = {}
@@ -51,6 +53,14 @@ def _load_native():
 def native():
     """The compiled ``sparsekern._C`` module, or None."""
     return _load_native()
+
+
+def prefer(op: str, device_type: str, order: tuple[str, ...]) -> None:
+    """Set ``op``'s ``auto`` order on ``device_type`` (instead of the device's default order)."""
+    bad = [b for b in order if b not in BACKEND_NAMES]
+    if bad:
+        raise ValueError(f"unknown backend(s) {bad}; expected names from {BACKEND_NAMES}")
+    _OP_PRIORITY.setdefault(op, {})[device_type] = tuple(order)
 
 
 def register(op: str, backend: str, devices: tuple[str, ...] | None = None):
@@ -149,7 +159,8 @@ def select(op: str, device: torch.device) -> tuple[str, Callable]:
                 f"but {why}; available: {backends()}"
             )
         return forced, entry[0]
-    for name in _AUTO_PRIORITY.get(device.type, ("ref",)):
+    order = _OP_PRIORITY.get(op, {}).get(device.type) or _AUTO_PRIORITY.get(device.type, ("ref",))
+    for name in order:
         entry = impls.get(name)
         if entry is not None and _usable(name, entry, device.type):
             return name, entry[0]

@@ -66,19 +66,25 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--features", action="store_true",
                    help="benchmark feature analysis (FeatureStats, co-occurrence, conditioned sums, decoder "
                    "neighbours, feature ablation) against the dense torch way instead of the ops")
+    b.add_argument("--training", action="store_true",
+                   help="benchmark sparsekern.training's SAE trainer against SAELens's trainer (throughput, "
+                   "quality, d_sae 2^20 scale) instead of the ops; --dtype applies")
     b.add_argument("--cases", type=_cases_arg, default=None,
                    help="with --features: comma-separated subset of "
-                   "stats,stats_dense,conditioned,neighbours,ablation (default: all)")
+                   "stats,stats_dense,conditioned,neighbours,ablation; with --training: of "
+                   "throughput,quality_topk,quality_jumprelu,scale (default: all)")
     return p
 
 
 def _cases_arg(text: str) -> list[str]:
     from .bench.features import CASES
+    from .bench.training import CASES as TRAINING_CASES
 
     cases = [c.strip() for c in text.split(",") if c.strip()]
-    bad = [c for c in cases if c not in CASES]
+    bad = [c for c in cases if c not in CASES + TRAINING_CASES]
     if bad or not cases:
-        raise argparse.ArgumentTypeError(f"unknown case(s) {bad or text!r}; choose from {','.join(CASES)}")
+        raise argparse.ArgumentTypeError(
+            f"unknown case(s) {bad or text!r}; choose from {','.join(CASES + TRAINING_CASES)}")
     return cases
 
 
@@ -121,8 +127,20 @@ def bench(args: argparse.Namespace) -> int:
         if args.features:
             from .bench import features
 
+            if args.cases and (bad := [c for c in args.cases if c not in features.CASES]):
+                raise SystemExit(f"sparsekern bench --features: unknown case(s) {bad}; "
+                                 f"choose from {','.join(features.CASES)}")
             return features.main(args.quick, device, args.out, progress=not args.no_progress, seed=args.seed,
                                  cases=args.cases)
+        if args.training:
+            from .bench import training
+
+            cases = args.cases
+            if cases and (bad := [c for c in cases if c not in training.CASES]):
+                raise SystemExit(f"sparsekern bench --training: unknown case(s) {bad}; "
+                                 f"choose from {','.join(training.CASES)}")
+            return training.main(args.quick, device, args.out, progress=not args.no_progress, seed=args.seed,
+                                 dtype=getattr(torch, args.dtype), cases=cases)
         ctx = _backend.use_backend(args.backend) if args.backend else contextlib.nullcontext()
         with ctx:
             return _bench(args, device)

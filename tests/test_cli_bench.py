@@ -143,3 +143,51 @@ def test_unknown_op_is_a_clear_error(capsys):
     assert e.value.code != 0
     err = capsys.readouterr().err
     assert "unknown op" in err and "not_an_op" in err and "topk_encode" in err
+
+
+HAVE_TRAINER = importlib.util.find_spec("sparsekern.training") is not None
+
+
+@pytest.mark.skipif(not (HAVE_SAE_LENS and HAVE_TRAINER), reason="needs sae_lens and sparsekern.training")
+def test_training_bench_quick(tmp_path):
+    rc = cli.main(["bench", "--training", "--quick", "--no-progress", "--out", str(tmp_path)])
+    doc = json.loads((tmp_path / "latest-training-quick.json").read_text())
+    rows = {r["case"]: r for r in doc["rows"]}
+    assert rc == 0, [(r["case"], r.get("note"), r.get("info")) for r in doc["rows"]]
+    assert list(rows) == ["step", "throughput", "quality topk", "quality jumprelu", "scale"]
+    assert list(tmp_path.glob("training-quick-*.csv"))
+    for r in rows.values():
+        assert r["status"] == "ok", r
+        assert r["target_met"] in ((True, False) if r["case"] != "step" else (None,))
+    t = rows["throughput"]
+    assert _pos(t["sk_tok_s"]) and _pos(t["peer_tok_s"]) and t["speedup"] == pytest.approx(
+        t["sk_tok_s"] / t["peer_tok_s"])
+    assert t["info"]["dense_ops"] == "none" and t["info"]["peer_dense_ops"] != "none"
+    for case in ("quality topk", "quality jumprelu"):
+        q = rows[case]
+        for key in ("sk_mse", "peer_mse", "mse_rel_diff", "sk_ev", "peer_ev", "ev_rel_diff"):
+            assert isinstance(q[key], float) and math.isfinite(q[key]), (case, key, q[key])
+        assert q["sk_mse"] > 0 and q["peer_mse"] > 0
+    s = rows["scale"]
+    assert s["info"]["dense_ops"] == "none" and s["target_met"] is True
+    assert s["sk_peak_mib"] is None or s["info"]["peak_over_params"] > 0
+
+
+def test_training_bench_unknown_case(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--training", "--quick", "--cases", "throughput,nope"])
+    assert e.value.code != 0 and "nope" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--training", "--quick", "--cases", "stats"])
+    assert e.value.code != 0
+
+
+def test_training_bench_step_needs_no_trainer(tmp_path):
+    """The bare encode + decode training step against the dense torch step (no trainer, no SAELens)."""
+    rc = cli.main(["bench", "--training", "--quick", "--no-progress", "--cases", "step", "--out", str(tmp_path)])
+    assert rc == 0
+    (r,) = json.loads((tmp_path / "latest-training-quick.json").read_text())["rows"]
+    assert r["case"] == "step" and r["status"] == "ok" and _pos(r["sk_ms"]) and _pos(r["peer_ms"])
+    assert r["speedup"] == pytest.approx(r["peer_ms"] / r["sk_ms"])
+    assert r["info"]["grad_rel_diff"] < 1e-4  # the same gradients as the dense step
+    assert r["info"]["encoder_backward"] == "cpp"

@@ -31,7 +31,8 @@ def _run(args, env_extra=None, timeout=600):
 @pytest.mark.parametrize("group", [("triton_interp_cases.py", "topk or threshold"),
                                    ("triton_interp_cases.py", "decode or dispatch"),
                                    ("triton_interp_strategies.py", "topk"),
-                                   ("triton_interp_strategies.py", "not topk")],
+                                   ("triton_interp_strategies.py", "not topk"),
+                                   ("triton_interp_encode_grad.py", "")],
                          ids=lambda g: f"{g[0]}:{g[1]}")
 def test_triton_kernels_under_interpreter(group):
     path, expr = group

@@ -16,7 +16,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from sparsekern.triton import _fused, _select, _tile, decode, encode, encode_tiles
+from sparsekern.triton import _fused, _select, _tile, decode, encode, encode_grad, encode_tiles
 from sparsekern.triton._common import acc_dtype, tl_dtype
 
 PTR = {torch.float32: "*fp32", torch.float64: "*fp64", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
@@ -71,6 +71,7 @@ def variants():
                **ints("K", "D", "sgn", "sgd", "svn", "svk")}
         out.append((f"decode_bwd_weight {dt}", decode._bwd_weight_kernel, sig,
                     dict(BE=bk, BD=bd, ACC=tl_dtype(acc)), w))
+        out += _encode_grad_variants(cuda_like, P, acc)
     return out + _select_variants()
 
 
@@ -90,6 +91,29 @@ def _fused_variants(cuda_like, P: str) -> list:
     dt = cuda_like.dtype
     return [(f"topk_gemm {dt}", _fused.topk_gemm_kernel, {**topk, **ints}, {**ce, "C": 512}, w),
             (f"threshold_gemm {dt}", _fused.threshold_gemm_kernel, {**thr, **ints}, ce, w)]
+
+
+def _encode_grad_variants(cuda_like, P: str, acc) -> list:
+    """The encoder-backward kernels with ``encode_grad._blocks``'s tiles at d_in 768."""
+    b = encode_grad._blocks(cuda_like, 768)
+    ints = lambda *names: {n: "i32" for n in names}  # noqa: E731
+    dt, w = cuda_like.dtype, b["warps"]
+    return [
+        (f"encode_grad_transpose {dt}", encode_grad._transpose_kernel,
+         {"w_ptr": P, "out_ptr": P, **ints("D0", "DC", "F", "sw0", "sw1")}, dict(BD=b["TD"], BF=b["TF"]), w),
+        (f"encode_grad_gather {dt}", encode_grad._gather_kernel,
+         {"g_ptr": P, "i_ptr": "*i64", "w_ptr": P, "out_ptr": P,
+          **ints("K", "D", "sgn", "sgk", "sin", "sik", "swf", "swd", "son")},
+         dict(BK=b["BK"], BD=b["BD"], ACC=tl_dtype(acc)), w),
+        (f"encode_grad_weight {dt}", encode_grad._weight_t_kernel,
+         {"x_ptr": P, "g_ptr": P, "perm_ptr": "*i64", "bounds_ptr": "*i64", "out_ptr": P,
+          **ints("K", "D", "F", "HOT", "sxn", "sxd", "sgn", "sgk")},
+         dict(BF=b["WF"], BD=b["WD"], ACC=tl_dtype(acc)), b["wwarps"]),
+        (f"encode_grad_weight_hot {dt}", encode_grad._weight_hot_kernel,
+         {"x_ptr": P, "g_ptr": P, "perm_ptr": "*i64", "bounds_ptr": "*i64", "out_ptr": P,
+          **ints("K", "D", "F", "HOT", "sxn", "sxd", "sgn", "sgk")},
+         dict(BE=b["BK"], BD=b["BD"], ACC=tl_dtype(acc)), w),
+    ]
 
 
 def _select_variants() -> list:
@@ -121,10 +145,13 @@ REPRESENTATIVE = (
     "topk torch.bfloat16 k=64", "topk torch.float32 k=64", "threshold torch.bfloat16 fill=True",
     "threshold torch.float32 fill=False", "fold_bias torch.bfloat16", "decode_fwd torch.bfloat16",
     "decode_bwd_values torch.float32", "decode_bwd_weight torch.bfloat16",
+    "encode_grad_transpose torch.bfloat16", "encode_grad_gather torch.float32",
+    "encode_grad_weight torch.bfloat16", "encode_grad_weight_hot torch.float32",
 )
 
 
-UNIT_STRIDES = ("sxk", "swn")  # x and W_enc rows are contiguous in real launches (Triton makes 1 a constant)
+# x and W_enc rows are contiguous in real launches (Triton makes 1 a constant)
+UNIT_STRIDES = ("sxk", "swn", "sw1", "sxd")
 ALIGNED_INTS = ("sxm", "swk", "D_IN", "D_SAE", "NC", "R", "N")  # multiples of 16 at the benchmark shapes
 
 
