@@ -356,13 +356,34 @@ def _free_bytes(dev: torch.device) -> Optional[int]:
     return None
 
 
+def _process_peak_mib(dev: torch.device) -> Optional[float]:
+    """The whole process's peak resident memory (weights, grads, Adam moments and all), CPU only."""
+    if dev.type != "cpu":
+        return None
+    try:
+        with open("/proc/self/status") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        return round(kib / 1024, 1)
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
 def scale_case(sz: dict[str, Any], seed: int, dev: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     d_in, d_sae, k, B, n = 768, sz["scale_d_sae"], sz["k"], sz["scale_batch"], sz["scale_steps"]
     esize = torch.empty((), dtype=dtype).element_size()
     param_bytes = 2 * d_in * d_sae * esize
-    need = 8 * param_bytes + (256 << 20)  # weights, grads, 2 Adam moments, Adam/clip temporaries
+    # weights, grads, 2 Adam moments, Adam's per-tensor temporaries and the decoder-norm rescale
+    need = 6 * param_bytes + (256 << 20)
     free = _free_bytes(dev)
-    shape = f"topk {d_in}x{d_sae}, k {k}, {B} tokens/step"
+    fallback = None
+    if free is not None and free < need and dtype == torch.float32 and dev.type == "cpu":
+        # fp32 weights + grads + two Adam moments of a 2^20 SAE (~24 GiB) exceed a small machine: train the
+        # same SAE in bf16 (half of every buffer) rather than not at all, and say so
+        fallback = f"bf16: fp32 needs ~{need / 2**30:.1f} GiB free, {free / 2**30:.1f} GiB available"
+        dtype, esize = torch.bfloat16, 2
+        param_bytes = 2 * d_in * d_sae * esize
+        need = 6 * param_bytes + (256 << 20)
+    shape = f"topk {d_in}x{d_sae}, k {k}, {B} tokens/step" + (", bf16" if fallback else "")
     dense_mib = B * d_sae * 4 / T.MIB
     target = "trains with no [N, d_sae] buffer"
     if free is not None and free < need:
@@ -375,10 +396,12 @@ def scale_case(sz: dict[str, Any], seed: int, dev: torch.device, dtype: torch.dt
     sk.step(data[0])  # first step: grads and Adam moments are allocated here
     first_s = time.perf_counter() - t0
     peaks = []
+    proc_peak: Optional[float] = None
     t_steps = 0.0
     for i in range(n):
         (_, peak), s = T.time_call(lambda: T.measure_peak(lambda: sk.step(data[i % 2]), dev), dev)
         peaks.append(peak)
+        proc_peak = max(proc_peak or 0, _process_peak_mib(dev) or 0) or None  # HWM was reset per step
         t_steps += s / 1e3
     _, dense = dense_ops(lambda: sk.step(data[1]), B, d_sae)
     peak = max(peaks) if all(p is not None for p in peaks) else None
@@ -386,7 +409,8 @@ def scale_case(sz: dict[str, Any], seed: int, dev: torch.device, dtype: torch.dt
                 first_step_s=round(first_s, 2), step_s=round(t_steps / n, 2),
                 dense_ops=",".join(dense) or "none",
                 peak_over_params=None if peak is None else round(peak / (param_bytes / T.MIB), 3),
-                peak_over_dense_buffer=None if peak is None else round(peak / dense_mib, 3))
+                peak_over_dense_buffer=None if peak is None else round(peak / dense_mib, 3),
+                process_peak_rss_mib=proc_peak, dtype_fallback=fallback)
     return _row("scale", shape, dtype, n, target,
                 peer="none (SAELens builds dense [N, d_sae] acts and grads)",
                 sk_tok_s=n * B / t_steps, sk_peak_mib=peak, target_met=not dense, info=info,
