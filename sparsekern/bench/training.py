@@ -70,7 +70,7 @@ def sizes(quick: bool) -> dict[str, Any]:
                     q_steps=10, q_d_sae=1024, lr=1e-3, q_batch=256, scale_d_sae=2**13, scale_batch=128,
                     scale_steps=2, step_n=512, step_repeats=3)
     return dict(d_in=768, d_sae=24576, k=32, batch=4096, warmup=2, steps=20, pool=16,
-                q_steps=100, q_d_sae=24576, lr=3e-4, q_batch=4096, scale_d_sae=2**20, scale_batch=256,
+                q_steps=50, q_d_sae=24576, lr=3e-4, q_batch=1024, scale_d_sae=2**20, scale_batch=256,
                 scale_steps=3, step_n=16384, step_n_cpu=4096, step_repeats=10)
 
 
