@@ -52,10 +52,13 @@ setup(
     description="Sparse SAE/transcoder kernels and fused patching for mechanistic interpretability",
     packages=find_packages(include=["sparsekern", "sparsekern.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "jaxtyping", "tqdm", "safetensors", "numpy"],
+    # every package a public module imports at module level (tests/test_install_requires.py checks)
+    install_requires=["torch>=2.4", "jaxtyping", "tqdm", "safetensors", "numpy", "transformer-lens>=2.16",
+                      "einops", "pandas"],
     extras_require={
-        "test": ["pytest", "hypothesis", "pytest-benchmark", "sae-lens", "transformer-lens"],
-        "bench": ["sae-lens", "transformer-lens"],
+        "test": ["pytest", "hypothesis", "pytest-benchmark", "sae-lens", "plotly>=5"],
+        "bench": ["sae-lens", "plotly>=5"],
+        "report": ["plotly>=5"],  # the HTML page `sparsekern bench` writes beside its JSON
     },
     entry_points={"console_scripts": ["sparsekern=sparsekern.cli:main"]},
     ext_modules=ext_modules,

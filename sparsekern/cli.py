@@ -177,7 +177,7 @@ def _bench(args: argparse.Namespace, device: torch.device) -> int:
     if args.quick:
         print("quick shapes: targets are informational (they are set for the full-size shapes)")
     print(f"peak MiB = extra memory of one call ({m['peak_memory_method'] or 'not measured on this device'})")
-    print(f"total {elapsed:.1f} s; wrote {paths['json']} (+ .csv, {paths['latest'].name})")
+    print(f"total {elapsed:.1f} s; {report.wrote_line(paths)}")
     return 1 if any(r["status"] == "error" for r in rows) else 0
 
 

@@ -281,5 +281,5 @@ def main(
     )
     if quick:
         print("quick model: targets are informational (they are set for the GPT-2-small shape)")
-    print(f"total {meta['elapsed_s']:.1f} s; wrote {paths['json']} (+ .csv, {paths['latest'].name})")
+    print(f"total {meta['elapsed_s']:.1f} s; {report.wrote_line(paths)}")
     return 0 if all(r["status"] == "ok" for r in rows) else 1

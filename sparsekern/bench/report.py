@@ -99,9 +99,19 @@ def _csv_value(v: Any) -> Any:
     return "" if v is None else v
 
 
+def wrote_line(paths: dict[str, Path]) -> str:
+    """``wrote X.json (+ .csv, .html, latest-....json)`` for the end of a suite's output."""
+    extra = ".csv, .html" if "html" in paths else ".csv"
+    return f"wrote {paths['json']} (+ {extra}, {paths['latest'].name})"
+
+
 def write_results(rows: Sequence[dict[str, Any]], meta: dict[str, Any], out_dir: str | Path,
                   fields: Sequence[str], quick: bool, suite: str = "ops") -> dict[str, Path]:
-    """Write ``<suite>[-quick]-<date>-<tag>.json/.csv`` and ``latest-<suite>[-quick].json`` under out_dir."""
+    """Write ``<suite>[-quick]-<date>-<tag>.json/.csv/.html`` and ``latest-<suite>[-quick].json``.
+
+    The ``.html`` page (plotly, see :mod:`sparsekern.bench.html`) is skipped with one printed line when
+    plotly is missing or the page cannot be rendered; the bench never fails for it.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -117,6 +127,11 @@ def write_results(rows: Sequence[dict[str, Any]], meta: dict[str, Any], out_dir:
         w.writeheader()
         for r in rows:
             w.writerow({k: _csv_value(r.get(k)) for k in fields})
+    from .html import write_page  # plotly page beside the JSON; prints one line and skips without plotly
+
+    page = write_page(paths["json"])
+    if page is not None:
+        paths["html"] = page
     return paths
 
 

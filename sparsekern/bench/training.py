@@ -539,5 +539,5 @@ def main(quick: bool, device: torch.device, out_dir: str, progress: bool, seed: 
             print(f"  {r['case']}: {r['note']}")
     if quick:
         print("quick shapes: targets are informational (they are set for the full-size shapes)")
-    print(f"total {meta['elapsed_s']:.1f} s; wrote {paths['json']} (+ .csv, {paths['latest'].name})")
+    print(f"total {meta['elapsed_s']:.1f} s; {report.wrote_line(paths)}")
     return 0 if all(r["status"] == "ok" for r in rows) else 1
