@@ -26,11 +26,16 @@ pytestmark = pytest.mark.skipif(not (toy.WEIGHTS_DIR / "model.safetensors").is_f
 def loaded():
     import transformer_lens  # noqa: F401  (import cost is not load cost)
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    t0 = time.perf_counter()
-    model, saes = toy.load()
-    return model, saes, time.perf_counter() - t0
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    mp.setenv("TRANSFORMERS_OFFLINE", "1")
+    try:
+        t0 = time.perf_counter()
+        model, saes = toy.load()
+        dt = time.perf_counter() - t0
+    finally:
+        mp.undo()
+    return model, saes, dt
 
 
 def test_load_offline_fast(loaded):
