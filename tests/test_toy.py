@@ -53,6 +53,8 @@ def test_model_solves_ioi(loaded):
     tok = model.tokenizer
     m = E.ioi_metrics(model, tok, D.ioi_prompts("test", seed=777))
     assert m["accuracy"] >= 0.9 and m["logit_diff"] > 1.0, m
+    m = E.ioi_metrics(model, tok, D.ioi_prompts("test", seed=778, held_out_template=True))
+    assert m["accuracy"] >= 0.9 and m["logit_diff"] > 1.0, ("held-out templates", m)
     # the same through TransformerLens's own tokenisation (to_tokens prepends BOS)
     p = D.ioi_prompts("test", n=8, seed=3)
     for q in p:

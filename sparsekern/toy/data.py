@@ -1,7 +1,8 @@
 """The toy model's vocabulary, tokenizer and synthetic tasks (IOI, palindromes, induction), all in code.
 
 Words are space-separated tokens. ``ioi_prompts("train" | "test")`` split the name pairs so that the
-test pairs (and one template) never appear in training.
+test pairs never appear in training; ``held_out_template=True`` draws from ``HELD_OUT_TEMPLATES``,
+combinations of template parts never seen in training.
 """
 
 from __future__ import annotations
@@ -17,17 +18,19 @@ PLACES = ["store", "park", "school", "garden", "station", "office", "beach", "ma
 OBJECTS = ["drink", "book", "ring", "kiss", "bone", "snack", "bag", "gift"]
 DIGITS = [str(i) for i in range(10)]
 SYMBOLS = [",", ".", "|", "="]
-# IOI templates: A = indirect object (the answer), B = subject (repeated). The last one is held out.
-TEMPLATES = [
-    "When {A} and {B} went to the {P} , {B} gave a {O} to",
-    "Then , {A} and {B} had a lot of fun at the {P} . {B} gave a {O} to",
-    "After {A} and {B} went to the {P} , {B} handed a {O} to",
-    "While {A} and {B} were working at the {P} , {B} gave a {O} to",
-    "When {A} and {B} got a {O} at the {P} , {B} decided to give it to",
-    "Friends {A} and {B} went to the {P} . {B} brought a {O} to",
-]
-HELD_OUT_TEMPLATE = "When {A} and {B} were at the {P} , {B} gave a {O} to"
-_TEMPLATE_WORDS = sorted({w for t in TEMPLATES + [HELD_OUT_TEMPLATE] for w in t.split() if "{" not in w})
+# IOI templates: A = indirect object (the answer), B = subject (repeated), P = place, O = object. Built
+# from slots; every seventh (opener, middle, action) combination is held out of training.
+_OPENERS = ["When", "After", "While", "Then ,", "Later ,", "Once"]
+_MIDDLES = ["went to the {P}", "were at the {P}", "had a lot of fun at the {P}", "were working at the {P}",
+            "got a {O} at the {P}", "met at the {P}"]
+_ACTIONS = ["gave a {O} to", "handed a {O} to", "brought a {O} to", "decided to give it to",
+            "threw a {O} to"]
+_ALL_TEMPLATES = [f"{o} {{A}} and {{B}} {m} {sep} {{B}} {a}" for o in _OPENERS for m in _MIDDLES
+                  for a in _ACTIONS for sep in [","]]
+TEMPLATES = [t for i, t in enumerate(_ALL_TEMPLATES) if i % 7 != 3]
+HELD_OUT_TEMPLATES = [t for i, t in enumerate(_ALL_TEMPLATES) if i % 7 == 3]
+HELD_OUT_TEMPLATE = HELD_OUT_TEMPLATES[0]
+_TEMPLATE_WORDS = sorted({w for t in _ALL_TEMPLATES for w in t.split() if "{" not in w})
 # filler words for induction sequences (plus names, places, objects)
 FILLER = ["red", "blue", "green", "cat", "dog", "tree", "car", "house", "sun", "moon", "fish", "bird"]
 
@@ -63,7 +66,7 @@ class IOIPrompt:
     io: str  # the answer (indirect object)
     s: str  # the subject (repeated name)
     order: str  # "ABBA" (IO first) or "BABA" (S first)
-    template: int  # index into TEMPLATES, -1 for HELD_OUT_TEMPLATE
+    template: int  # index into TEMPLATES, -1 for one of HELD_OUT_TEMPLATES
 
 
 def _pairs(split: str) -> list[tuple[str, str]]:
@@ -90,7 +93,7 @@ def ioi_prompts(split: str, n: int | None = None, seed: int = 0, held_out_templa
         io, s = pairs[(i // 2) % len(pairs)]
         order = "ABBA" if i % 2 == 0 else "BABA"
         if held_out_template:
-            t, ti = HELD_OUT_TEMPLATE, -1
+            t, ti = rng.choice(HELD_OUT_TEMPLATES), -1
         else:
             ti = rng.randrange(len(TEMPLATES))
             t = TEMPLATES[ti]
