@@ -51,6 +51,9 @@ setup(
     version="0.1.0",
     description="Sparse SAE/transcoder kernels and fused patching for mechanistic interpretability",
     packages=find_packages(include=["sparsekern", "sparsekern.*"]),
+    # the toy model's weights (sparsekern.toy.load()): safetensors + JSON, SAELens folders for the SAEs
+    package_data={"sparsekern.toy": ["weights/*.json", "weights/*.safetensors", "weights/*/*.json",
+                                     "weights/*/*.safetensors"]},
     python_requires=">=3.10",
     # every package a public module imports at module level (tests/test_install_requires.py checks)
     install_requires=["torch>=2.4", "jaxtyping", "tqdm", "safetensors", "numpy", "transformer-lens>=2.16",
