@@ -57,7 +57,7 @@ setup(
     python_requires=">=3.10",
     # every package a public module imports at module level (tests/test_install_requires.py checks)
     install_requires=["torch>=2.4", "jaxtyping", "tqdm", "safetensors", "numpy", "transformer-lens>=2.16",
-                      "einops", "pandas"],
+                      "einops", "pandas", "transformers", "tokenizers"],
     extras_require={
         "test": ["pytest", "hypothesis", "pytest-benchmark", "sae-lens", "plotly>=5"],
         "bench": ["sae-lens", "plotly>=5"],
