@@ -361,10 +361,8 @@ def _process_peak_mib(dev: torch.device) -> Optional[float]:
     if dev.type != "cpu":
         return None
     try:
-        with open("/proc/self/status") as f:
-            kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-        return round(kib / 1024, 1)
-    except (OSError, StopIteration, ValueError):
+        return round(T._status_kib("VmHWM") / 1024, 1)
+    except (OSError, KeyError, ValueError):
         return None
 
 

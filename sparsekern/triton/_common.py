@@ -54,3 +54,10 @@ def on_first_tensor_device(fn):
             return fn(*args, **kwargs)
 
     return wrapper
+
+
+def feature_segments(indices, d_sae: int):
+    """``(perm, bounds)``: ``perm`` orders the flat slots of ``indices [N, K]`` by feature (stable);
+    ``bounds[f] .. bounds[f+1]`` is feature f's segment of that order (no host sync needed)."""
+    flat_sorted, perm = torch.sort(indices.reshape(-1), stable=True)
+    return perm, torch.searchsorted(flat_sorted, torch.arange(d_sae + 1, device=indices.device))

@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 
 from . import CALLS
-from ._common import acc_dtype, cdiv, next_pow2, on_first_tensor_device, store_dtype, tl_dtype
+from ._common import (acc_dtype, cdiv, feature_segments, next_pow2, on_first_tensor_device, store_dtype,
+                      tl_dtype)
 
 
 @triton.jit
@@ -133,9 +134,7 @@ def sparse_decode_backward_weight(grad_out, values, indices, d_sae: int):
     out = torch.empty(d_sae, d, dtype=store_dtype(grad_out), device=dev)
     if d_sae == 0 or d == 0:
         return out.to(grad_out.dtype)
-    flat_sorted, perm = torch.sort(indices.reshape(-1), stable=True)
-    # bounds[f] .. bounds[f+1]: feature f's segment of the sorted slots (no host sync needed)
-    bounds = torch.searchsorted(flat_sorted, torch.arange(d_sae + 1, device=dev))
+    perm, bounds = feature_segments(indices, d_sae)
     be, bd, warps = _blocks(grad_out, d)
     _bwd_weight_kernel[(d_sae, cdiv(d, bd))](
         grad_out, values, perm, bounds, out, k, d, *grad_out.stride(), *values.stride(),

@@ -36,7 +36,8 @@ import triton
 import triton.language as tl
 
 from . import CALLS
-from ._common import acc_dtype, cdiv, next_pow2, on_first_tensor_device, store_dtype, tl_dtype
+from ._common import (acc_dtype, cdiv, feature_segments, next_pow2, on_first_tensor_device, store_dtype,
+                      tl_dtype)
 
 CHUNK_BYTES = 64 << 20  # transient transposed W_enc chunk
 HOT_SLOTS = 128  # features with more slots go through _weight_hot_kernel
@@ -189,8 +190,7 @@ def encode_backward_weight(xc, g, indices, d_sae: int):
     out = torch.empty(d_in, d_sae, dtype=store_dtype(xc), device=dev)
     if d_sae == 0 or d_in == 0:
         return out.to(xc.dtype)
-    flat_sorted, perm = torch.sort(indices.reshape(-1), stable=True)
-    bounds = torch.searchsorted(flat_sorted, torch.arange(d_sae + 1, device=dev))
+    perm, bounds = feature_segments(indices, d_sae)
     b = _blocks(xc, d_in)
     acc = tl_dtype(acc_dtype(xc.dtype))
     _weight_t_kernel[(cdiv(d_sae, b["WF"]), cdiv(d_in, b["WD"]))](
