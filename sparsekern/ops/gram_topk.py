@@ -112,14 +112,6 @@ def gram_topk(
     out_i = torch.empty(n, k, dtype=torch.int64, device=W.device)
     for r0 in range(0, n, _FINISH_ROWS):  # row chunks: the sorts' temporaries stay small
         rows = slice(r0, min(n, r0 + _FINISH_ROWS))
-        out_v[rows], out_i[rows] = _best_k(values[rows], indices[rows], k, bool(absolute))
+        out_v[rows], out_i[rows] = ref_gram.best_slots(values[rows], indices[rows], k, bool(absolute))
     return out_v, out_i
 
-
-def _best_k(values: Tensor, indices: Tensor, k: int, absolute: bool) -> tuple[Tensor, Tensor]:
-    """The k best slots per row, by key desc then index asc (empty slots, index -1, last)."""
-    indices, order = indices.sort(dim=1, stable=True)
-    values = values.gather(1, order)
-    key = torch.where(indices < 0, float("-inf"), values.abs() if absolute else values)
-    order = key.sort(dim=1, descending=True, stable=True).indices[:, :k]
-    return values.gather(1, order), indices.gather(1, order)

@@ -28,16 +28,21 @@ def round_pairs(nb: int, r: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in pairs if a < nb and b < nb]
 
 
+def best_slots(values: Tensor, indices: Tensor, n: int, absolute: bool) -> tuple[Tensor, Tensor]:
+    """The ``n`` best slots per row of ``values`` / ``indices`` ``[rows, slots]``, ordered by key (value,
+    or ``|value|``) desc then index asc; empty slots (index -1) last."""
+    indices, order = indices.sort(dim=1, stable=True)  # index asc breaks key ties
+    values = values.gather(1, order)
+    key = torch.where(indices < 0, float("-inf"), values.abs() if absolute else values)
+    order = key.sort(dim=1, descending=True, stable=True).indices[:, :n]
+    return values.gather(1, order), indices.gather(1, order)
+
+
 def _offer(values: Tensor, indices: Tensor, rows: slice, cand_v: Tensor, cand_i: Tensor, ok: Tensor,
            absolute: bool) -> None:
     v = torch.cat((values[rows], torch.where(ok, cand_v, 0)), dim=1)
     i = torch.cat((indices[rows], torch.where(ok, cand_i, -1)), dim=1)
-    i, order = i.sort(dim=1, stable=True)  # index asc breaks key ties
-    v = v.gather(1, order)
-    key = torch.where(i < 0, float("-inf"), v.abs() if absolute else v)
-    order = key.sort(dim=1, descending=True, stable=True).indices[:, : values.shape[1]]
-    values[rows] = v.gather(1, order)
-    indices[rows] = i.gather(1, order)
+    values[rows], indices[rows] = best_slots(v, i, values.shape[1], absolute)
 
 
 @torch.no_grad()
