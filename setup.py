@@ -9,6 +9,8 @@
 import glob
 import os
 import shutil
+import sys
+import sysconfig
 
 from setuptools import find_packages, setup
 
@@ -41,7 +43,22 @@ def extensions():
         )
     else:
         ext = CppExtension("sparsekern._C", sources, extra_compile_args=cxx, extra_link_args=link)
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
+
+    class BuildExt(BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)):
+        """Editable installs compile into build/temp.<platform>-<python> too, where a wheel build does.
+
+        setuptools gives an editable build a throwaway temporary folder; keeping its objects lets ninja
+        reuse them, so `pip wheel --no-build-isolation .` after `pip install -e .` (scripts/wheel_check.sh
+        in CI) only links (seconds instead of minutes). ninja still recompiles what changed, flags included.
+        """
+
+        def finalize_options(self):
+            super().finalize_options()
+            if getattr(self, "editable_mode", False) or self.inplace:
+                tag = f"{sysconfig.get_platform()}-{sys.implementation.cache_tag}"
+                self.build_temp = os.path.join(ROOT, "build", f"temp.{tag}")
+
+    return [ext], {"build_ext": BuildExt}
 
 
 ext_modules, cmdclass = extensions()
@@ -51,9 +68,12 @@ setup(
     version="0.1.0",
     description="Sparse SAE/transcoder kernels and fused patching for mechanistic interpretability",
     packages=find_packages(include=["sparsekern", "sparsekern.*"]),
-    # the toy model's weights (sparsekern.toy.load()): safetensors + JSON, SAELens folders for the SAEs
+    # every non-Python file the package reads (tests/test_wheel_contents.py checks; scripts/wheel_check.sh
+    # checks the built wheel): the toy model's weights (sparsekern.toy.load(): safetensors + JSON, SAELens
+    # folders for the SAEs) and the measured Triton encode strategies
     package_data={"sparsekern.toy": ["weights/*.json", "weights/*.safetensors", "weights/*/*.json",
-                                     "weights/*/*.safetensors"]},
+                                     "weights/*/*.safetensors"],
+                  "sparsekern.triton": ["encode_strategy.json"]},
     python_requires=">=3.10",
     # every package a public module imports at module level (tests/test_install_requires.py checks)
     install_requires=["torch>=2.4", "jaxtyping", "tqdm", "safetensors", "numpy", "transformer-lens>=2.16",

@@ -39,5 +39,14 @@ if ! command -v chromium >/dev/null && command -v apt-get >/dev/null; then
   fi
 fi
 
+# Issue 13: the wheel installs and works on its own (scripts/wheel_check.sh); after setup.sh's editable
+# build it only links the extension, so about 1-2 minutes. Its step log is printed only when it fails.
+if ! wheel_summary=$(bash scripts/wheel_check.sh --quiet); then
+  echo "[test] wheel check FAILED: the wheel does not build, install or work outside the repo (log above;" \
+    "rerun: bash scripts/wheel_check.sh)" >&2
+  exit 1
+fi
+echo "[test] wheel check (build the wheel, install it into a fresh venv, use it there): $wheel_summary"
+
 echo "[test] pytest"
 exec "$PY" -m pytest tests/ -q -p no:cacheprovider "$@"
