@@ -1,4 +1,5 @@
-"""``sparsekern`` command line: ``sparsekern bench [...]`` (also ``python -m sparsekern.cli bench``)."""
+"""``sparsekern`` command line: ``sparsekern bench [...]`` and ``sparsekern demo [...]`` (also
+``python -m sparsekern.cli ...``)."""
 
 from __future__ import annotations
 
@@ -73,7 +74,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --features: comma-separated subset of "
                    "stats,stats_dense,conditioned,neighbours,ablation; with --training: of "
                    "throughput,quality_topk,quality_jumprelu,scale (default: all)")
+    d = sub.add_parser(
+        "demo", help="analyse the shipped toy model (IOI, patching vs TransformerLens, SAE features)",
+        description="Run the demo on sparsekern.toy (offline): IOI logit difference, DLA and logit lens; "
+        "exact activation patching timed beside transformer_lens.patching; attribution vs exact patching; "
+        "SAE features. Writes an HTML report (plotly embedded), PNG figures (with Chromium) and demo.json.",
+    )
+    d.add_argument("--out", default="sparsekern-demo",
+                   help="output folder (created; its parent must exist); default ./sparsekern-demo")
+    d.add_argument("--quick", action="store_true", help="fewer prompts and texts, one timing repeat (~1 min)")
+    d.add_argument("--no-png", action="store_true", help="skip the PNG figures (they need Chromium)")
+    d.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return p
+
+
+def demo(args: argparse.Namespace) -> int:
+    from . import demo as _demo
+
+    try:
+        _demo.check_out_dir(args.out)
+    except OSError as e:
+        raise SystemExit(str(e)) from None
+    res = _demo.run_demo(args.out, quick=args.quick, progress=not args.no_progress, png=not args.no_png)
+    print(_demo.summary(res))
+    return 0
 
 
 def _cases_arg(text: str) -> list[str]:
@@ -186,6 +210,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "bench":
         return bench(args)
+    if args.command == "demo":
+        return demo(args)
     parser.print_help(sys.stderr)
     return 2
 
