@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output folder (created; its parent must exist); default ./sparsekern-demo")
     d.add_argument("--quick", action="store_true", help="fewer prompts and texts, one timing repeat (~1 min)")
     d.add_argument("--no-png", action="store_true", help="skip the PNG figures (they need Chromium)")
+    d.add_argument("--device", choices=("cpu", "cuda", "mps"), default="cpu", help="where the model runs")
     d.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return p
 
@@ -95,7 +96,9 @@ def demo(args: argparse.Namespace) -> int:
         _demo.check_out_dir(args.out)
     except OSError as e:
         raise SystemExit(str(e)) from None
-    res = _demo.run_demo(args.out, quick=args.quick, progress=not args.no_progress, png=not args.no_png)
+    device = _device(args.device, "demo")  # a clear exit when the device is not available
+    res = _demo.run_demo(args.out, quick=args.quick, progress=not args.no_progress, png=not args.no_png,
+                         device=str(device))
     print(_demo.summary(res))
     return 0
 
@@ -112,13 +115,13 @@ def _cases_arg(text: str) -> list[str]:
     return cases
 
 
-def _device(name: Optional[str]) -> torch.device:
+def _device(name: Optional[str], cmd: str = "bench") -> torch.device:
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("sparsekern bench: --device cuda requested but torch.cuda.is_available() is False")
+        raise SystemExit(f"sparsekern {cmd}: --device cuda requested but torch.cuda.is_available() is False")
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise SystemExit("sparsekern bench: --device mps requested but MPS is not available")
+        raise SystemExit(f"sparsekern {cmd}: --device mps requested but MPS is not available")
     return torch.device(name)
 
 

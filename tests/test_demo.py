@@ -27,8 +27,9 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("plotly") is None,
                                 reason="plotly is not installed (pip install 'sparsekern[report]')")
 
 # patches per function for the toy model (2 layers, 4 heads) on 15-token prompts
-EXPECTED_PATCHES = {"get_act_patch_resid_pre": 2 * 15, "get_act_patch_attn_head_out_by_pos": 2 * 15 * 4,
-                    "get_act_patch_block_every": 3 * 2 * 15, "get_act_patch_attn_head_all_pos_every": 5 * 2 * 4}
+EXPECTED_PATCHES = {
+    "get_act_patch_resid_pre": 2 * 15, "get_act_patch_attn_head_out_by_pos": 2 * 15 * 4,
+    "get_act_patch_block_every": 3 * 2 * 15, "get_act_patch_attn_head_all_pos_every": 5 * 2 * 4}
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,8 @@ def test_demo_numbers(demo):
     rc, out, stdout, n = demo
     assert rc == 0
     assert f"report: {out / report.REPORT_NAME}" in stdout and (out / report.REPORT_NAME).is_file()
-    assert n["ioi"]["accuracy"] >= 0.9 and n["ioi"]["logit_diff"] > 3 and n["ioi"]["corrupted_logit_diff"] < -3
+    ioi = n["ioi"]
+    assert ioi["accuracy"] >= 0.9 and ioi["logit_diff"] > 3 and ioi["corrupted_logit_diff"] < -3
     assert set(n["patching"]) == set(EXPECTED_PATCHES)
     for name, v in n["patching"].items():
         assert v["patches"] == EXPECTED_PATCHES[name]
@@ -99,6 +101,9 @@ def test_demo_pngs(demo):
 def test_demo_bad_out(tmp_path):
     with pytest.raises(SystemExit, match="parent folder .* does not exist"):
         cli.main(["demo", "--quick", "--out", str(tmp_path / "missing" / "report")])
+    if not __import__("torch").cuda.is_available():
+        with pytest.raises(SystemExit, match="sparsekern demo: --device cuda requested"):
+            cli.main(["demo", "--quick", "--device", "cuda", "--out", str(tmp_path / "gpu")])
     (tmp_path / "file").write_text("x")
     with pytest.raises(SystemExit, match="is not a folder"):
         cli.main(["demo", "--quick", "--out", str(tmp_path / "file")])
