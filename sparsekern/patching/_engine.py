@@ -511,9 +511,10 @@ class Engine:
         base = as_scalar(metric(probe), metric_name, self.device)
         read = set(log.read) if lazy and not log.materialized else None
         noop = self._noops(patches, clean)
-        if noop and (shard is None or shard.rank == 0):
+        if noop:
             # clean == corrupted on the patched slice: TransformerLens's forward is then the corrupted run
-            out[torch.tensor([pos_of[id(p)] for p in noop], device=self.device)] = base.to(out.dtype)
+            if shard is None or shard.rank == 0:  # data parallel: one rank fills them
+                out[torch.tensor([pos_of[id(p)] for p in noop], device=self.device)] = base.to(out.dtype)
             skip = {id(p) for p in noop}
             patches = [p for p in patches if id(p) not in skip]
         self.n_noop = len(noop)
