@@ -200,20 +200,30 @@ def _ddp(rank):
                          b_dec_init_method="geometric_median", train_batch_size_tokens=24,
                          training_tokens=24 * 6, checkpoint_path=None)
     g = torch.Generator().manual_seed(7)
-    batches = [torch.randn(24, 8, generator=g) * 3 + 1 for _ in range(6)]
+    batches = [torch.randn(25, 8, generator=g) * 3 + 1 for _ in range(6)]
     one = SAETrainer(cfg)
-    m_one = [one.step(b) for b in batches[:2]]  # a bare step estimates the scale from its batch
-    one.fit(batches[2:], progress=False)
+    m_one = [one.step(b[:24]) for b in batches[:2]]  # a bare step estimates the scale from its batch
+    one.fit([b[:24] for b in batches[2:]], progress=False)
     ddp = DistributedSAETrainer(cfg)
-    m_ddp = [ddp.step(shard_rows(b)) for b in batches[:2]]
-    ddp.fit([shard_rows(b) for b in batches[2:]], progress=False)
+    m_ddp = [ddp.step(shard_rows(b[:24])) for b in batches[:2]]
+    ddp.fit([shard_rows(b[:24]) for b in batches[2:]], progress=False)
     diff = max(float((a - b).abs().max()) for a, b in zip(one.sae.state_dict().values(),
                                                             ddp.sae.state_dict().values()))
+    steps, scale = (one.n_training_steps, ddp.n_training_steps), (one.scaling_factor, ddp.scaling_factor)
+    dead = (one.dead_neurons.sum().item(), ddp.dead_neurons.sum().item())
+    tokens = ddp.n_training_tokens
     keys = ("loss", "mse", "l0", "explained_variance")
     mdiff = max(abs(a[k] - b[k]) for a, b in zip(m_one, m_ddp) for k in keys)
-    return dict(param_diff=diff, metric_diff=mdiff, steps=(one.n_training_steps, ddp.n_training_steps),
-                dead=(one.dead_neurons.sum().item(), ddp.dead_neurons.sum().item()),
-                scale=(one.scaling_factor, ddp.scaling_factor), tokens=ddp.n_training_tokens)
+    for arch in ("standard", "jumprelu", "gated"):  # uneven shards (13 + 12 rows), the other losses
+        c = TrainingConfig(architecture=arch, d_in=8, d_sae=32, lr=1e-2, b_dec_init_method="mean",
+                           l1_coefficient=0.5, l0_coefficient=0.1, normalize_sae_decoder=arch == "standard",
+                           checkpoint_path=None)
+        one, ddp = SAETrainer(c), DistributedSAETrainer(c)
+        for b in batches[:3]:
+            one.step(b[:25]), ddp.step(shard_rows(b[:25]))
+        diff = max(diff, *(float((a - b).abs().max()) for a, b in zip(one.sae.state_dict().values(),
+                                                                      ddp.sae.state_dict().values())))
+    return dict(param_diff=diff, metric_diff=mdiff, steps=steps, dead=dead, scale=scale, tokens=tokens)
 
 
 def _train_sae_ddp(rank):
@@ -351,3 +361,30 @@ def test_bad_input_without_a_process_group():
         sharded_range(4)
     with pytest.raises(ValueError, match="batchtopk"):
         DistributedSAETrainer(TrainingConfig(architecture="batchtopk", d_in=4, d_sae=8, k=2))
+
+
+def test_feature_stats_rebuilt_from_tensors_merges_like_the_original():
+    import copy
+
+    from sparsekern import SparseActs
+    from sparsekern.distributed.data_parallel import _stats_from_tensors
+    from sparsekern.features.stats import FeatureStats
+
+    g = torch.Generator().manual_seed(2)
+
+    def part():
+        st = FeatureStats(12, top_partners=2, conditioned_on=3, conditioned_sum=True, y_moments=True,
+                          second_moment_features=[1, 5])
+        idx = torch.stack([torch.randperm(12, generator=g)[:4] for _ in range(20)])
+        st.update(SparseActs(torch.rand(20, 4, generator=g, dtype=torch.float64), idx),
+                  torch.randn(20, 3, generator=g, dtype=torch.float64))
+        return st
+
+    a, b = part(), part()
+    meta = {"n_tokens": b.n_tokens, "memory_budget": b.memory_budget, "top_n": b._top_n}
+    rebuilt = _stats_from_tensors(b._cfg, meta, {k: v.clone() for k, v in b._state_tensors().items()})
+    want = copy.deepcopy(a).merge(b)
+    got = copy.deepcopy(a).merge(rebuilt)
+    for k, v in want._state_tensors().items():
+        assert torch.equal(v, got._state_tensors()[k]), k
+    assert got.n_tokens == 40
