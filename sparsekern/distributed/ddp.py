@@ -57,9 +57,9 @@ class DistributedSAETrainer(SAETrainer):
         self.group = group
         self.rank, self.world_size = rank_and_world(group)
         super().__init__(cfg, sae)
+        src = dist.get_global_rank(group, 0) if group is not None else 0
         with torch.no_grad():  # same start everywhere, whatever each rank was given
             for t in itertools.chain(self.sae.parameters(), self.sae.buffers()):
-                src = dist.get_global_rank(group, 0) if group is not None else 0
                 _collective("broadcast parameters", dist.broadcast, t.data, src, group=group)
 
     # ---- collectives ---------------------------------------------------------------------------------
