@@ -77,11 +77,12 @@ setup(
     python_requires=">=3.10",
     # every package a public module imports at module level (tests/test_install_requires.py checks)
     install_requires=["torch>=2.4", "jaxtyping", "tqdm", "safetensors", "numpy", "transformer-lens>=2.16",
-                      "einops", "pandas", "transformers", "tokenizers"],
+                      "einops", "pandas", "transformers", "tokenizers",
+                      "plotly>=5"],  # `sparsekern demo` and the bench's HTML page draw with plotly
     extras_require={
         "test": ["pytest", "hypothesis", "pytest-benchmark", "sae-lens", "plotly>=5"],
         "bench": ["sae-lens", "plotly>=5"],
-        "report": ["plotly>=5"],  # the HTML page `sparsekern bench` writes beside its JSON
+        "report": ["plotly>=5"],  # kept for old install lines; plotly is now a runtime dependency
     },
     entry_points={"console_scripts": ["sparsekern=sparsekern.cli:main"]},
     ext_modules=ext_modules,

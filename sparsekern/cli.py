@@ -1,4 +1,5 @@
-"""``sparsekern`` command line: ``sparsekern bench [...]`` (also ``python -m sparsekern.cli bench``)."""
+"""``sparsekern`` command line: ``sparsekern bench [...]`` and ``sparsekern demo [...]`` (also
+``python -m sparsekern.cli ...``)."""
 
 from __future__ import annotations
 
@@ -73,7 +74,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --features: comma-separated subset of "
                    "stats,stats_dense,conditioned,neighbours,ablation; with --training: of "
                    "throughput,quality_topk,quality_jumprelu,scale (default: all)")
+    d = sub.add_parser(
+        "demo", help="analyse the shipped toy model (IOI, patching vs TransformerLens, SAE features)",
+        description="Run the demo on sparsekern.toy (offline): IOI logit difference, DLA and logit lens; "
+        "exact activation patching timed beside transformer_lens.patching; attribution vs exact patching; "
+        "SAE features. Writes an HTML report (plotly embedded), PNG figures (with Chromium) and demo.json.",
+    )
+    d.add_argument("--out", default="sparsekern-demo",
+                   help="output folder (created; its parent must exist); default ./sparsekern-demo")
+    d.add_argument("--quick", action="store_true", help="fewer prompts and texts, one timing repeat (~1 min)")
+    d.add_argument("--no-png", action="store_true", help="skip the PNG figures (they need Chromium)")
+    d.add_argument("--device", choices=("cpu", "cuda", "mps"), default="cpu", help="where the model runs")
+    d.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return p
+
+
+def demo(args: argparse.Namespace) -> int:
+    from . import demo as _demo
+
+    try:
+        _demo.check_out_dir(args.out)
+    except OSError as e:
+        raise SystemExit(str(e)) from None
+    device = _device(args.device, "demo")  # a clear exit when the device is not available
+    res = _demo.run_demo(args.out, quick=args.quick, progress=not args.no_progress, png=not args.no_png,
+                         device=str(device))
+    print(_demo.summary(res))
+    return 0
 
 
 def _cases_arg(text: str) -> list[str]:
@@ -88,13 +115,13 @@ def _cases_arg(text: str) -> list[str]:
     return cases
 
 
-def _device(name: Optional[str]) -> torch.device:
+def _device(name: Optional[str], cmd: str = "bench") -> torch.device:
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("sparsekern bench: --device cuda requested but torch.cuda.is_available() is False")
+        raise SystemExit(f"sparsekern {cmd}: --device cuda requested but torch.cuda.is_available() is False")
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise SystemExit("sparsekern bench: --device mps requested but MPS is not available")
+        raise SystemExit(f"sparsekern {cmd}: --device mps requested but MPS is not available")
     return torch.device(name)
 
 
@@ -186,6 +213,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "bench":
         return bench(args)
+    if args.command == "demo":
+        return demo(args)
     parser.print_help(sys.stderr)
     return 2
 

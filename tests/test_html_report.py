@@ -13,80 +13,25 @@ from __future__ import annotations
 import html
 import importlib.util
 import json
-import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
+from _browser import js_errors, render
 from sparsekern import cli
 from sparsekern.bench import html as bench_html
 from sparsekern.bench import report
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 HAVE_PLOTLY = importlib.util.find_spec("plotly") is not None
 needs_plotly = pytest.mark.skipif(not HAVE_PLOTLY,
                                   reason="plotly is not installed (pip install 'sparsekern[report]')")
 
-# runs before every other script of the page; errors land in <pre id="sk-js-errors">, and a
-# <pre id="sk-js-loaded"> proves that scripts ran to the load event
-ERROR_HOOK = """<script>
-(function () {
-  function report(text) {
-    var p = document.getElementById('sk-js-errors');
-    if (!p) {
-      p = document.createElement('pre'); p.id = 'sk-js-errors'; document.documentElement.appendChild(p);
-    }
-    p.textContent += text + '\\n';
-  }
-  window.onerror = function (msg, src, line, col) { report(msg + ' @ ' + src + ':' + line + ':' + col); };
-  window.addEventListener('unhandledrejection', function (e) { report('unhandled rejection: ' + e.reason); });
-  window.addEventListener('load', function () {
-    setTimeout(function () {
-      var d = document.createElement('pre');
-      d.id = 'sk-js-loaded'; d.textContent = 'loaded'; d.style.display = 'none';
-      document.body.appendChild(d);
-    }, 0);
-  });
-})();
-</script>"""
-
-
-def _chromium() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
-        path = shutil.which(name)
-        if path:
-            return path
-    pytest.skip("Chromium is not installed (scripts/test.sh installs Debian's `chromium` with apt "
-                "where it can)")
-
-
-def _render(page: Path, tmp_path: Path, shot_name: str, save: bool = True) -> tuple[str, Path]:
-    """(dumped DOM after the scripts ran, screenshot path) for page, with the error hook injected."""
-    text = page.read_text(encoding="utf-8")
-    assert "<head>" in text
-    hooked = tmp_path / f"hooked-{page.name}"
-    hooked.write_text(text.replace("<head>", "<head>" + ERROR_HOOK, 1), encoding="utf-8")
-    shot = tmp_path / shot_name
-    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000",
-           "--window-size=1400,2000", f"--screenshot={shot}", "--dump-dom", hooked.resolve().as_uri()]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert shot.exists() and shot.stat().st_size > 1_000, proc.stderr[-2000:]
-    if save and os.environ.get("SPARSEKERN_SAVE_SCREENSHOT"):
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(shot, RESULTS / shot_name)
-    return proc.stdout, shot
-
-
 def _assert_rendered(dom: str, source) -> None:
     """Every figure drew (main-svg, its title, one bar per ratio row) and no JS error was reported."""
-    errors = re.search(r'<pre id="sk-js-errors">(.*?)</pre>', dom, re.S)
-    assert errors is None, f"JavaScript errors on the page: {html.unescape(errors.group(1))}"
-    assert 'id="sk-js-loaded"' in dom, "the page's scripts did not run to the load event"
+    errors = js_errors(dom)
+    assert errors is None, f"JavaScript errors on the page: {errors}"
     rows, meta = bench_html.load(source)
     titles = bench_html.figure_titles(source)
     groups = list(bench_html.groups(rows, meta).values())
@@ -148,7 +93,7 @@ def test_error_hook_reports_javascript_errors(tmp_path):
     page = tmp_path / "broken.html"
     page.write_text("<!DOCTYPE html><html><head></head><body><script>throw new Error('boom');</script>"
                     "</body></html>")
-    dom, _ = _render(page, tmp_path, "broken.png", save=False)
+    dom, _ = render(page, tmp_path, "broken.png", save=False)
     assert re.search(r'<pre id="sk-js-errors">[^<]*boom', dom)
 
 
@@ -163,7 +108,7 @@ def test_synthetic_page_renders(tmp_path):
     assert bench_html.figure_titles(doc) == [
         "sparsekern synthetic: peer time / sparsekern time (cpu · float32)",
         "sparsekern synthetic: peer time / sparsekern time (cuda:0 · bfloat16)"]
-    dom, shot = _render(page, tmp_path, "bench-synthetic.png")
+    dom, shot = render(page, tmp_path, "bench-synthetic.png")
     _assert_rendered(dom, doc)
 
 
@@ -179,7 +124,7 @@ def test_quick_bench_writes_a_page_that_renders(tmp_path, capsys):
     assert ".html" in capsys.readouterr().out
     doc = json.loads(js.read_text())
     assert any(r.get("ratio") for r in doc["rows"])
-    dom, _ = _render(page, tmp_path, "bench-ops-quick.png")
+    dom, _ = render(page, tmp_path, "bench-ops-quick.png")
     _assert_rendered(dom, doc)
 
 
@@ -192,7 +137,7 @@ def test_committed_results_rerender(tmp_path, name, capsys):
     out = tmp_path / src.with_suffix(".html").name
     assert bench_html.main([str(src), "--out", str(out)]) == 0
     assert f"wrote {out}" in capsys.readouterr().out
-    dom, _ = _render(out, tmp_path, "bench-" + src.stem.removeprefix("latest-") + ".png")
+    dom, _ = render(out, tmp_path, "bench-" + src.stem.removeprefix("latest-") + ".png")
     _assert_rendered(dom, src)
 
 

@@ -110,5 +110,7 @@ def test_the_scan_sees_the_known_imports():
 def test_extras():
     extras = _requirements("extras_require")
     assert "plotly" in {_dist(r) for r in extras["report"]}
+    # `sparsekern demo` must work after a plain `pip install sparsekern`
+    assert "plotly" in {_dist(r) for r in _requirements("install_requires")}
     dev = (ROOT / "requirements-dev.txt").read_text().splitlines()
     assert "plotly" in {_dist(line) for line in dev if line.strip() and not line.startswith("#")}

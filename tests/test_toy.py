@@ -104,6 +104,15 @@ def test_bad_input(tmp_path):
     (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:1000])
     with pytest.raises(RuntimeError, match="model.safetensors"):
         toy.load(weights_dir=d)
+    shutil.copyfile(toy.WEIGHTS_DIR / "model.safetensors", d / "model.safetensors")
+    (d / "model_cfg.json").write_text('{"n_layers": 2,')
+    with pytest.raises(RuntimeError, match="model_cfg.json"):
+        toy.load(weights_dir=d)
+    shutil.copyfile(toy.WEIGHTS_DIR / "model_cfg.json", d / "model_cfg.json")
+    sae_file = d / "resid_sae" / "sae_weights.safetensors"
+    sae_file.write_bytes(b"\x00" * 64)
+    with pytest.raises(RuntimeError, match="resid_sae"):
+        toy.load(weights_dir=d)
 
 
 @pytest.mark.slow

@@ -212,8 +212,15 @@ def _run_reference(model, tokens, sweep: _Sweep, clean_cache, metric, metric_nam
     from tqdm.auto import tqdm
 
     device = torch.device(model.cfg.device)
+    shard = _engine.SHARD.get()  # a data-parallel sweep: rows i % world == rank run here, the rest stay 0
+    if shard is not None:
+        shard.record("reference", len(sweep.rows))
     vals = []
-    for row, name in tqdm(list(zip(sweep.rows, sweep.hook_names)), disable=not progress, desc="patching"):
+    todo = list(zip(sweep.rows, sweep.hook_names))
+    for i, (row, name) in enumerate(tqdm(todo, disable=not progress, desc="patching")):
+        if shard is not None and not shard.mine(i):
+            vals.append(torch.zeros((), device=device))
+            continue
         clean_act = clean_cache[name]
 
         def hook(act, hook, index=row, clean_act=clean_act):

@@ -28,6 +28,8 @@ Unknown setters run one patch per forward (from the cached layer input when that
 from __future__ import annotations
 
 import bisect
+import contextvars
+import hashlib
 import math
 import numbers
 import os
@@ -88,6 +90,29 @@ _AFTER_KV_SUFFIXES = (
     "hook_resid_post",
 )
 _WARNED: set[str] = set()
+
+
+@dataclass
+class Shard:
+    """This process's share of a sweep (set by ``sparsekern.distributed.sweeps.distributed_patch``).
+
+    Chunk (engine) or row (one-forward-per-patch path) ``i`` runs here iff ``i % world == rank``; the
+    values of the others stay 0, so adding the ranks' outputs gives the full sweep exactly. Every rank
+    plans the whole sweep as one process would, so each chunk holds the same patches as there.
+    """
+
+    rank: int
+    world: int
+    plans: list = field(default_factory=list)  # a digest per sharded run, compared across ranks
+
+    def mine(self, i: int) -> bool:
+        return i % self.world == self.rank
+
+    def record(self, *what) -> None:
+        self.plans.append(hashlib.sha1(repr(what).encode()).hexdigest())
+
+
+SHARD: contextvars.ContextVar[Shard | None] = contextvars.ContextVar("sparsekern_patch_shard", default=None)
 
 
 def warn_once(key: str, message: str) -> None:
@@ -476,7 +501,9 @@ class Engine:
             1 << 30 if self.device.type == "cuda" else int(os.environ.get("SPARSEKERN_PATCH_ROWS", "2048"))
         )
         pos_of = {id(p): i for i, p in enumerate(patches)}
-        out = torch.empty(len(patches), device=self.device)
+        shard = SHARD.get()
+        out = torch.empty(len(patches), device=self.device) if shard is None else \
+            torch.zeros(len(patches), device=self.device)
         # the metric on the corrupted run: the value of every no-op patch, and which positions it reads
         log = ReadLog()
         lazy = self.lazy_logits_ok()
@@ -486,14 +513,21 @@ class Engine:
         noop = self._noops(patches, clean)
         if noop:
             # clean == corrupted on the patched slice: TransformerLens's forward is then the corrupted run
-            out[torch.tensor([pos_of[id(p)] for p in noop], device=self.device)] = base.to(out.dtype)
+            if shard is None or shard.rank == 0:  # data parallel: one rank fills them
+                out[torch.tensor([pos_of[id(p)] for p in noop], device=self.device)] = base.to(out.dtype)
             skip = {id(p) for p in noop}
             patches = [p for p in patches if id(p) not in skip]
         self.n_noop = len(noop)
         chunks = self.plan(patches, max_batch, budget, rows_cap, read)
+        if shard is not None:
+            shard.record("engine", sorted(pos_of[id(p)] for p in noop),
+                         [(s, [pos_of[id(p)] for p in c]) for s, c in chunks])
+            noop = noop if shard.rank == 0 else []
+            chunks = [c for i, c in enumerate(chunks) if shard.mine(i)]
         self.work_rows = 0  # token rows x blocks computed, for the benchmark's work count
         self.logit_rows = 0  # token rows unembedded
-        bar = tqdm(total=len(patches) + len(noop), initial=len(noop), disable=not progress, desc="patching")
+        n_run = sum(len(c) for _, c in chunks)
+        bar = tqdm(total=n_run + len(noop), initial=len(noop), disable=not progress, desc="patching")
         try:
             while chunks:
                 start, chunk = chunks.pop(0)

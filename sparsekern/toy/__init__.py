@@ -24,6 +24,13 @@ def report(weights_dir: Optional[Union[str, Path]] = None) -> dict:
     return json.loads((Path(weights_dir or WEIGHTS_DIR) / "REPORT.json").read_text())
 
 
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RuntimeError(f"sparsekern.toy: cannot read {path}: {e}") from None
+
+
 def load(device: str = "cpu", weights_dir: Optional[Union[str, Path]] = None) -> tuple[Any, dict]:
     """The toy ``HookedTransformer`` (eval mode) and its SAEs ``{name: sparsekern SAE / transcoder}``."""
     import torch
@@ -39,8 +46,7 @@ def load(device: str = "cpu", weights_dir: Optional[Union[str, Path]] = None) ->
     model_file = d / "model.safetensors"
     if not model_file.is_file():
         raise FileNotFoundError(f"sparsekern.toy: missing {model_file} (run python/train_toy.py)")
-    cfg = json.loads((d / "model_cfg.json").read_text())
-    vocab = json.loads((d / "vocab.json").read_text())
+    cfg, vocab = (_read_json(d / name) for name in ("model_cfg.json", "vocab.json"))
     try:
         state = load_file(str(model_file), device="cpu")
     except Exception as e:  # corrupted / truncated file

@@ -1,0 +1,404 @@
+"""sparsekern.distributed, data parallel: 2 gloo processes on localhost against one process over everything.
+
+One spawned pair runs every capability and also computes the single-process result itself (same thread
+count, same process), so the comparisons are bitwise where the design promises it: top-k states (values
+and locations) and patching sweeps; FeatureStats integer fields exact and float sums to 1e-12; DDP
+training weights to 1e-6. The failure tests check that a rank that raises makes the other one fail with a
+clear error instead of hanging (the process group has a timeout; the parent joins with one too).
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import queue
+import socket
+import time
+import traceback
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from sparsekern.distributed import merge_topk_states, sharded_range
+from sparsekern.features import top_activating_examples
+from sparsekern.ops.feature_topk import FeatureTopKState
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo")
+WORLD = 2
+
+
+# ---- launcher ---------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, port, pg_timeout, fn, q):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                                timeout=datetime.timedelta(seconds=pg_timeout))
+        q.put((rank, "ok", fn(rank)))
+    except BaseException as e:  # reported to the parent, which asserts on it
+        q.put((rank, "error", f"{type(e).__name__}: {e}", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def launch(fn, pg_timeout=30.0, join_timeout=120.0) -> dict:
+    """Run ``fn(rank)`` on WORLD spawned processes; {rank: ("ok", result) | ("error", msg, tb)}.
+    Processes still alive after ``join_timeout`` are killed and reported as ("hung",)."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_entry, args=(r, port, pg_timeout, fn, q), daemon=True) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    out, deadline = {}, time.monotonic() + join_timeout
+    while len(out) < WORLD and time.monotonic() < deadline:
+        try:
+            rank, *rest = q.get(timeout=max(0.1, min(1.0, deadline - time.monotonic())))
+            out[rank] = tuple(rest)
+        except queue.Empty:
+            if not any(p.is_alive() for p in procs) and q.empty():
+                break
+    for r, p in enumerate(procs):
+        p.join(timeout=max(0.1, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join()
+        out.setdefault(r, ("hung",) if p.exitcode is None or p.exitcode < 0 else ("died", p.exitcode))
+    return out
+
+
+def ok(results: dict) -> list:
+    for r in range(WORLD):
+        assert results[r][0] == "ok", f"rank {r}: {results[r]}"
+    return [results[r][1] for r in range(WORLD)]
+
+
+# ---- fixtures built identically in every process -------------------------------------------------------
+def tiny_sae(d_in=16, d_sae=48):
+    import sparsekern as sk
+
+    torch.manual_seed(0)
+    sae = sk.TopKSAE(sk.TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=6))
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.3)
+    return sae
+
+
+def tiny_model():
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(n_layers=2, d_model=16, n_heads=4, d_head=4, d_mlp=32, d_vocab=40, n_ctx=8,
+                                  act_fn="gelu_new", normalization_type="LN", seed=0)
+    model = HookedTransformer(cfg)
+    model.eval()
+    return model
+
+
+def tie_heavy_tokens(n_seq=11, ctx=6):
+    """Only 3 distinct sequences, repeated: every activation value occurs on several sequences (ties)."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randint(0, 40, (3, ctx), generator=g)
+    return base[torch.arange(n_seq) % 3]
+
+
+# ---- the capabilities, one worker ----------------------------------------------------------------------
+def _topk_and_stats(rank):
+    from sparsekern.distributed import distributed_feature_stats, distributed_top_activating_examples
+    from sparsekern.features import feature_stats
+
+    model, sae = tiny_model(), tiny_sae()
+    hook = "blocks.0.hook_resid_post"
+    sae.cfg.metadata.hook_name = hook
+    tokens = tie_heavy_tokens()
+    one = top_activating_examples(sae, tokens.split(4), k=5, model=model, progress=False)
+    mine = sharded_range(tokens.shape[0], rank, WORLD)
+    shard = tokens[mine.start:mine.stop]
+    dist_state = distributed_top_activating_examples(sae, shard.split(2), k=5, seq_offset=mine.start,
+                                                     model=model, progress=False)
+    n_ties = int((one.values[:, 1:] == one.values[:, :-1]).sum())
+    # FeatureStats on activations (with co-occurrence): all sequences vs this rank's, merged
+    g = torch.Generator().manual_seed(5)
+    acts = torch.randn(9, 5, 16, generator=g)
+    kw = dict(cooccurrence=True, hist_range=(1e-2, 1e2), hist_bins=8, progress=False)
+    full = feature_stats(sae, list(acts.split(2)), **kw)
+    r = sharded_range(acts.shape[0], rank, WORLD)
+    merged = distributed_feature_stats(sae, list(acts[r.start:r.stop].split(2)), **kw)
+    exact = all(torch.equal(getattr(full, n), getattr(merged, n))
+                for n in ("counts", "hist_counts", "act_max", "act_min", "cooccurrence"))
+    rel = max(float(((a - b).abs() / a.abs().clamp_min(1e-30)).max())
+              for a, b in ((full.act_sum, merged.act_sum), (full.act_sq_sum, merged.act_sq_sum)))
+    return dict(
+        topk_values_equal=torch.equal(one.values, dist_state.values),
+        topk_locations_equal=torch.equal(one.locations, dist_state.locations),
+        n_ties=n_ties, filled=int(one.count().sum()),
+        stats_exact=exact, stats_n_tokens=(full.n_tokens, merged.n_tokens), stats_rel=rel,
+    )
+
+
+def _sweeps(rank):
+    import pandas as pd
+
+    import sparsekern.patching as skp
+    from sparsekern.distributed import distributed_patch
+
+    model = tiny_model()
+    g = torch.Generator().manual_seed(1)
+    clean = torch.randint(0, 40, (2, 6), generator=g)
+    corr = torch.randint(0, 40, (2, 6), generator=g)
+    corr[:, 0] = clean[:, 0]  # some no-op patches
+    _, cache = model.run_with_cache(clean)
+
+    def metric(logits):
+        return logits[:, -1].log_softmax(-1)[:, 3].mean()
+
+    def odd_setter(act, index, clean_act):  # not a known setter: one forward per patch
+        act[:, index[1]] = clean_act[:, index[1]]
+        return act
+
+    df = pd.DataFrame({"layer": [1, 0, 1, 0, 1], "pos": [4, 2, -1, 0, 3], "head": [3, 0, 1, 2, 0]})
+    calls = [
+        (skp.get_act_patch_resid_pre, {}),
+        (skp.get_act_patch_resid_pre, {"max_batch": 3}),
+        (skp.get_act_patch_attn_head_all_pos_every, {"max_batch": 4}),
+        (skp.get_act_patch_attn_head_by_pos_every, {}),
+        (skp.generic_activation_patch, dict(patch_setter=skp.layer_pos_head_vector_patch_setter,
+                                            activation_name="z", index_df=df, return_index_df=True)),
+        (skp.generic_activation_patch, dict(patch_setter=odd_setter, activation_name="resid_pre",
+                                            index_axis_names=("layer", "pos"))),
+    ]
+    out = {}
+    for i, (fn, kw) in enumerate(calls):
+        kw = dict(kw, progress=False)
+        # without max_batch the plan follows the memory budget; a tiny model is capped by rows, not bytes
+        single = fn(model, corr, cache, metric, **kw)
+        got = distributed_patch(fn, model, corr, cache, metric, **kw)
+        if isinstance(single, tuple):
+            assert single[1].equals(got[1])  # the index_df
+            single, got = single[0], got[0]
+        out[i] = (torch.equal(single, got), float((single - got).abs().max()), tuple(single.shape))
+    return out
+
+
+def _ddp(rank):
+    from sparsekern.distributed import DistributedSAETrainer, shard_rows
+    from sparsekern.training import SAETrainer, TrainingConfig
+
+    cfg = TrainingConfig(architecture="topk", d_in=8, d_sae=32, k=3, lr=1e-2, dead_feature_window=2,
+                         normalize_activations="expected_average_only_in", n_batches_for_norm_estimate=2,
+                         b_dec_init_method="geometric_median", train_batch_size_tokens=24,
+                         training_tokens=24 * 6, checkpoint_path=None)
+    g = torch.Generator().manual_seed(7)
+    batches = [torch.randn(25, 8, generator=g) * 3 + 1 for _ in range(6)]
+    one = SAETrainer(cfg)
+    m_one = [one.step(b[:24]) for b in batches[:2]]  # a bare step estimates the scale from its batch
+    one.fit([b[:24] for b in batches[2:]], progress=False)
+    ddp = DistributedSAETrainer(cfg)
+    m_ddp = [ddp.step(shard_rows(b[:24])) for b in batches[:2]]
+    ddp.fit([shard_rows(b[:24]) for b in batches[2:]], progress=False)
+    diff = max(float((a - b).abs().max()) for a, b in zip(one.sae.state_dict().values(),
+                                                            ddp.sae.state_dict().values()))
+    steps, scale = (one.n_training_steps, ddp.n_training_steps), (one.scaling_factor, ddp.scaling_factor)
+    dead = (one.dead_neurons.sum().item(), ddp.dead_neurons.sum().item())
+    tokens = ddp.n_training_tokens
+    keys = ("loss", "mse", "l0", "explained_variance")
+    mdiff = max(abs(a[k] - b[k]) for a, b in zip(m_one, m_ddp) for k in keys)
+    for arch in ("standard", "jumprelu", "gated"):  # uneven shards (13 + 12 rows), the other losses
+        c = TrainingConfig(architecture=arch, d_in=8, d_sae=32, lr=1e-2, b_dec_init_method="mean",
+                           l1_coefficient=0.5, l0_coefficient=0.1, normalize_sae_decoder=arch == "standard",
+                           checkpoint_path=None)
+        one, ddp = SAETrainer(c), DistributedSAETrainer(c)
+        for b in batches[:3]:
+            one.step(b[:25]), ddp.step(shard_rows(b[:25]))
+        diff = max(diff, *(float((a - b).abs().max()) for a, b in zip(one.sae.state_dict().values(),
+                                                                      ddp.sae.state_dict().values())))
+    return dict(param_diff=diff, metric_diff=mdiff, steps=steps, dead=dead, scale=scale, tokens=tokens)
+
+
+def _train_sae_ddp(rank):
+    import hashlib
+
+    from sparsekern.distributed import train_sae_ddp
+    from sparsekern.training import TrainingConfig
+
+    cfg = TrainingConfig(architecture="topk", d_in=16, d_sae=32, k=4, train_batch_size_tokens=16,
+                         training_tokens=16 * 3, checkpoint_path=None)
+    sae = train_sae_ddp(tiny_model(), tie_heavy_tokens(n_seq=12), "blocks.0.hook_resid_pre", cfg,
+                        progress=False, store_batch_size_prompts=2, buffer_size_tokens=32)
+    return hashlib.sha1(sae.W_enc.detach().numpy().tobytes()).hexdigest()
+
+
+def _failure_inside(rank):
+    """Rank 1 raises inside a data-parallel call: both ranks must raise (and the group stays usable)."""
+    try:
+        _rank1_raises_inside(rank)
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _all_capabilities(rank):
+    return {"topk": _topk_and_stats(rank), "sweeps": _sweeps(rank), "ddp": _ddp(rank),
+            "train_sae_ddp": _train_sae_ddp(rank), "failure": _failure_inside(rank)}
+
+
+@pytest.fixture(scope="module")
+def results():
+    pytest.importorskip("transformer_lens")
+    return ok(launch(_all_capabilities, join_timeout=240))
+
+
+def test_topk_bitwise_equal_with_ties(results):
+    for res in results:
+        t = res["topk"]
+        assert t["n_ties"] > 10 and t["filled"] > 0  # the stream really is tie-heavy
+        assert t["topk_values_equal"] and t["topk_locations_equal"]
+
+
+def test_feature_stats_merged(results):
+    for res in results:
+        t = res["topk"]
+        assert t["stats_exact"]
+        assert t["stats_n_tokens"][0] == t["stats_n_tokens"][1] == 45
+        assert t["stats_rel"] <= 1e-12  # float64 sums, only the addition order differs
+
+
+def test_sweeps_identical(results):
+    for res in results:
+        for i, (equal, diff, shape) in res["sweeps"].items():
+            assert equal, f"sweep {i}: max |diff| {diff}"
+    assert results[0]["sweeps"][2][2] == (5, 2, 4)
+
+
+def test_ddp_matches_full_batch(results):
+    for res in results:
+        d = res["ddp"]
+        assert d["steps"] == (6, 6) and d["tokens"] == 6 * 24
+        assert d["scale"][0] == pytest.approx(d["scale"][1], rel=1e-6)  # float32 vs float64 norm sums
+        assert d["dead"][0] == d["dead"][1]
+        assert d["param_diff"] <= 1e-6, d
+        assert d["metric_diff"] <= 1e-5, d
+    assert results[0]["train_sae_ddp"] == results[1]["train_sae_ddp"]  # the ranks' weights are bitwise equal
+
+
+# ---- failure paths -------------------------------------------------------------------------------------
+def _rank1_raises_inside(rank):
+    from sparsekern.distributed import distributed_top_activating_examples
+
+    sae = tiny_sae()
+    batches = [torch.randn(2, 3, 16)] if rank == 0 else ["not a tensor"]
+    distributed_top_activating_examples(sae, batches, seq_offset=2 * rank, k=3, progress=False)
+
+
+def _rank1_dies_before(rank, hang=0.0):
+    """Rank 1 never reaches the collective: it raises (and exits) at once, or after ``hang`` seconds."""
+    from sparsekern.distributed import all_gather_topk_state
+
+    if rank == 1:
+        time.sleep(hang)
+        raise ValueError("rank 1 broke before the collective")
+    t0 = time.monotonic()
+    try:
+        all_gather_topk_state(FeatureTopKState.empty(8, 2))
+    except RuntimeError as e:
+        raise RuntimeError(f"after {time.monotonic() - t0:.1f} s: {e}") from e
+
+
+def _rank1_hangs(rank):
+    return _rank1_dies_before(rank, hang=PG_TIMEOUT + 3)
+
+
+def test_rank_that_raises_fails_the_others(results):
+    assert results[1]["failure"].startswith("TypeError: batches must yield torch.Tensor")
+    assert "top_activating_examples failed on another rank (rank 1: TypeError" in results[0]["failure"]
+
+
+PG_TIMEOUT = 4.0
+
+
+@pytest.mark.parametrize("worker", [_rank1_dies_before, _rank1_hangs], ids=["exits", "hangs"])
+def test_rank_that_never_arrives_fails_the_others_within_timeout(worker):
+    res = launch(worker, pg_timeout=PG_TIMEOUT, join_timeout=60)
+    assert res[1][:2] == ("error", "ValueError: rank 1 broke before the collective")
+    assert res[0][0] == "error", res[0]
+    msg = res[0][1]
+    assert "sparsekern.distributed: rank 0: collective 'top-k state layout' failed" in msg, msg
+    assert float(msg.split("after ")[1].split(" s")[0]) < PG_TIMEOUT + 2.5, msg  # the group's timeout
+
+
+# ---- single process: helpers and argument checks ---------------------------------------------------------
+def test_sharded_range_covers_in_order():
+    for n in (0, 1, 5, 11):
+        for w in (1, 2, 3, 4):
+            parts = [sharded_range(n, r, w) for r in range(w)]
+            assert [i for p in parts for i in p] == list(range(n))
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    with pytest.raises(ValueError, match="rank"):
+        sharded_range(4, 2, 2)
+    with pytest.raises(ValueError, match="n must"):
+        sharded_range(-1, 0, 1)
+
+
+def test_merge_topk_states_equals_one_pass_with_ties():
+    sae = tiny_sae()
+    base = torch.randn(2, 4, 16)
+    acts = base[torch.arange(7) % 2]  # ties everywhere
+    one = top_activating_examples(sae, [acts], k=4, progress=False)
+    parts = [top_activating_examples(sae, [acts[a:b]], k=4, seq_offset=a, progress=False)
+             for a, b in ((0, 3), (3, 4), (4, 7))]
+    merged = merge_topk_states(parts[::-1])  # any order: the tie rule is on locations
+    assert torch.equal(merged.values, one.values) and torch.equal(merged.locations, one.locations)
+    assert int((one.values[:, 1:] == one.values[:, :-1]).sum()) > 0 and math.isfinite(float(one.values[0, 0]))
+    with pytest.raises(ValueError, match="states\\[1\\]"):
+        merge_topk_states([parts[0], FeatureTopKState.empty(48, 5)])
+
+
+def test_bad_input_without_a_process_group():
+    import sparsekern.patching.feature_ablation as fa
+    from sparsekern.distributed import DistributedSAETrainer, distributed_patch
+    from sparsekern.training import TrainingConfig
+
+    with pytest.raises(TypeError, match="fn must be sparsekern.patching"):
+        distributed_patch(fa.ablate_features)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        sharded_range(4)
+    with pytest.raises(ValueError, match="batchtopk"):
+        DistributedSAETrainer(TrainingConfig(architecture="batchtopk", d_in=4, d_sae=8, k=2))
+
+
+def test_feature_stats_rebuilt_from_tensors_merges_like_the_original():
+    import copy
+
+    from sparsekern import SparseActs
+    from sparsekern.distributed.data_parallel import _stats_from_tensors
+    from sparsekern.features.stats import FeatureStats
+
+    g = torch.Generator().manual_seed(2)
+
+    def part():
+        st = FeatureStats(12, top_partners=2, conditioned_on=3, conditioned_sum=True, y_moments=True,
+                          second_moment_features=[1, 5])
+        idx = torch.stack([torch.randperm(12, generator=g)[:4] for _ in range(20)])
+        st.update(SparseActs(torch.rand(20, 4, generator=g, dtype=torch.float64), idx),
+                  torch.randn(20, 3, generator=g, dtype=torch.float64))
+        return st
+
+    a, b = part(), part()
+    meta = {"n_tokens": b.n_tokens, "memory_budget": b.memory_budget, "top_n": b._top_n}
+    rebuilt = _stats_from_tensors(b._cfg, meta, {k: v.clone() for k, v in b._state_tensors().items()})
+    want = copy.deepcopy(a).merge(b)
+    got = copy.deepcopy(a).merge(rebuilt)
+    for k, v in want._state_tensors().items():
+        assert torch.equal(v, got._state_tensors()[k]), k
+    assert got.n_tokens == 40
