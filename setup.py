@@ -54,7 +54,8 @@ def extensions():
 
         def finalize_options(self):
             super().finalize_options()
-            if getattr(self, "editable_mode", False) or self.inplace:
+            explicit = "build_temp" in self.distribution.get_option_dict("build_ext")  # --build-temp given
+            if (getattr(self, "editable_mode", False) or self.inplace) and not explicit:
                 tag = f"{sysconfig.get_platform()}-{sys.implementation.cache_tag}"
                 self.build_temp = os.path.join(ROOT, "build", f"temp.{tag}")
 

@@ -40,7 +40,8 @@ if ! command -v chromium >/dev/null && command -v apt-get >/dev/null; then
 fi
 
 # Issue 13: the wheel installs and works on its own (scripts/wheel_check.sh); after setup.sh's editable
-# build it only links the extension, so about 1-2 minutes. Its step log is printed only when it fails.
+# build it only links the extension: 1.5-2.5 minutes on 2 cores (the demo is most of it). Its step log is
+# printed only when it fails.
 if ! wheel_summary=$(bash scripts/wheel_check.sh --quiet); then
   echo "[test] wheel check FAILED: the wheel does not build, install or work outside the repo (log above;" \
     "rerun: bash scripts/wheel_check.sh)" >&2

@@ -8,7 +8,7 @@
 #   bash scripts/wheel_check.sh --quiet    # only the summary on stdout (the steps go to stderr on failure)
 #
 # The wheel is built in-tree (`pip wheel --no-build-isolation --no-deps .`), so build_ext reuses the objects
-# of the editable install in build/temp.* (setup.py keeps them there): it only links (~25 s, not ~2-4 min).
+# of the editable install in build/temp.* (setup.py keeps them there): it only links (10-20 s, not 2-4 min).
 # The venv has no system site-packages; a .pth file in it appends the installing Python's site-packages
 # folder(s) to sys.path. A path line in a .pth is not processed as a site dir, so the .pth files in there
 # (the editable install's finder) are not run and the repository's sparsekern is not importable; checked.
@@ -75,13 +75,14 @@ if not [n for n in names if n.startswith("sparsekern/_C") and n.endswith(".so")]
 required = ["sparsekern/toy/weights/model.safetensors", "sparsekern/toy/weights/REPORT.json",
             "sparsekern/toy/weights/model_cfg.json", "sparsekern/toy/weights/vocab.json"]
 for sae in ("resid_sae", "mlp0_transcoder"):  # the SAELens-format SAE folders sparsekern.toy.load() reads
-    required += [f"sparsekern/toy/weights/{sae}/cfg.json", f"sparsekern/toy/weights/{sae}/sae_weights.safetensors"]
+    required += [f"sparsekern/toy/weights/{sae}/{f}" for f in ("cfg.json", "sae_weights.safetensors")]
 # every file of the package in the source tree (git-tracked ones when this is a checkout)
 try:
     tracked = subprocess.run(["git", "-C", root, "ls-files", "-z", "sparsekern"], check=True,
                              capture_output=True).stdout.decode().split("\0")
 except (OSError, subprocess.CalledProcessError):
-    tracked = [os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(os.path.join(root, "sparsekern"))
+    tracked = [os.path.relpath(os.path.join(d, f), root)
+               for d, _, fs in os.walk(os.path.join(root, "sparsekern"))
                for f in fs if "__pycache__" not in d and not f.endswith((".so", ".pyc"))]
 required += [p for p in tracked if p and os.path.exists(os.path.join(root, p))]
 missing = sorted(set(r for r in required if r not in names))
