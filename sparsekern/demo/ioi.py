@@ -70,9 +70,24 @@ def build_batch(model: Any, n: int, seed: int = 0) -> IOIBatch:
     return batch
 
 
-def _direction(model: Any, batch: IOIBatch) -> Tensor:
-    """``[batch, d_model]``: W_U[:, IO] - W_U[:, S] per prompt (the logit-difference direction)."""
-    return (model.W_U[:, batch.answers[:, 0]] - model.W_U[:, batch.answers[:, 1]]).T
+def _direction(model: Any, batch: IOIBatch) -> tuple[Tensor, Tensor]:
+    """``(direction [batch, d_model], bias [batch])``: the logit difference of a centred, scaled final
+    residual ``x`` is ``x @ direction + bias``. The toy model's LayerNorm weights are not folded into
+    ``W_U``, so ``direction = ln_final.w * (W_U[:, IO] - W_U[:, S])`` and ``bias`` holds ``ln_final.b``'s
+    and ``b_U``'s share."""
+    diff = (model.W_U[:, batch.answers[:, 0]] - model.W_U[:, batch.answers[:, 1]]).T
+    bias = model.b_U[batch.answers[:, 0]] - model.b_U[batch.answers[:, 1]]
+    w, b = getattr(model.ln_final, "w", None), getattr(model.ln_final, "b", None)
+    if b is not None:
+        bias = bias + diff @ b
+    return (diff * w if w is not None else diff), bias
+
+
+def _lens_logits(model: Any, x: Tensor) -> Tensor:
+    """Logits of centred, scaled residuals ``x [..., d_model]`` (ln_final's weight and bias, then W_U)."""
+    w, b = getattr(model.ln_final, "w", None), getattr(model.ln_final, "b", None)
+    x = x * w if w is not None else x
+    return (x + b if b is not None else x) @ model.W_U + model.b_U
 
 
 @torch.no_grad()
@@ -83,7 +98,7 @@ def section(model: Any, batch: IOIBatch, clean_cache: Any, numbers: dict) -> Sec
     cfg = model.cfg
     logits = model(batch.clean)
     io_top = (logits[:, -1].argmax(-1) == batch.answers[:, 0]).float().mean().item()
-    direction = _direction(model, batch)
+    direction, bias = _direction(model, batch)
     heads, _ = clean_cache.stack_head_results(layer=-1, pos_slice=-1, apply_ln=True, return_labels=True)
     dla = (heads * direction).sum(-1).mean(-1).reshape(cfg.n_layers, cfg.n_heads)  # [layer, head]
     comps, comp_labels = clean_cache.decompose_resid(
@@ -93,9 +108,12 @@ def section(model: Any, batch: IOIBatch, clean_cache: Any, numbers: dict) -> Sec
     lens, lens_labels = clean_cache.accumulated_resid(
         layer=None, incl_mid=True, pos_slice=-1, apply_ln=True, return_labels=True
     )
-    lens_diff = (lens * direction).sum(-1).mean(-1)
-    lens_acc = ((lens @ model.W_U).argmax(-1) == batch.answers[:, 0]).float().mean(-1)
+    lens_diff = ((lens * direction).sum(-1) + bias).mean(-1)  # the logit diff read after each layer
+    lens_acc = (_lens_logits(model, lens).argmax(-1) == batch.answers[:, 0]).float().mean(-1)
+    bias_mean = float(bias.mean())
+    dla_sum = float(comp_dla.sum()) + bias_mean  # DLA is exact: it adds up to the logit difference
     numbers["ioi"] = {
+        "dla_sum": dla_sum,
         "n_prompts": len(batch.texts),
         "accuracy": io_top,
         "logit_diff": batch.clean_diff,
@@ -112,6 +130,9 @@ def section(model: Any, batch: IOIBatch, clean_cache: Any, numbers: dict) -> Sec
             f"with a mean logit difference logit(IO) &minus; logit(S) of <b>{batch.clean_diff:.2f}</b> "
             f"({batch.corrupted_diff:.2f} on the corrupted prompts, where S2 is replaced by IO).</p>"
             f"<p>Example: <code>{batch.texts[0]}</code></p>"
+            f"<p>Direct logit attribution uses the final LayerNorm's cached scale and its weight (not folded "
+            f"into W_U in this model); the components plus the bias terms ({bias_mean:.3f}) add up to "
+            f"{dla_sum:.3f}, the logit difference.</p>"
         ),
     )
     s.figure(
@@ -130,7 +151,8 @@ def section(model: Any, batch: IOIBatch, clean_cache: Any, numbers: dict) -> Sec
         width=760,
         height=380,
     )
-    fig = go.Figure(go.Bar(x=comp_labels, y=comp_dla.tolist(), marker_color="#4c78a8"))
+    bars = go.Bar(x=[*comp_labels, "biases"], y=[*comp_dla.tolist(), bias_mean], marker_color="#4c78a8")
+    fig = go.Figure(bars)
     fig.update_layout(
         title="Direct logit attribution per component (embeddings, attention and MLP layers)",
         yaxis_title="logit diff",
