@@ -193,8 +193,7 @@ class SAETrainer:
         sae.train()
         out = sae.forward_train(x, y, self.dead_neurons, self.coefficients())
         out.loss.backward()
-        if cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.max_grad_norm)
+        self._clip_grads()
         lr = cfg.lr * lr_factor(self.n_training_steps, cfg)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
@@ -207,15 +206,23 @@ class SAETrainer:
             self.n_forward_passes_since_fired += 1
             self.n_forward_passes_since_fired[fired] = 0
             self.act_freq_scores += out.fire_counts
-            self.n_frac_active_samples += x.shape[0]
+            self.n_frac_active_samples += self._rows(x)
             metrics = self._metrics(out, y)
         self.n_training_steps += 1
-        self.n_training_tokens += x.shape[0]
+        self.n_training_tokens += self._rows(x)
         metrics["lr"] = lr
         if self.n_training_steps % cfg.feature_sampling_window == 0:
             self.act_freq_scores.zero_()
             self.n_frac_active_samples = 0
         return metrics
+
+    # overridden by sparsekern.distributed.ShardedTrainer (global norm; rows of every data replica)
+    def _clip_grads(self) -> None:
+        if self.cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.cfg.max_grad_norm)
+
+    def _rows(self, x: Tensor) -> int:
+        return x.shape[0]
 
     def _metrics(self, out, y: Tensor) -> dict[str, float]:
         res = (out.sae_out.detach() - y).pow(2).sum(-1)
