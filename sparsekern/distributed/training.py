@@ -168,7 +168,7 @@ class ShardedTrainer(SAETrainer):
         sharded = {id(getattr(self.sae, n)) for n in ("W_enc", "b_enc", "W_dec")}
         sq = [p.grad.detach().double().pow(2).sum() for p in params if id(p) in sharded]
         rep = [p.grad.detach().double().pow(2).sum() for p in params if id(p) not in sharded]
-        local = torch.stack(sq).sum() if sq else torch.zeros((), dtype=torch.float64)
+        local = torch.stack(sq).sum() if sq else torch.zeros((), dtype=torch.float64, device=self.device)
         total = _comm.all_reduce_(local.reshape(1), self.group, "all_reduce (grad norm)")[0]
         total = total + (torch.stack(rep).sum() if rep else 0.0)  # replicated: counted once
         norm = float(total.sqrt())

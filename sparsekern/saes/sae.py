@@ -744,8 +744,8 @@ class SAE(HookedRootModule):
                 raise ValueError("load_from_disk(shard=True) reads SAELens folders only (no converter)")
             from ..distributed import ShardedSAE
 
-            return ShardedSAE.load_from_disk(path, device, dtype, group=group,
-                                             fold_W_dec_norm=fold_W_dec_norm)
+            return _check_cls(cls, ShardedSAE.load_from_disk(path, device, dtype, group=group,
+                                                             fold_W_dec_norm=fold_W_dec_norm))
         return cls.load_from_disk_with_sparsity(path, device, dtype, converter, fold_W_dec_norm)[0]
 
     @classmethod
