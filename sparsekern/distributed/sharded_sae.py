@@ -9,8 +9,10 @@ of the features (:func:`shard_range`): columns of ``W_enc``, rows of ``W_dec``, 
   rank order. Equal values therefore keep the lower global index, the tie rule of ``topk_encode``, so
   the merged code equals the single-process one (indices bitwise). ReLU comes after the merge, as in
   the op: it must not turn the choice among negative candidates into ties.
-* Threshold codes (JumpReLU, standard, gated): no merge; each rank's code is gathered and compacted to
-  the single-process layout (ascending features, 0/0 padding, K = max row L0).
+* Threshold codes (JumpReLU, standard, gated): no merge. ``forward`` (nothing observing the code)
+  decodes each rank's local code directly: no communication in the encode. ``encode_sparse`` / hooks
+  gather each rank's code and compact it to the single-process layout (ascending features, 0/0
+  padding, K = max row L0).
 * Decode: the slots a rank owns go through the local ``sparse_decode``; the partial outputs are summed
   with an all-reduce; ``b_dec`` is added once.
 
@@ -320,12 +322,29 @@ class ShardedSAE(SAE):
                               k, self.group)
             if getattr(self.cfg, "apply_relu", True):
                 v = v.relu()  # after the merge, as topk_encode(relu=True) does after selection
+        elif self._decode_only:  # threshold codes need no merge: decode the local code as it is
+            loc = super()._sparse_act(x, b)
+            return SparseActs(loc.values, loc.indices + self.feature_offset)
         else:
             loc = super()._sparse_act(x, b)
             kl = loc.values.shape[-1]
             v, i = gather_threshold_code(loc.values.reshape(-1, kl), loc.indices.reshape(-1, kl),
                                          self.feature_offset, self.group)
         return SparseActs(v.reshape(*lead, v.shape[-1]), i.reshape(*lead, i.shape[-1]))
+
+    _decode_only = False
+
+    def _reconstruct(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        # forward / HookedSAETransformer: if nothing looks at the code (no hook on acts_post, no sparse
+        # capture), a threshold code stays local (global indices, this rank's features only): the
+        # encode then needs no communication at all, the decode's all-reduce sums the ranks' parts
+        from ..saes.sae import _has_hooks
+
+        self._decode_only = not _has_hooks(self.hook_sae_acts_post) and self._sparse_sink is None
+        try:
+            return super()._reconstruct(x, *args, **kwargs)
+        finally:
+            self._decode_only = False
 
     def _owned(self, indices: Tensor) -> tuple[Tensor, Tensor]:
         """(mask of the slots this rank owns, their local indices; 0 elsewhere)."""
