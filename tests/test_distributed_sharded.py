@@ -193,6 +193,28 @@ def s_train(rank, tmp):
     return {"feature": feature, "data": data}
 
 
+def s_checkpoint(rank, tmp):
+    """save_checkpoint after 2 steps, resume, 2 more steps == 4 uninterrupted steps (bitwise)."""
+    from sparsekern.distributed import ShardedTrainer
+
+    batches = [torch.randn(32, 16, generator=torch.Generator().manual_seed(20 + i), dtype=torch.float64)
+               for i in range(4)]
+    cfg = _train_cfg()
+    straight = ShardedTrainer(cfg)
+    for b in batches:
+        straight.step(b)
+    first = ShardedTrainer(cfg)
+    for b in batches[:2]:
+        first.step(b)
+    first.save_checkpoint(Path(tmp) / "ck")
+    again = ShardedTrainer.resume(Path(tmp) / "ck")
+    for b in batches[2:]:
+        again.step(b)
+    same = all(torch.equal(p, q) for p, q in zip(straight.sae.parameters(), again.sae.parameters()))
+    return {"same": same, "steps": again.n_training_steps,
+            "files": sorted(p.name for p in (Path(tmp) / "ck").iterdir())}
+
+
 def s_mismatch(rank, tmp):
     from sparsekern.distributed import ShardedSAE
 
@@ -254,7 +276,7 @@ def s_crash(rank, tmp):
         return {"error": str(e), "seconds": time.perf_counter() - t0}
 
 
-SCENARIOS = [s_topk, s_threshold, s_io, s_hooked, s_train, s_mismatch, s_timeout, s_crash]
+SCENARIOS = [s_topk, s_threshold, s_io, s_hooked, s_train, s_checkpoint, s_mismatch, s_timeout, s_crash]
 
 
 def _worker(rank: int, port: int, tmp: str) -> None:
@@ -363,6 +385,12 @@ def test_training_feature_and_data_parallel(runs):
             assert r[kind]["aux_seen"] > 0, "AuxK never ran: the dead-feature path is untested"
             bad = {k: v for k, v in r[kind].items() if k.endswith("_diff") and v > TOL}
             assert not bad, (kind, bad)
+
+
+def test_sharded_trainer_checkpoint_resume(runs):
+    for res in runs:
+        r = _ok(res, "s_checkpoint")
+        assert r["same"] and r["steps"] == 4 and r["files"] == ["rank0-of-2", "rank1-of-2"], r
 
 
 def test_mismatched_shards_raise(runs):

@@ -20,13 +20,16 @@ Launch: one process per (data replica, feature shard), e.g. ``torchrun --nproc_p
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from pathlib import Path
+from typing import Optional, Union
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from ..ops import sparse_decode, topk_encode
 from ..training._base import StepOutput, fire_counts_sparse, mse_loss
+from ..training import checkpoint as ckpt
 from ..training.config import TrainingConfig
 from ..training.export import inference_state
 from ..training.topk import TopKTrainingModule
@@ -137,6 +140,7 @@ class ShardedTrainer(SAETrainer):
     ``group``: the ranks that split the features (default: WORLD). ``data_group``: optional data
     replicas of this shard. ``step``/``fit`` are called on every rank (same batch within ``group``).
     ``to_inference()`` returns a :class:`ShardedSAE`; ``to_inference().to_sae()`` the full SAE.
+    ``save_checkpoint`` / ``resume``: one folder per rank, same world size and groups to resume.
     """
 
     def __init__(self, cfg: TrainingConfig, group: _comm.Group = None, data_group: _comm.Group = None):
@@ -195,13 +199,40 @@ class ShardedTrainer(SAETrainer):
         cfg_dict.update(d_sae=self.cfg.d_sae, k=self.cfg.k)
         return ShardedSAE.from_local_state_dict(cfg_dict, sd, self.group)
 
-    def save_checkpoint(self, path: Any) -> Any:
-        raise NotImplementedError(
-            "ShardedTrainer has no resumable checkpoints yet; save the model with "
-            "trainer.to_inference().save_model(path) (collective: call it on every rank)")
+    @staticmethod
+    def _folder(path: Union[str, Path]) -> Path:
+        return Path(path) / f"rank{dist.get_rank()}-of-{dist.get_world_size()}"
+
+    def save_checkpoint(self, path: Union[str, Path]) -> Path:
+        """Each rank writes its state (shard, Adam moments, counters, RNG) to ``path/rank<r>-of-<R>``
+        (safetensors + JSON, atomically); collective. The SAE itself: ``to_inference().save_model``."""
+        _comm.require_initialized()
+        tensors, meta = self._state()
+        meta.update(format="sparsekern-sharded-trainer/1", feature_offset=self.sae.feature_offset,
+                    d_sae_local=self.sae.d_sae_local)
+        out = ckpt.write_atomic(self._folder(path), lambda f: ckpt.save_state(f, tensors, meta))
+        _comm.collective("barrier (save_checkpoint)", lambda: dist.barrier())
+        return out.parent
 
     checkpoint = save_checkpoint
 
     @classmethod
-    def resume(cls, path: Any, device: Optional[str] = None) -> "ShardedTrainer":
-        raise NotImplementedError("ShardedTrainer has no resumable checkpoints yet")
+    def resume(cls, path: Union[str, Path], device: Optional[str] = None, group: _comm.Group = None,
+               data_group: _comm.Group = None) -> "ShardedTrainer":
+        """Continue a :meth:`save_checkpoint` run with the same world size and groups."""
+        _comm.require_initialized()
+        folder = cls._folder(path)
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"no checkpoint for this rank at {folder} (saved with another world size?)")
+        tensors, meta = ckpt.load_state(folder)
+        cfg_d = dict(meta["cfg"])
+        if device is not None:
+            cfg_d["device"] = device
+        tr = cls(TrainingConfig.from_dict(cfg_d), group, data_group)
+        if (tr.sae.feature_offset, tr.sae.d_sae_local) != (meta["feature_offset"], meta["d_sae_local"]):
+            raise ValueError(f"{folder} holds features at offset {meta['feature_offset']} "
+                             f"(x{meta['d_sae_local']}); this rank's group gives {tr.sae.feature_offset} "
+                             f"(x{tr.sae.d_sae_local}): resume with the groups of the saved run")
+        tr._load_state(tensors, meta)
+        return tr
