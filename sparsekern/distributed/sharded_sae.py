@@ -164,7 +164,8 @@ class ShardedSAE(SAE):
         agree: dict[str, Any] = {"cfg": _cfg_key(sae.cfg.to_dict()), "class": type(sae).__name__,
                                  "params": {k: list(v.shape) for k, v in sd.items()}}
         if check_weights:
-            agree["checksums"] = {k: float(v.double().sum()).hex() for k, v in sd.items()}
+            # float64 accumulation without a float64 copy of the weights
+            agree["checksums"] = {k: float(v.sum(dtype=torch.float64)).hex() for k, v in sd.items()}
         _comm.check_agree("the SAE to shard (config, parameter shapes, weights)", agree, group)
         local = {k: _slice(k, v, start, stop).clone() for k, v in sd.items()}
         out = cls._build(type(sae), sae.cfg.to_dict(), local, group, str(sae.W_dec.device))

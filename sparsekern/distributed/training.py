@@ -170,8 +170,10 @@ class ShardedTrainer(SAETrainer):
         if self.cfg.max_grad_norm is None:
             return
         sharded = {id(getattr(self.sae, n)) for n in ("W_enc", "b_enc", "W_dec")}
-        sq = [p.grad.detach().double().pow(2).sum() for p in params if id(p) in sharded]
-        rep = [p.grad.detach().double().pow(2).sum() for p in params if id(p) not in sharded]
+        # per-tensor norms in the grads' dtype (as clip_grad_norm_), squared and summed in float64
+        norm2 = {id(p): torch.linalg.vector_norm(p.grad.detach()).double() ** 2 for p in params}
+        sq = [v for i, v in norm2.items() if i in sharded]
+        rep = [v for i, v in norm2.items() if i not in sharded]
         local = torch.stack(sq).sum() if sq else torch.zeros((), dtype=torch.float64, device=self.device)
         total = _comm.all_reduce_(local.reshape(1), self.group, "all_reduce (grad norm)")[0]
         total = total + (torch.stack(rep).sum() if rep else 0.0)  # replicated: counted once
