@@ -157,21 +157,23 @@ def s_hooked(rank, tmp):
 def _train_cfg(**kw):
     from sparsekern.training import TrainingConfig
 
-    base = dict(architecture="topk", d_in=16, d_sae=40, k=4, dtype="float64", lr=1e-2, dead_feature_window=1,
+    base = dict(architecture="topk", d_in=16, d_sae=64, k=2, dtype="float64", lr=1e-2, dead_feature_window=1,
                 seed=5, train_batch_size_tokens=32, training_tokens=32 * 4, checkpoint_path=None)
     return TrainingConfig(**{**base, **kw})
 
 
 def _train_diff(tr_full, tr_sh, steps_full, steps_sh) -> dict:
-    m_full = [tr_full.step(x) for x in steps_full]
-    m_sh = [tr_sh.step(x) for x in steps_sh]
+    m_full = [tr_full.step(*b) for b in steps_full]
+    m_sh = [tr_sh.step(*b) for b in steps_sh]
     inf_full, inf_sh = tr_full.to_inference(), tr_sh.to_inference()
     out = {"loss_diff": max(abs(a["loss"] - b["loss"]) for a, b in zip(m_full, m_sh)),
-           "aux_seen": max(a["auxiliary_reconstruction_loss"] for a in m_full),
+           "aux_seen": max(a.get("auxiliary_reconstruction_loss", 0.0) for a in m_full),
            "dead_fraction_diff": max(abs(a["dead_fraction"] - b["dead_fraction"])
                                      for a, b in zip(m_full, m_sh))}
     for name, p in inf_sh.named_parameters():
         out[f"{name}_diff"] = _diff(_slice(name, getattr(inf_full, name), inf_sh), p)
+    if hasattr(inf_full, "threshold"):  # the straight-through threshold gradient really acted
+        out["threshold_moved"] = float((inf_full.threshold - tr_full.cfg.jumprelu_init_threshold).abs().max())
     return out
 
 
@@ -179,18 +181,23 @@ def s_train(rank, tmp):
     from sparsekern.distributed import ShardedTrainer
     from sparsekern.training import SAETrainer
 
-    batches = [torch.randn(32, 16, generator=torch.Generator().manual_seed(10 + i), dtype=torch.float64)
-               for i in range(4)]
+    g = torch.Generator().manual_seed(10)
+    batches = [(torch.randn(32, 16, generator=g, dtype=torch.float64),) for _ in range(4)]
     cfg = _train_cfg()
     feature = _train_diff(SAETrainer(cfg), ShardedTrainer(cfg), batches, batches)
+    jcfg = _train_cfg(architecture="jumprelu", l0_coefficient=0.5, jumprelu_bandwidth=0.5)
+    jumprelu = _train_diff(SAETrainer(jcfg), ShardedTrainer(jcfg), batches, batches)
+    tcfg = _train_cfg(transcoder=True, skip_transcoder=True, d_out=12)
+    pairs = [(b[0], torch.randn(32, 12, generator=g, dtype=torch.float64)) for b in batches]
+    transcoder = _train_diff(SAETrainer(tcfg), ShardedTrainer(tcfg), pairs, pairs)
     # data x feature: feature groups of one rank each, one data group of both; rank r takes half r
     import torch.distributed as dist
 
     solo = [dist.new_group([r]) for r in range(WORLD)][rank]
-    halves = [b[rank * 16:(rank + 1) * 16] for b in batches]
+    halves = [(b[0][rank * 16:(rank + 1) * 16],) for b in batches]
     dp = ShardedTrainer(cfg, group=solo, data_group=dist.group.WORLD)
     data = _train_diff(SAETrainer(cfg), dp, batches, halves)
-    return {"feature": feature, "data": data}
+    return {"feature": feature, "data": data, "jumprelu": jumprelu, "transcoder": transcoder}
 
 
 def s_checkpoint(rank, tmp):
@@ -378,13 +385,15 @@ def test_hooked_sae_transformer(runs):
         assert r["has_key"] and r["logits_diff"] <= 1e-5 and r["acts_post_diff"] <= TOL, r
 
 
-def test_training_feature_and_data_parallel(runs):
+def test_training_feature_and_data_parallel(runs):  # TopK, JumpReLU, TopK skip transcoder
     for res in runs:
         r = _ok(res, "s_train")
-        for kind in ("feature", "data"):
-            assert r[kind]["aux_seen"] > 0, "AuxK never ran: the dead-feature path is untested"
+        for kind in ("feature", "data", "jumprelu", "transcoder"):
+            if kind != "jumprelu":
+                assert r[kind]["aux_seen"] > 0, ("AuxK never ran: the dead-feature path is untested", kind, r)
             bad = {k: v for k, v in r[kind].items() if k.endswith("_diff") and v > TOL}
             assert not bad, (kind, bad)
+        assert r["jumprelu"]["threshold_moved"] > 1e-4
 
 
 def test_sharded_trainer_checkpoint_resume(runs):

@@ -7,13 +7,15 @@ it (``data_parallel``, ``sweeps``, ``ddp``). Launch lines: README, "Scale out (t
 
 from ._comm import check_agree, free_port, init_process_group, rank_world
 from .sharded_sae import FEATURE_DIM, ShardedSAE, gather_threshold_code, merge_topk, shard_range
-from .training import ShardedTrainer
+from .training import ShardedJumpReLUTrainingModule, ShardedTopKTrainingModule, ShardedTrainer
 
 # ---- data parallelism (data_parallel.py, sweeps.py, ddp.py): exports added when that work merges ----
 
 __all__ = [
     "FEATURE_DIM",
+    "ShardedJumpReLUTrainingModule",
     "ShardedSAE",
+    "ShardedTopKTrainingModule",
     "ShardedTrainer",
     "check_agree",
     "free_port",

@@ -1,4 +1,4 @@
-"""Feature-sharded (and data x feature parallel) TopK training through :class:`SAETrainer`.
+"""Feature-sharded (and data x feature parallel) TopK / JumpReLU training through :class:`SAETrainer`.
 
 :class:`ShardedTrainer` is an ``SAETrainer`` whose training module holds this rank's slice of the
 features (:func:`shard_range`) and whose dead-feature counters are the local slice. A step on the same
@@ -6,6 +6,8 @@ batch on every rank of ``group`` equals a single-process step (same init for a s
 are drawn, then sliced): the encode is the exact merged top-k, the decode an all-reduce of local
 decodes (see :mod:`.sharded_sae`), AuxK a merged top-k among the dead features of all ranks, gradient
 clipping uses the global norm, and Adam / decoder normalisation are per element / per feature row.
+JumpReLU needs no merge (local code, all-reduced decode and L0). Transcoders (and skip transcoders) of
+both work too; ``W_skip`` / ``b_dec`` are replicated.
 
 ``data_group`` (optional): ranks holding the same features but different batches (one per data
 replica, equal batch sizes). Gradients are averaged and feature-firing counts summed over it, so a
@@ -27,30 +29,30 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..ops import sparse_decode, topk_encode
+from ..ops import sparse_decode, threshold_encode, topk_encode
 from ..training._base import StepOutput, fire_counts_sparse, mse_loss
 from ..training import checkpoint as ckpt
 from ..training.config import TrainingConfig
 from ..training.export import inference_state
+from ..training.jumprelu import JumpReLUTrainingModule, _ThresholdSTE
 from ..training.topk import TopKTrainingModule
-from ..training.trainer import SAETrainer
+from ..training.trainer import SAETrainer, build_module
 from . import _comm
 from ._autograd import copy_to_group, reduce_from_group
-from .sharded_sae import ShardedSAE, merge_topk, shard_range
+from .sharded_sae import FEATURE_DIM, ShardedSAE, merge_topk, shard_range
 
 
-class ShardedTopKTrainingModule(TopKTrainingModule):
-    """``TopKTrainingModule`` over features ``[feature_offset, feature_offset + d_sae_local)``.
-
-    ``self.cfg`` is the local config (``d_sae = d_sae_local``); ``global_cfg`` the run's config.
-    Every rank of ``group`` must call ``forward_train`` on the same batch and backward the same loss.
+class _Shard:
+    """What every sharded training module shares: this rank's slice, the single-process init, and the
+    per-rank bookkeeping. ``self.cfg`` is the local config (``d_sae = d_sae_local``); ``global_cfg`` the
+    run's. Every rank of ``group`` calls ``forward_train`` on the same batch and backwards the same loss.
     """
 
-    def __init__(self, cfg: TrainingConfig, group: _comm.Group = None, data_group: _comm.Group = None):
+    def _shard_init(self, base: type, cfg: TrainingConfig, group: _comm.Group, data_group: _comm.Group):
         rank, world = _comm.rank_world(group)
         start, stop = shard_range(cfg.d_sae, rank, world)
-        local = dataclasses.replace(cfg, d_sae=stop - start, k=min(cfg.k, stop - start))
-        super().__init__(local)
+        k = min(cfg.k, stop - start) if cfg.architecture == "topk" else cfg.k
+        base.__init__(self, dataclasses.replace(cfg, d_sae=stop - start, k=k))
         self.global_cfg, self.group, self.data_group = cfg, group, data_group
         self.feature_offset, self.d_sae_local = start, stop - start
         self._b_in: Optional[Tensor] = None
@@ -58,11 +60,28 @@ class ShardedTopKTrainingModule(TopKTrainingModule):
     @torch.no_grad()
     def initialize_weights(self, seed: int) -> None:
         """The single-process init for ``seed`` (full weights drawn on CPU), sliced to this rank."""
-        full = TopKTrainingModule(dataclasses.replace(self.global_cfg, device="cpu"))
+        full = build_module(dataclasses.replace(self.global_cfg, device="cpu"))
         full.initialize_weights(seed)
         a, b = self.feature_offset, self.feature_offset + self.d_sae_local
-        self.W_enc.copy_(full.W_enc[:, a:b])
-        self.W_dec.copy_(full.W_dec[a:b])
+        for name, p in self.named_parameters():
+            dim = FEATURE_DIM.get(name)
+            src = getattr(full, name)
+            p.copy_(src if dim is None else src.narrow(dim, a, b - a))
+
+    def _counts(self, values: Tensor, local_idx: Tensor, l0: Tensor) -> tuple[Tensor, Tensor]:
+        """Local firing counts ``[d_sae_local]`` and the mean L0, summed / averaged over data replicas."""
+        counts = fire_counts_sparse(values, local_idx, self.d_sae_local)
+        if self.data_group is not None:  # firing over every data replica's rows
+            _comm.all_reduce_(counts, self.data_group, "all_reduce (fire counts)")
+            l0 = _comm.all_reduce_(l0.clone(), self.data_group) / _comm.rank_world(self.data_group)[1]
+        return counts, l0
+
+
+class ShardedTopKTrainingModule(_Shard, TopKTrainingModule):
+    """``TopKTrainingModule`` over features ``[feature_offset, feature_offset + d_sae_local)``."""
+
+    def __init__(self, cfg: TrainingConfig, group: _comm.Group = None, data_group: _comm.Group = None):
+        self._shard_init(TopKTrainingModule, cfg, group, data_group)
 
     def b_dec_in(self) -> Optional[Tensor]:
         # one copy_to_group per forward, shared by the encode and AuxK: one all-reduce in the backward
@@ -125,17 +144,46 @@ class ShardedTopKTrainingModule(TopKTrainingModule):
         finally:
             self._b_in = None
         own, loc = self._owned(indices)
-        counts = fire_counts_sparse(torch.where(own, values, torch.zeros_like(values)), loc, self.d_sae_local)
         l0 = (values.detach() != 0).sum().to(torch.float32) / x.shape[0]
-        if self.data_group is not None:  # firing over every data replica's rows
-            _comm.all_reduce_(counts, self.data_group, "all_reduce (fire counts)")
-            l0 = _comm.all_reduce_(l0.clone(), self.data_group) / _comm.rank_world(self.data_group)[1]
+        counts, l0 = self._counts(torch.where(own, values, torch.zeros_like(values)), loc, l0)
         return StepOutput(loss=mse + aux, losses={"mse_loss": mse, "auxiliary_reconstruction_loss": aux},
                           sae_out=sae_out, fire_counts=counts, l0=l0)
 
 
+class ShardedJumpReLUTrainingModule(_Shard, JumpReLUTrainingModule):
+    """``JumpReLUTrainingModule`` over this rank's features: no merge at all. The local
+    ``threshold_encode`` code is decoded locally and all-reduced; the per-row L0 is all-reduced too
+    (forward sum, identity backward), so the straight-through threshold gradients, computed on the
+    local slice from the replicated ``dL/dsae_out`` and ``dL/dL0``, are the single-process ones."""
+
+    def __init__(self, cfg: TrainingConfig, group: _comm.Group = None, data_group: _comm.Group = None):
+        self._shard_init(JumpReLUTrainingModule, cfg, group, data_group)
+
+    def forward_train(self, x, y, dead_mask, coefficients) -> StepOutput:
+        with torch.no_grad():
+            self.threshold.data.clamp_(min=0.0)
+        t = self.threshold.detach().to(x.dtype)
+        b_in = copy_to_group(self.b_dec, self.group) if self.cfg.apply_b_dec_to_input else None
+        acts = threshold_encode(x, self.W_enc, self.b_enc, t, b_dec=b_in)  # local indices
+        l0_rows = (acts.values.detach() != 0).sum(-1).to(x.dtype)
+        zero, l0_ste = _ThresholdSTE.apply(self.threshold, self.sae_in(x).detach(), self.W_enc.detach(),
+                                           self.b_enc.detach(), self.W_dec.detach(), l0_rows,
+                                           self.cfg.jumprelu_bandwidth)
+        part = reduce_from_group(sparse_decode(acts.values, acts.indices, self.W_dec), self.group)
+        sae_out = self.add_skip(part + self.b_dec + zero, x)
+        mse = mse_loss(sae_out, y)
+        l0_global = reduce_from_group(l0_ste, self.group)
+        l0_loss = (coefficients["l0"] * l0_global).mean()
+        counts, l0 = self._counts(acts.values, acts.indices, l0_global.detach().mean())
+        return StepOutput(loss=mse + l0_loss, losses={"mse_loss": mse, "l0_loss": l0_loss},
+                          sae_out=sae_out, fire_counts=counts, l0=l0)
+
+
+_MODULES = {"topk": ShardedTopKTrainingModule, "jumprelu": ShardedJumpReLUTrainingModule}
+
+
 class ShardedTrainer(SAETrainer):
-    """``SAETrainer`` over a feature-sharded TopK module (see the module docstring).
+    """``SAETrainer`` over a feature-sharded TopK / JumpReLU module (see the module docstring).
 
     ``group``: the ranks that split the features (default: WORLD). ``data_group``: optional data
     replicas of this shard. ``step``/``fit`` are called on every rank (same batch within ``group``).
@@ -144,13 +192,13 @@ class ShardedTrainer(SAETrainer):
     """
 
     def __init__(self, cfg: TrainingConfig, group: _comm.Group = None, data_group: _comm.Group = None):
-        if cfg.architecture != "topk" or cfg.transcoder:
+        if cfg.architecture not in _MODULES:
             raise NotImplementedError(
-                f"ShardedTrainer trains TopK SAEs (architecture='topk', no transcoder); got "
-                f"architecture={cfg.architecture!r}, transcoder={cfg.transcoder}")
+                f"ShardedTrainer trains {' and '.join(_MODULES)} SAEs / transcoders; got "
+                f"architecture={cfg.architecture!r}")
         same = {k: v for k, v in cfg.to_dict().items() if k != "device"}
         _comm.check_agree("the training config", same, group)
-        module = ShardedTopKTrainingModule(cfg, group, data_group).to(torch.device(cfg.device))
+        module = _MODULES[cfg.architecture](cfg, group, data_group).to(torch.device(cfg.device))
         module.initialize_weights(cfg.seed)
         super().__init__(cfg, module)
         self.group, self.data_group = group, data_group
@@ -169,7 +217,7 @@ class ShardedTrainer(SAETrainer):
                 _comm.all_reduce_(p.grad, self.data_group, "all_reduce (data-parallel grads)").div_(world)
         if self.cfg.max_grad_norm is None:
             return
-        sharded = {id(getattr(self.sae, n)) for n in ("W_enc", "b_enc", "W_dec")}
+        sharded = {id(p) for n, p in self.sae.named_parameters() if n in FEATURE_DIM}
         # per-tensor norms in the grads' dtype (as clip_grad_norm_), squared and summed in float64
         norm2 = {id(p): torch.linalg.vector_norm(p.grad.detach()).double() ** 2 for p in params}
         sq = [v for i, v in norm2.items() if i in sharded]
@@ -198,7 +246,7 @@ class ShardedTrainer(SAETrainer):
     def to_inference(self) -> ShardedSAE:
         """This rank's shard of the inference SAE (folded as ``SAETrainer.to_inference``)."""
         cfg_dict, sd = inference_state(self.sae, self.scaling_factor)
-        cfg_dict.update(d_sae=self.cfg.d_sae, k=self.cfg.k)
+        cfg_dict.update(d_sae=self.cfg.d_sae, **({"k": self.cfg.k} if "k" in cfg_dict else {}))
         return ShardedSAE.from_local_state_dict(cfg_dict, sd, self.group)
 
     @staticmethod
