@@ -34,7 +34,11 @@ def require_initialized() -> None:
 def rank_world(group: Group = None) -> tuple[int, int]:
     """(rank in ``group``, size of ``group``); ``group=None`` is the default (WORLD) group."""
     require_initialized()
-    return dist.get_rank(group), dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of the process group "
+                         "passed as group")
+    return rank, dist.get_world_size(group)
 
 
 def free_port() -> int:

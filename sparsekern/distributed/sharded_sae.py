@@ -63,6 +63,10 @@ def merge_topk(
     """Exact global top-``k`` from each rank's ``[N, k_loc]`` candidates (sorted by value desc, ties by
     index asc; ``i_glob`` global indices). Returns ``[N, k]`` values (differentiable in ``v_loc``) and
     indices, ordered by (value desc, global index asc)."""
+    _check_code("merge_topk", v_loc, i_glob)
+    if isinstance(k, bool) or not isinstance(k, int) or not k >= max(1, v_loc.shape[1]):
+        raise ValueError(f"merge_topk: k must be an int >= 1 and >= the candidates per row "
+                         f"({v_loc.shape[1]}), got {k!r}")
     rank, _ = _comm.rank_world(group)
     n, kl = v_loc.shape
     if kl < k:  # a rank with fewer than k features: pads are never chosen (the ranks hold >= k in all)
@@ -76,6 +80,18 @@ def merge_topk(
     # keeps the lower global index first among equal values
     order = torch.sort(V, dim=1, descending=True, stable=True).indices[:, :k]
     return pick(v_loc, V, order, rank, k), Idx.gather(1, order)
+
+
+def _check_code(fn: str, values: Tensor, indices: Tensor) -> None:
+    if not isinstance(values, Tensor) or values.dim() != 2 or not values.is_floating_point():
+        got = f"{values.dtype} {tuple(values.shape)}" if isinstance(values, Tensor) else type(values).__name__
+        raise ValueError(f"{fn}: values must be a float tensor [N, k], got {got}")
+    if not isinstance(indices, Tensor) or indices.dtype != torch.int64 or indices.shape != values.shape:
+        got = (f"{indices.dtype} {tuple(indices.shape)}" if isinstance(indices, Tensor)
+               else type(indices).__name__)
+        raise ValueError(f"{fn}: indices must be int64 [N, k] = {tuple(values.shape)}, got {got}")
+    if indices.device != values.device:
+        raise ValueError(f"{fn}: indices are on {indices.device}, values on {values.device}")
 
 
 def _live_slots(idx: Tensor, val: Tensor) -> Tensor:
@@ -96,6 +112,7 @@ def _live_slots(idx: Tensor, val: Tensor) -> Tensor:
 def gather_threshold_code(v: Tensor, idx_loc: Tensor, offset: int, group: _comm.Group = None):
     """Concatenate every rank's threshold code ``[N, K_r]`` (local indices) into the single-process
     layout ``[N, K]``. Returns (values differentiable in ``v``, global indices)."""
+    _check_code("gather_threshold_code", v, idx_loc)
     rank, _ = _comm.rank_world(group)
     n, kl = v.shape
     width = int(max(t.item() for t in _comm.all_gather(
@@ -211,8 +228,8 @@ class ShardedSAE(SAE):
 
     @classmethod
     def load_from_disk(  # type: ignore[override]
-        cls, path: Union[str, Path], device: str = "cpu", dtype: Optional[str] = None,
-        group: _comm.Group = None, fold_W_dec_norm: bool = False, **_: Any,
+        cls, path: Union[str, Path], device: str = "cpu", dtype: Optional[str] = None, *,
+        group: _comm.Group = None, fold_W_dec_norm: bool = False,
     ) -> "ShardedSAE":
         """This rank's shard of a SAELens-format folder; only the slice is read from the file."""
         from safetensors import safe_open
