@@ -421,3 +421,38 @@ def test_a_failing_rank_fails_the_others(runs):
     r = _ok(runs[0], "s_crash")
     assert r["error"] and "sparsekern.distributed" in r["error"] and "rank 0" in r["error"], r
     assert r["seconds"] < TIMEOUT_S + 5
+
+
+# ---- single-process checks (no process group needed) -------------------------------------------------
+def test_shard_range_is_contiguous_and_balanced():
+    from sparsekern.distributed import shard_range
+
+    for d_sae, world in ((101, 2), (7, 7), (2**20, 8), (10, 3)):
+        ranges = [shard_range(d_sae, r, world) for r in range(world)]
+        assert ranges[0][0] == 0 and ranges[-1][1] == d_sae
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        sizes = [b - a for a, b in ranges]
+        assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+    with pytest.raises(ValueError, match="d_sae=3 features over 4 ranks"):
+        shard_range(3, 0, 4)
+    with pytest.raises(ValueError, match="rank must be in"):
+        shard_range(10, 2, 2)
+
+
+def test_bad_inputs_and_no_process_group_fail_clearly():
+    import sparsekern as sk
+    from sparsekern.distributed import ShardedSAE, merge_topk
+
+    v = torch.zeros(4, 3)
+    with pytest.raises(ValueError, match="indices must be int64"):
+        merge_topk(v, torch.zeros(4, 3, dtype=torch.int32), 3)
+    with pytest.raises(ValueError, match="values must be a float tensor"):
+        merge_topk(torch.zeros(4, 3, 2), torch.zeros(4, 3, dtype=torch.int64), 3)
+    with pytest.raises(ValueError, match="k must be an int"):
+        merge_topk(v, torch.zeros(4, 3, dtype=torch.int64), 2)
+    if not torch.distributed.is_initialized():
+        with pytest.raises(RuntimeError, match="init_process_group"):
+            ShardedSAE.from_sae(_sae("topk"))
+    with pytest.raises(TypeError, match="sparsekern SAE"):
+        ShardedSAE.from_sae(torch.nn.Linear(2, 2))
+    assert sk  # imported for the SAE registry
