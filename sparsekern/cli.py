@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--training", action="store_true",
                    help="benchmark sparsekern.training's SAE trainer against SAELens's trainer (throughput, "
                    "quality, d_sae 2^20 scale) instead of the ops; --dtype applies")
+    b.add_argument("--distributed", action="store_true",
+                   help="benchmark the feature-sharded SAE on 2 CPU processes (gloo, localhost): weight "
+                   "memory per rank vs one process at d_sae 2^20, exact top-k merge time vs the local encode "
+                   "at N 4096, k 64 (CPU only; see README 'Scale out')")
     b.add_argument("--cases", type=_cases_arg, default=None,
                    help="with --features: comma-separated subset of "
                    "stats,stats_dense,conditioned,neighbours,ablation; with --training: of "
@@ -151,6 +155,13 @@ def bench(args: argparse.Namespace) -> int:
             from .bench import patching
 
             return patching.main(args.quick, device, args.out, progress=not args.no_progress, seed=args.seed)
+        if args.distributed:
+            from .bench import distributed
+
+            if device.type != "cpu":
+                raise SystemExit("sparsekern bench --distributed runs on CPU processes (gloo); on GPUs "
+                                 "launch with torchrun (README 'Scale out')")
+            return distributed.main(args.quick, args.out, progress=not args.no_progress, seed=args.seed)
         if args.features:
             from .bench import features
 

@@ -1,9 +1,14 @@
-"""sparsekern on ``torch.distributed`` (launched with ``torchrun``; NCCL on GPUs, gloo on CPUs).
+"""Scale-out on ``torch.distributed`` (NCCL on GPUs, gloo on CPUs), launched with ``torchrun``.
 
-Data parallel (this part): feature analysis over a dataset sharded by rank (``data_parallel``), patching
-sweeps split across ranks (``sweeps``), data-parallel SAE training (``ddp``).
+- Feature parallelism (``sharded_sae``, ``training``): each rank holds a slice of the features of one
+  SAE; encode/decode are exact (see :class:`ShardedSAE`), and :class:`ShardedTrainer` trains it.
+- Data parallelism: feature analysis over a dataset sharded by rank (``data_parallel``), patching sweeps
+  split across ranks (``sweeps``), data-parallel SAE training (``ddp``).
+
+Launch lines: README, "Scale out (torch.distributed)".
 """
 
+from ._comm import check_agree, free_port, init_process_group, rank_world
 from .data_parallel import (
     all_gather_feature_stats,
     all_gather_topk_state,
@@ -13,16 +18,30 @@ from .data_parallel import (
     sharded_range,
 )
 from .ddp import DistributedSAETrainer, shard_rows, train_sae_ddp
+from .sharded_sae import FEATURE_DIM, ShardedSAE, gather_threshold_code, merge_topk, shard_range
 from .sweeps import distributed_patch
+from .training import ShardedJumpReLUTrainingModule, ShardedTopKTrainingModule, ShardedTrainer
 
 __all__ = [
+    "FEATURE_DIM",
     "DistributedSAETrainer",
+    "ShardedJumpReLUTrainingModule",
+    "ShardedSAE",
+    "ShardedTopKTrainingModule",
+    "ShardedTrainer",
     "all_gather_feature_stats",
     "all_gather_topk_state",
+    "check_agree",
     "distributed_feature_stats",
     "distributed_patch",
     "distributed_top_activating_examples",
+    "free_port",
+    "gather_threshold_code",
+    "init_process_group",
+    "merge_topk",
     "merge_topk_states",
+    "rank_world",
+    "shard_range",
     "shard_rows",
     "sharded_range",
     "train_sae_ddp",

@@ -728,12 +728,24 @@ class SAE(HookedRootModule):
         dtype: Optional[str] = None,
         converter: Optional[Callable[..., tuple[dict[str, Any], dict[str, Tensor]]]] = None,
         fold_W_dec_norm: bool = False,
+        *,
+        shard: bool = False,
+        group: Any = None,
     ) -> T:
         """Load a SAELens-format folder (``cfg.json`` + ``sae_weights.safetensors``).
 
         ``converter`` is an SAELens-style disk loader ``(path, device, cfg_overrides) -> (cfg_dict,
         state_dict)`` for other layouts. ``dtype`` overrides the config's; ``fold_W_dec_norm`` as SAELens.
+        ``shard=True``: this rank's :class:`sparsekern.distributed.ShardedSAE` over the process group
+        ``group`` (default WORLD); only its slice of the features is read.
         """
+        if shard:
+            if converter is not None:
+                raise ValueError("load_from_disk(shard=True) reads SAELens folders only (no converter)")
+            from ..distributed import ShardedSAE
+
+            return _check_cls(cls, ShardedSAE.load_from_disk(path, device, dtype, group=group,
+                                                             fold_W_dec_norm=fold_W_dec_norm))
         return cls.load_from_disk_with_sparsity(path, device, dtype, converter, fold_W_dec_norm)[0]
 
     @classmethod

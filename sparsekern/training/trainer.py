@@ -193,8 +193,7 @@ class SAETrainer:
         sae.train()
         out = sae.forward_train(x, y, self.dead_neurons, self.coefficients())
         out.loss.backward()
-        if cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.max_grad_norm)
+        self._clip_grads()
         lr = cfg.lr * lr_factor(self.n_training_steps, cfg)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
@@ -207,15 +206,23 @@ class SAETrainer:
             self.n_forward_passes_since_fired += 1
             self.n_forward_passes_since_fired[fired] = 0
             self.act_freq_scores += out.fire_counts
-            self.n_frac_active_samples += x.shape[0]
+            self.n_frac_active_samples += self._rows(x)
             metrics = self._metrics(out, y)
         self.n_training_steps += 1
-        self.n_training_tokens += x.shape[0]
+        self.n_training_tokens += self._rows(x)
         metrics["lr"] = lr
         if self.n_training_steps % cfg.feature_sampling_window == 0:
             self.act_freq_scores.zero_()
             self.n_frac_active_samples = 0
         return metrics
+
+    # overridden by sparsekern.distributed.ShardedTrainer (global norm; rows of every data replica)
+    def _clip_grads(self) -> None:
+        if self.cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.cfg.max_grad_norm)
+
+    def _rows(self, x: Tensor) -> int:
+        return x.shape[0]
 
     def _metrics(self, out, y: Tensor) -> dict[str, float]:
         res = (out.sae_out.detach() - y).pow(2).sum(-1)
@@ -333,27 +340,31 @@ class SAETrainer:
 
         def write(folder: Path) -> None:
             sae_inf.save_model(folder, sparsity=self.log_feature_sparsity)
-            tensors = {f"sae.{k}": v for k, v in self.sae.state_dict().items()}
-            opt_t, opt_meta = ckpt.optimizer_to_flat(self.optimizer)
-            tensors.update(opt_t)
-            tensors["n_forward_passes_since_fired"] = self.n_forward_passes_since_fired
-            tensors["act_freq_scores"] = self.act_freq_scores
-            tensors["rng.cpu"] = torch.get_rng_state()
-            if torch.cuda.is_available() and self.device.type == "cuda":
-                tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
-            meta = {
-                "format": "sparsekern-trainer/1",
-                "cfg": self.cfg.to_dict(),
-                "n_training_steps": self.n_training_steps,
-                "n_training_tokens": self.n_training_tokens,
-                "n_frac_active_samples": self.n_frac_active_samples,
-                "scaling_factor": self.scaling_factor,
-                "b_dec_initialized": self.b_dec_initialized,
-                "optimizer": opt_meta,
-            }
-            ckpt.save_state(folder, tensors, meta)
+            ckpt.save_state(folder, *self._state())
 
         return ckpt.write_atomic(Path(path), write)
+
+    def _state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """(tensors, meta) of the trainer state (module, optimiser, counters, RNG) for a checkpoint."""
+        tensors = {f"sae.{k}": v for k, v in self.sae.state_dict().items()}
+        opt_t, opt_meta = ckpt.optimizer_to_flat(self.optimizer)
+        tensors.update(opt_t)
+        tensors["n_forward_passes_since_fired"] = self.n_forward_passes_since_fired
+        tensors["act_freq_scores"] = self.act_freq_scores
+        tensors["rng.cpu"] = torch.get_rng_state()
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        meta = {
+            "format": "sparsekern-trainer/1",
+            "cfg": self.cfg.to_dict(),
+            "n_training_steps": self.n_training_steps,
+            "n_training_tokens": self.n_training_tokens,
+            "n_frac_active_samples": self.n_frac_active_samples,
+            "scaling_factor": self.scaling_factor,
+            "b_dec_initialized": self.b_dec_initialized,
+            "optimizer": opt_meta,
+        }
+        return tensors, meta
 
     checkpoint = save_checkpoint
 
@@ -365,21 +376,25 @@ class SAETrainer:
         if device is not None:
             cfg_d["device"] = device
         tr = cls(TrainingConfig.from_dict(cfg_d))
-        dev = tr.device
+        tr._load_state(tensors, meta)
+        return tr
+
+    def _load_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        """Restore what :meth:`_state` saved."""
+        dev = self.device
         sd = {k[4:]: v.to(dev) for k, v in tensors.items() if k.startswith("sae.")}
-        tr.sae.load_state_dict(sd)
-        tr.optimizer_load(tensors, meta)
-        tr.n_forward_passes_since_fired = tensors["n_forward_passes_since_fired"].to(dev)
-        tr.act_freq_scores = tensors["act_freq_scores"].to(dev)
-        tr.n_training_steps = meta["n_training_steps"]
-        tr.n_training_tokens = meta["n_training_tokens"]
-        tr.n_frac_active_samples = meta["n_frac_active_samples"]
-        tr.scaling_factor = meta["scaling_factor"]
-        tr.b_dec_initialized = meta["b_dec_initialized"]
+        self.sae.load_state_dict(sd)
+        self.optimizer_load(tensors, meta)
+        self.n_forward_passes_since_fired = tensors["n_forward_passes_since_fired"].to(dev)
+        self.act_freq_scores = tensors["act_freq_scores"].to(dev)
+        self.n_training_steps = meta["n_training_steps"]
+        self.n_training_tokens = meta["n_training_tokens"]
+        self.n_frac_active_samples = meta["n_frac_active_samples"]
+        self.scaling_factor = meta["scaling_factor"]
+        self.b_dec_initialized = meta["b_dec_initialized"]
         torch.set_rng_state(tensors["rng.cpu"])
         if "rng.cuda" in tensors and dev.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng.cuda"], dev)
-        return tr
 
     def optimizer_load(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
         opt = {

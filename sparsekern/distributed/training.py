@@ -1,0 +1,288 @@
+"""Feature-sharded (and data x feature parallel) TopK / JumpReLU training through :class:`SAETrainer`.
+
+:class:`ShardedTrainer` is an ``SAETrainer`` whose training module holds this rank's slice of the
+features (:func:`shard_range`) and whose dead-feature counters are the local slice. A step on the same
+batch on every rank of ``group`` equals a single-process step (same init for a seed: the full weights
+are drawn, then sliced): the encode is the exact merged top-k, the decode an all-reduce of local
+decodes (see :mod:`.sharded_sae`), AuxK a merged top-k among the dead features of all ranks, gradient
+clipping uses the global norm, and Adam / decoder normalisation are per element / per feature row.
+JumpReLU needs no merge (local code, all-reduced decode and L0). Transcoders (and skip transcoders) of
+both work too; ``W_skip`` / ``b_dec`` are replicated.
+
+``data_group`` (optional): ranks holding the same features but different batches (one per data
+replica, equal batch sizes). Gradients are averaged and feature-firing counts summed over it, so a
+step equals a single-process step on the concatenated batch. With data replicas, start ``b_dec`` at
+zeros (``b_dec_init_method="zeros"``, the default) and use ``normalize_activations="none"`` (both
+would otherwise be estimated from the local batch).
+
+Launch: one process per (data replica, feature shard), e.g. ``torchrun --nproc_per_node=8`` with
+``group``/``data_group`` from ``torch.distributed.new_group`` (README: "Scale out").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..ops import sparse_decode, threshold_encode, topk_encode
+from ..training._base import StepOutput, fire_counts_sparse, mse_loss
+from ..training import checkpoint as ckpt
+from ..training.config import TrainingConfig
+from ..training.export import inference_state
+from ..training.jumprelu import JumpReLUTrainingModule, _ThresholdSTE
+from ..training.topk import TopKTrainingModule
+from ..training.trainer import SAETrainer, build_module
+from . import _comm
+from ._autograd import copy_to_group, reduce_from_group
+from .sharded_sae import FEATURE_DIM, ShardedSAE, merge_topk, shard_range
+
+
+class _Shard:
+    """What every sharded training module shares: this rank's slice, the single-process init, and the
+    per-rank bookkeeping. ``self.cfg`` is the local config (``d_sae = d_sae_local``); ``global_cfg`` the
+    run's. Every rank of ``group`` calls ``forward_train`` on the same batch and backwards the same loss.
+    """
+
+    def _shard_init(self, base: type, cfg: TrainingConfig, group: _comm.Group, data_group: _comm.Group):
+        rank, world = _comm.rank_world(group)
+        start, stop = shard_range(cfg.d_sae, rank, world)
+        k = min(cfg.k, stop - start) if cfg.architecture == "topk" else cfg.k
+        base.__init__(self, dataclasses.replace(cfg, d_sae=stop - start, k=k))
+        self.global_cfg, self.group, self.data_group = cfg, group, data_group
+        self.feature_offset, self.d_sae_local = start, stop - start
+        self._b_in: Optional[Tensor] = None
+
+    @torch.no_grad()
+    def initialize_weights(self, seed: int) -> None:
+        """The single-process init for ``seed`` (full weights drawn on CPU), sliced to this rank."""
+        full = build_module(dataclasses.replace(self.global_cfg, device="cpu"))
+        full.initialize_weights(seed)
+        a, b = self.feature_offset, self.feature_offset + self.d_sae_local
+        for name, p in self.named_parameters():
+            dim = FEATURE_DIM.get(name)
+            src = getattr(full, name)
+            p.copy_(src if dim is None else src.narrow(dim, a, b - a))
+
+    def _counts(self, values: Tensor, local_idx: Tensor, l0: Tensor) -> tuple[Tensor, Tensor]:
+        """Local firing counts ``[d_sae_local]`` and the mean L0, summed / averaged over data replicas."""
+        counts = fire_counts_sparse(values, local_idx, self.d_sae_local)
+        if self.data_group is not None:  # firing over every data replica's rows
+            _comm.all_reduce_(counts, self.data_group, "all_reduce (fire counts)")
+            l0 = _comm.all_reduce_(l0.clone(), self.data_group) / _comm.rank_world(self.data_group)[1]
+        return counts, l0
+
+
+class ShardedTopKTrainingModule(_Shard, TopKTrainingModule):
+    """``TopKTrainingModule`` over features ``[feature_offset, feature_offset + d_sae_local)``."""
+
+    def __init__(self, cfg: TrainingConfig, group: _comm.Group = None, data_group: _comm.Group = None):
+        self._shard_init(TopKTrainingModule, cfg, group, data_group)
+
+    def b_dec_in(self) -> Optional[Tensor]:
+        # one copy_to_group per forward, shared by the encode and AuxK: one all-reduce in the backward
+        return self._b_in
+
+    def _owned(self, indices: Tensor) -> tuple[Tensor, Tensor]:
+        a = self.feature_offset
+        own = (indices >= a) & (indices < a + self.d_sae_local)
+        return own, torch.where(own, indices - a, torch.zeros_like(indices))
+
+    def _decode_part(self, values: Tensor, indices: Tensor, n: Optional[Tensor]) -> Tensor:
+        own, loc = self._owned(indices)
+        values = torch.where(own, values, torch.zeros_like(values))
+        if n is not None:
+            values = values * (1 / n)[loc]
+        return reduce_from_group(sparse_decode(values, loc, self.W_dec), self.group)
+
+    def decode(self, values: Tensor, indices: Tensor, n: Optional[Tensor], x: Tensor) -> Tensor:
+        return self.add_skip(self._decode_part(values, indices, n) + self.b_dec, x)
+
+    def _topk(self, x: Tensor, W: Tensor, b: Tensor, k: int, ids: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        """Merged top-k (no ReLU) of ``x @ W + b`` over the columns ``ids`` (all if None) of every rank."""
+        cols = W.shape[1]
+        if cols:
+            acts = topk_encode(x, W, b, min(k, cols), b_dec=self.b_dec_in(), relu=False)
+            v, i = acts.values, acts.indices if ids is None else ids[acts.indices]
+        else:  # no local candidate (AuxK with no dead feature here): still join the collective
+            v, i = x.new_zeros(x.shape[0], 0), torch.zeros(x.shape[0], 0, dtype=torch.int64, device=x.device)
+        return merge_topk(v, i + self.feature_offset, k, self.group)
+
+    def select(self, x: Tensor, W: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        v, i = self._topk(x, W, b, self.global_cfg.k, None)
+        return v.relu(), i
+
+    def aux_loss(self, x, W, b, n, residual, dead_mask) -> Tensor:
+        """SAELens's AuxK over the dead features of every rank (global count, merged top-k_aux)."""
+        if dead_mask is None:
+            return residual.new_zeros(())
+        local_dead = dead_mask.sum().reshape(1).to(torch.int64)
+        num_dead = int(_comm.all_reduce_(local_dead.clone(), self.group, "all_reduce (dead count)"))
+        k_aux = x.shape[-1] // 2
+        if num_dead == 0 or k_aux == 0:
+            return residual.new_zeros(())
+        scale = min(num_dead / k_aux, 1.0)
+        k_aux = min(k_aux, num_dead)
+        dead = dead_mask.nonzero().squeeze(1)
+        vals, idx = self._topk(x, W[:, dead], b[dead], k_aux, dead)
+        recons = self._decode_part(vals, idx, n)
+        return self.cfg.aux_loss_coefficient * scale * (recons - residual).pow(2).sum(dim=-1).mean()
+
+    def forward_train(self, x, y, dead_mask, coefficients) -> StepOutput:
+        self._b_in = copy_to_group(self.b_dec, self.group) if self.cfg.apply_b_dec_to_input else None
+        try:
+            n = self.decoder_norm()
+            W, b = self.effective_encoder(n)
+            values, indices = self.select(x, W, b)
+            sae_out = self.decode(values, indices, n, x)
+            mse = mse_loss(sae_out, y)
+            aux = self.aux_loss(x, W, b, n, (y - sae_out).detach(), dead_mask)
+        finally:
+            self._b_in = None
+        own, loc = self._owned(indices)
+        l0 = (values.detach() != 0).sum().to(torch.float32) / x.shape[0]
+        counts, l0 = self._counts(torch.where(own, values, torch.zeros_like(values)), loc, l0)
+        return StepOutput(loss=mse + aux, losses={"mse_loss": mse, "auxiliary_reconstruction_loss": aux},
+                          sae_out=sae_out, fire_counts=counts, l0=l0)
+
+
+class ShardedJumpReLUTrainingModule(_Shard, JumpReLUTrainingModule):
+    """``JumpReLUTrainingModule`` over this rank's features: no merge at all. The local
+    ``threshold_encode`` code is decoded locally and all-reduced; the per-row L0 is all-reduced too
+    (forward sum, identity backward), so the straight-through threshold gradients, computed on the
+    local slice from the replicated ``dL/dsae_out`` and ``dL/dL0``, are the single-process ones."""
+
+    def __init__(self, cfg: TrainingConfig, group: _comm.Group = None, data_group: _comm.Group = None):
+        self._shard_init(JumpReLUTrainingModule, cfg, group, data_group)
+
+    def forward_train(self, x, y, dead_mask, coefficients) -> StepOutput:
+        with torch.no_grad():
+            self.threshold.data.clamp_(min=0.0)
+        t = self.threshold.detach().to(x.dtype)
+        b_in = copy_to_group(self.b_dec, self.group) if self.cfg.apply_b_dec_to_input else None
+        acts = threshold_encode(x, self.W_enc, self.b_enc, t, b_dec=b_in)  # local indices
+        l0_rows = (acts.values.detach() != 0).sum(-1).to(x.dtype)
+        zero, l0_ste = _ThresholdSTE.apply(self.threshold, self.sae_in(x).detach(), self.W_enc.detach(),
+                                           self.b_enc.detach(), self.W_dec.detach(), l0_rows,
+                                           self.cfg.jumprelu_bandwidth)
+        part = reduce_from_group(sparse_decode(acts.values, acts.indices, self.W_dec), self.group)
+        sae_out = self.add_skip(part + self.b_dec + zero, x)
+        mse = mse_loss(sae_out, y)
+        l0_global = reduce_from_group(l0_ste, self.group)
+        l0_loss = (coefficients["l0"] * l0_global).mean()
+        counts, l0 = self._counts(acts.values, acts.indices, l0_global.detach().mean())
+        return StepOutput(loss=mse + l0_loss, losses={"mse_loss": mse, "l0_loss": l0_loss},
+                          sae_out=sae_out, fire_counts=counts, l0=l0)
+
+
+_MODULES = {"topk": ShardedTopKTrainingModule, "jumprelu": ShardedJumpReLUTrainingModule}
+
+
+class ShardedTrainer(SAETrainer):
+    """``SAETrainer`` over a feature-sharded TopK / JumpReLU module (see the module docstring).
+
+    ``group``: the ranks that split the features (default: WORLD). ``data_group``: optional data
+    replicas of this shard. ``step``/``fit`` are called on every rank (same batch within ``group``).
+    ``to_inference()`` returns a :class:`ShardedSAE`; ``to_inference().to_sae()`` the full SAE.
+    ``save_checkpoint`` / ``resume``: one folder per rank, same world size and groups to resume.
+    """
+
+    def __init__(self, cfg: TrainingConfig, group: _comm.Group = None, data_group: _comm.Group = None):
+        if cfg.architecture not in _MODULES:
+            raise NotImplementedError(
+                f"ShardedTrainer trains {' and '.join(_MODULES)} SAEs / transcoders; got "
+                f"architecture={cfg.architecture!r}")
+        same = {k: v for k, v in cfg.to_dict().items() if k != "device"}
+        _comm.check_agree("the training config", same, group)
+        module = _MODULES[cfg.architecture](cfg, group, data_group).to(torch.device(cfg.device))
+        module.initialize_weights(cfg.seed)
+        super().__init__(cfg, module)
+        self.group, self.data_group = group, data_group
+        d = module.d_sae_local
+        self.n_forward_passes_since_fired = torch.zeros(d, device=self.device)
+        self.act_freq_scores = torch.zeros(d, device=self.device)
+
+    def _rows(self, x: Tensor) -> int:
+        return x.shape[0] * (_comm.rank_world(self.data_group)[1] if self.data_group is not None else 1)
+
+    def _clip_grads(self) -> None:
+        params = [p for p in self.sae.parameters() if p.grad is not None]
+        if self.data_group is not None:
+            world = _comm.rank_world(self.data_group)[1]
+            for p in params:  # mean over data replicas (equal batch sizes: the gradient of the mean loss)
+                _comm.all_reduce_(p.grad, self.data_group, "all_reduce (data-parallel grads)").div_(world)
+        if self.cfg.max_grad_norm is None:
+            return
+        sharded = {id(p) for n, p in self.sae.named_parameters() if n in FEATURE_DIM}
+        # per-tensor norms in the grads' dtype (as clip_grad_norm_), squared and summed in float64
+        norm2 = {id(p): torch.linalg.vector_norm(p.grad.detach()).double() ** 2 for p in params}
+        sq = [v for i, v in norm2.items() if i in sharded]
+        rep = [v for i, v in norm2.items() if i not in sharded]
+        local = torch.stack(sq).sum() if sq else torch.zeros((), dtype=torch.float64, device=self.device)
+        total = _comm.all_reduce_(local.reshape(1), self.group, "all_reduce (grad norm)")[0]
+        total = total + (torch.stack(rep).sum() if rep else 0.0)  # replicated: counted once
+        norm = float(total.sqrt())
+        coef = self.cfg.max_grad_norm / (norm + 1e-6)  # as torch.nn.utils.clip_grad_norm_
+        if coef < 1:
+            for p in params:
+                p.grad.detach().mul_(coef)
+
+    def _metrics(self, out, y: Tensor) -> dict[str, float]:
+        m = super()._metrics(out, y)
+        if self.data_group is not None:  # means over rows: the mean of equal-size replicas' means
+            keys = ["loss", "mse", *out.losses]
+            t = torch.tensor([m[k] for k in keys], dtype=torch.float64, device=self.device)
+            t = _comm.all_reduce_(t, self.data_group, "all_reduce (metrics)")
+            t = t / _comm.rank_world(self.data_group)[1]
+            m.update(zip(keys, t.tolist()))
+        dead = self.dead_neurons.sum().reshape(1).to(torch.float64)
+        m["dead_fraction"] = float(_comm.all_reduce_(dead, self.group)[0]) / self.cfg.d_sae
+        return m
+
+    def to_inference(self) -> ShardedSAE:
+        """This rank's shard of the inference SAE (folded as ``SAETrainer.to_inference``)."""
+        cfg_dict, sd = inference_state(self.sae, self.scaling_factor)
+        cfg_dict.update(d_sae=self.cfg.d_sae, **({"k": self.cfg.k} if "k" in cfg_dict else {}))
+        return ShardedSAE.from_local_state_dict(cfg_dict, sd, self.group)
+
+    @staticmethod
+    def _folder(path: Union[str, Path]) -> Path:
+        return Path(path) / f"rank{dist.get_rank()}-of-{dist.get_world_size()}"
+
+    def save_checkpoint(self, path: Union[str, Path]) -> Path:
+        """Each rank writes its state (shard, Adam moments, counters, RNG) to ``path/rank<r>-of-<R>``
+        (safetensors + JSON, atomically); collective. The SAE itself: ``to_inference().save_model``."""
+        _comm.require_initialized()
+        tensors, meta = self._state()
+        meta.update(format="sparsekern-sharded-trainer/1", feature_offset=self.sae.feature_offset,
+                    d_sae_local=self.sae.d_sae_local)
+        out = ckpt.write_atomic(self._folder(path), lambda f: ckpt.save_state(f, tensors, meta))
+        _comm.collective("barrier (save_checkpoint)", lambda: dist.barrier())
+        return out.parent
+
+    checkpoint = save_checkpoint
+
+    @classmethod
+    def resume(cls, path: Union[str, Path], device: Optional[str] = None, group: _comm.Group = None,
+               data_group: _comm.Group = None) -> "ShardedTrainer":
+        """Continue a :meth:`save_checkpoint` run with the same world size and groups."""
+        _comm.require_initialized()
+        folder = cls._folder(path)
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"no checkpoint for this rank at {folder} (saved with another world size?)")
+        tensors, meta = ckpt.load_state(folder)
+        cfg_d = dict(meta["cfg"])
+        if device is not None:
+            cfg_d["device"] = device
+        tr = cls(TrainingConfig.from_dict(cfg_d), group, data_group)
+        if (tr.sae.feature_offset, tr.sae.d_sae_local) != (meta["feature_offset"], meta["d_sae_local"]):
+            raise ValueError(f"{folder} holds features at offset {meta['feature_offset']} "
+                             f"(x{meta['d_sae_local']}); this rank's group gives {tr.sae.feature_offset} "
+                             f"(x{tr.sae.d_sae_local}): resume with the groups of the saved run")
+        tr._load_state(tensors, meta)
+        return tr
