@@ -98,25 +98,40 @@ def _device_for(group: Group) -> torch.device:
     return torch.device("cpu")
 
 
+def gather_json(obj: Any, group: Group = None, name: str = "gather") -> list:
+    """Every rank's JSON-able ``obj``, in rank order (tuples come back as lists).
+
+    Sent as JSON bytes in a uint8 tensor, never pickled (``all_gather_object`` would unpickle what the
+    other ranks send)."""
+    dev = _device_for(group)
+    blob = torch.tensor(list(json.dumps(obj, sort_keys=True, default=str).encode()), dtype=torch.uint8)
+    n = torch.tensor([blob.numel()], dtype=torch.int64, device=dev)
+    sizes = all_gather(n, group, f"{name} (sizes)")
+    padded = torch.zeros(int(max(s.item() for s in sizes)), dtype=torch.uint8, device=dev)
+    padded[: blob.numel()] = blob.to(dev)
+    blobs = all_gather(padded, group, name)
+    return [json.loads(bytes(b[: int(s.item())].cpu().tolist()).decode()) for b, s in zip(blobs, sizes)]
+
+
 def check_agree(what: str, values: dict[str, Any], group: Group = None) -> None:
     """Raise ``ValueError`` naming every key of ``values`` (JSON-able) on which the ranks differ.
 
-    Exchanged as JSON bytes in a uint8 tensor (no pickle). Every rank raises the same error.
+    Every rank raises the same error.
     """
-    rank, world = rank_world(group)
+    _, world = rank_world(group)
     if world == 1:
         return
-    dev = _device_for(group)
-    blob = torch.tensor(list(json.dumps(values, sort_keys=True, default=str).encode()), dtype=torch.uint8)
-    n = torch.tensor([blob.numel()], dtype=torch.int64, device=dev)
-    sizes = all_gather(n, group, f"check_agree({what}) sizes")
-    width = int(max(s.item() for s in sizes))
-    padded = torch.zeros(width, dtype=torch.uint8, device=dev)
-    padded[: blob.numel()] = blob.to(dev)
-    blobs = all_gather(padded, group, f"check_agree({what})")
-    seen = [json.loads(bytes(b[: int(s.item())].cpu().tolist()).decode()) for b, s in zip(blobs, sizes)]
+    seen = gather_json(values, group, f"check_agree({what})")
     bad = sorted({k for d in seen for k in set(d) | set(seen[0]) if d.get(k) != seen[0].get(k)})
     if bad:
         detail = "; ".join(
             f"{k}: " + ", ".join(f"rank {r}={d.get(k)!r}" for r, d in enumerate(seen)) for k in bad)
         raise ValueError(f"sparsekern.distributed: ranks disagree on {what} ({detail})")
+
+
+def split_range(n: int, rank: int, world: int) -> tuple[int, int]:
+    """``[start, stop)`` of ``rank``'s contiguous share of ``n`` items: the first ``n % world`` ranks get one
+    more; shares are disjoint, in rank order, and cover ``[0, n)``."""
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)

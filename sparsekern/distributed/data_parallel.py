@@ -28,6 +28,7 @@ from ..features.stats import FeatureStats, _Config, feature_stats
 from ..features.top_examples import top_activating_examples
 from ..ops.feature_topk import FeatureTopKState, feature_topk_update
 from ..sparse_acts import SparseActs
+from . import _comm
 
 __all__ = [
     "all_gather_feature_stats",
@@ -44,12 +45,7 @@ __all__ = [
 # ---- process-group helpers (shared by sweeps.py and ddp.py) ------------------------------------------
 def rank_and_world(group: Optional[Any] = None) -> tuple[int, int]:
     """``(rank, world_size)`` in ``group``; RuntimeError if ``torch.distributed`` is not initialised."""
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError(
-            "torch.distributed is not initialised: launch with torchrun and call "
-            "torch.distributed.init_process_group(backend='nccl' or 'gloo', timeout=...) first"
-        )
-    return dist.get_rank(group), dist.get_world_size(group)
+    return _comm.rank_world(group)
 
 
 def sharded_range(n: int, rank: Optional[int] = None, world_size: Optional[int] = None) -> range:
@@ -68,29 +64,17 @@ def sharded_range(n: int, rank: Optional[int] = None, world_size: Optional[int] 
         raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
     if not isinstance(rank, int) or not 0 <= rank < world_size:
         raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
-    base, extra = divmod(n, world_size)
-    start = rank * base + min(rank, extra)
-    return range(start, start + base + (rank < extra))
+    return range(*_comm.split_range(n, rank, world_size))
 
 
 def _collective(what: str, fn, *args, **kwargs):
     """Run one collective; a failure (a peer raised, exited or timed out) names the operation and rank."""
-    try:
-        return fn(*args, **kwargs)
-    except RuntimeError as e:  # gloo/NCCL: closed connection, timeout, aborted communicator
-        rank = dist.get_rank() if dist.is_initialized() else "?"
-        raise RuntimeError(
-            f"sparsekern.distributed: rank {rank}: collective {what!r} failed - another rank raised, exited "
-            f"or did not reach it within the process group timeout ({type(e).__name__}: {e})"
-        ) from e
+    return _comm.collective(f"collective {what!r}", lambda: fn(*args, **kwargs))
 
 
 def gather_objects(obj: Any, what: str, group: Optional[Any] = None) -> list:
-    """``all_gather_object`` wrapped by :func:`_collective` (a list, in rank order)."""
-    _, world = rank_and_world(group)
-    out: list = [None] * world
-    _collective(what, dist.all_gather_object, out, obj, group=group)
-    return out
+    """Every rank's JSON-able ``obj`` in rank order (:func:`._comm.gather_json`: no pickle)."""
+    return _comm.gather_json(obj, group, what)
 
 
 def run_collectively(fn, what: str, group: Optional[Any] = None):

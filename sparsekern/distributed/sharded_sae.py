@@ -52,9 +52,7 @@ def shard_range(d_sae: int, rank: int, world: int) -> tuple[int, int]:
         raise ValueError(f"rank must be in [0, world={world}), got {rank}")
     if d_sae < world:
         raise ValueError(f"cannot shard d_sae={d_sae} features over {world} ranks (need d_sae >= ranks)")
-    base, extra = divmod(d_sae, world)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (rank < extra)
+    return _comm.split_range(d_sae, rank, world)
 
 
 def merge_topk(
