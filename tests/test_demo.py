@@ -49,6 +49,7 @@ def test_demo_numbers(demo):
     ioi = n["ioi"]
     assert ioi["accuracy"] >= 0.9 and ioi["logit_diff"] > 3 and ioi["corrupted_logit_diff"] < -3
     assert ioi["dla_sum"] == pytest.approx(ioi["logit_diff"], abs=1e-3)  # DLA adds up to the logit diff
+    assert ioi["lens_final"] == pytest.approx(ioi["logit_diff"], abs=1e-3)  # the lens ends at the model
     assert set(n["patching"]) == set(EXPECTED_PATCHES)
     for name, v in n["patching"].items():
         assert v["patches"] == EXPECTED_PATCHES[name]

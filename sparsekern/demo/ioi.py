@@ -83,13 +83,6 @@ def _direction(model: Any, batch: IOIBatch) -> tuple[Tensor, Tensor]:
     return (diff * w if w is not None else diff), bias
 
 
-def _lens_logits(model: Any, x: Tensor) -> Tensor:
-    """Logits of centred, scaled residuals ``x [..., d_model]`` (ln_final's weight and bias, then W_U)."""
-    w, b = getattr(model.ln_final, "w", None), getattr(model.ln_final, "b", None)
-    x = x * w if w is not None else x
-    return (x + b if b is not None else x) @ model.W_U + model.b_U
-
-
 @torch.no_grad()
 def section(model: Any, batch: IOIBatch, clean_cache: Any, numbers: dict) -> Section:
     import plotly.express as px
@@ -108,12 +101,16 @@ def section(model: Any, batch: IOIBatch, clean_cache: Any, numbers: dict) -> Sec
     lens, lens_labels = clean_cache.accumulated_resid(
         layer=None, incl_mid=True, pos_slice=-1, apply_ln=True, return_labels=True
     )
-    lens_diff = ((lens * direction).sum(-1) + bias).mean(-1)  # the logit diff read after each layer
-    lens_acc = (_lens_logits(model, lens).argmax(-1) == batch.answers[:, 0]).float().mean(-1)
+    # accumulated_resid applies model.ln_final itself (statistics recomputed per layer: a true logit lens)
+    lens_logits = lens @ model.W_U + model.b_U  # [layers, batch, d_vocab]
+    ans = batch.answers.expand(lens_logits.shape[0], -1, -1)
+    lens_diff = (lens_logits.gather(-1, ans[..., :1]) - lens_logits.gather(-1, ans[..., 1:]))[..., 0].mean(-1)
+    lens_acc = (lens_logits.argmax(-1) == batch.answers[:, 0]).float().mean(-1)
     bias_mean = float(bias.mean())
     dla_sum = float(comp_dla.sum()) + bias_mean  # DLA is exact: it adds up to the logit difference
     numbers["ioi"] = {
         "dla_sum": dla_sum,
+        "lens_final": float(lens_diff[-1]),
         "n_prompts": len(batch.texts),
         "accuracy": io_top,
         "logit_diff": batch.clean_diff,
