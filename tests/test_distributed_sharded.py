@@ -163,17 +163,21 @@ def _train_cfg(**kw):
 
 
 def _train_diff(tr_full, tr_sh, steps_full, steps_sh) -> dict:
+    init = {n: p.detach().clone() for n, p in tr_full.sae.named_parameters()}
     m_full = [tr_full.step(*b) for b in steps_full]
     m_sh = [tr_sh.step(*b) for b in steps_sh]
     inf_full, inf_sh = tr_full.to_inference(), tr_sh.to_inference()
     out = {"loss_diff": max(abs(a["loss"] - b["loss"]) for a, b in zip(m_full, m_sh)),
            "aux_seen": max(a.get("auxiliary_reconstruction_loss", 0.0) for a in m_full),
+           "l1_seen": max(a.get("l1_loss", 0.0) for a in m_full),
+           # the least any parameter moved (W_skip aside: zero init, moves only for skip transcoders)
+           "min_moved": min(_diff(p, init[n]) for n, p in tr_full.sae.named_parameters() if n != "W_skip"),
            "dead_fraction_diff": max(abs(a["dead_fraction"] - b["dead_fraction"])
                                      for a, b in zip(m_full, m_sh))}
     for name, p in inf_sh.named_parameters():
         out[f"{name}_diff"] = _diff(_slice(name, getattr(inf_full, name), inf_sh), p)
     if hasattr(inf_full, "threshold"):  # the straight-through threshold gradient really acted
-        out["threshold_moved"] = float((inf_full.threshold - tr_full.cfg.jumprelu_init_threshold).abs().max())
+        out["threshold_moved"] = float((inf_full.threshold.detach() - tr_full.cfg.jumprelu_init_threshold).abs().max())
     return out
 
 
@@ -197,7 +201,19 @@ def s_train(rank, tmp):
     halves = [(b[0][rank * 16:(rank + 1) * 16],) for b in batches]
     dp = ShardedTrainer(cfg, group=solo, data_group=dist.group.WORLD)
     data = _train_diff(SAETrainer(cfg), dp, batches, halves)
-    return {"feature": feature, "data": data, "jumprelu": jumprelu, "transcoder": transcoder}
+    # standard (L1 on decoder-norm-weighted activations) and gated (L1 + gate-path auxiliary loss); a
+    # standard skip transcoder with lp_norm=2 and a warm-up; gated data x feature parallel
+    out = {"feature": feature, "data": data, "jumprelu": jumprelu, "transcoder": transcoder}
+    for kind, kw, full_b, sh_b, groups in (
+            ("standard", dict(architecture="standard", l1_coefficient=0.3), batches, batches, {}),
+            ("standard_lp2", dict(architecture="standard", l1_coefficient=0.3, lp_norm=2.0,
+                                  l1_warm_up_steps=2, skip_transcoder=True, d_out=12), pairs, pairs, {}),
+            ("gated", dict(architecture="gated", l1_coefficient=0.3), batches, batches, {}),
+            ("gated_data", dict(architecture="gated", l1_coefficient=0.3), batches, halves,
+             dict(group=solo, data_group=dist.group.WORLD))):
+        c = _train_cfg(**kw)
+        out[kind] = _train_diff(SAETrainer(c), ShardedTrainer(c, **groups), full_b, sh_b)
+    return out
 
 
 def s_checkpoint(rank, tmp):
@@ -396,6 +412,18 @@ def test_training_feature_and_data_parallel(runs):  # TopK, JumpReLU, TopK skip 
         assert r["jumprelu"]["threshold_moved"] > 1e-4
 
 
+def test_training_standard_and_gated(runs):  # equal to single process after 4 steps, losses all active
+    for res in runs:
+        r = _ok(res, "s_train")
+        for kind in ("standard", "standard_lp2", "gated", "gated_data"):
+            bad = {k: v for k, v in r[kind].items() if k.endswith("_diff") and v > TOL}
+            assert not bad, (kind, bad)
+            assert r[kind]["min_moved"] > 1e-4, (kind, r[kind])  # every parameter trained
+            assert r[kind]["l1_seen"] > 0, (kind, r[kind])  # the sparsity penalty really acted
+        for kind in ("gated", "gated_data"):
+            assert r[kind]["aux_seen"] > 0, (kind, r[kind])
+
+
 def test_sharded_trainer_checkpoint_resume(runs):
     for res in runs:
         r = _ok(res, "s_checkpoint")
@@ -437,6 +465,14 @@ def test_shard_range_is_contiguous_and_balanced():
         shard_range(3, 0, 4)
     with pytest.raises(ValueError, match="rank must be in"):
         shard_range(10, 2, 2)
+
+
+def test_sharded_trainer_refuses_batchtopk():
+    from sparsekern.distributed import ShardedTrainer
+    from sparsekern.training import TrainingConfig
+
+    with pytest.raises(NotImplementedError, match="'batchtopk'.*whole batch x all features"):
+        ShardedTrainer(TrainingConfig(architecture="batchtopk", d_in=4, d_sae=8, k=2, checkpoint_path=None))
 
 
 def test_bad_inputs_and_no_process_group_fail_clearly():

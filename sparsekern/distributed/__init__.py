@@ -20,13 +20,21 @@ from .data_parallel import (
 from .ddp import DistributedSAETrainer, shard_rows, train_sae_ddp
 from .sharded_sae import FEATURE_DIM, ShardedSAE, gather_threshold_code, merge_topk, shard_range
 from .sweeps import distributed_patch
-from .training import ShardedJumpReLUTrainingModule, ShardedTopKTrainingModule, ShardedTrainer
+from .training import (
+    ShardedGatedTrainingModule,
+    ShardedJumpReLUTrainingModule,
+    ShardedStandardTrainingModule,
+    ShardedTopKTrainingModule,
+    ShardedTrainer,
+)
 
 __all__ = [
     "FEATURE_DIM",
     "DistributedSAETrainer",
+    "ShardedGatedTrainingModule",
     "ShardedJumpReLUTrainingModule",
     "ShardedSAE",
+    "ShardedStandardTrainingModule",
     "ShardedTopKTrainingModule",
     "ShardedTrainer",
     "all_gather_feature_stats",

@@ -1,4 +1,5 @@
-"""Feature-sharded (and data x feature parallel) TopK / JumpReLU training through :class:`SAETrainer`.
+"""Feature-sharded (and data x feature parallel) TopK / JumpReLU / standard / gated training through
+:class:`SAETrainer`.
 
 :class:`ShardedTrainer` is an ``SAETrainer`` whose training module holds this rank's slice of the
 features (:func:`shard_range`) and whose dead-feature counters are the local slice. A step on the same
@@ -6,8 +7,11 @@ batch on every rank of ``group`` equals a single-process step (same init for a s
 are drawn, then sliced): the encode is the exact merged top-k, the decode an all-reduce of local
 decodes (see :mod:`.sharded_sae`), AuxK a merged top-k among the dead features of all ranks, gradient
 clipping uses the global norm, and Adam / decoder normalisation are per element / per feature row.
-JumpReLU needs no merge (local code, all-reduced decode and L0). Transcoders (and skip transcoders) of
-both work too; ``W_skip`` / ``b_dec`` are replicated.
+JumpReLU, standard (ReLU + L1) and gated need no merge: the code is local, the decode and every sum
+over features (L0, the L1 / Lp sparsity penalty, gated's auxiliary gate-path decode) are all-reduced,
+in one all-reduce per step for standard / gated. Transcoders (and skip transcoders) of TopK, JumpReLU
+and standard work too; ``W_skip`` / ``b_dec`` are replicated. BatchTopK is not sharded: its selection
+is a top-k over the whole batch x all features.
 
 ``data_group`` (optional): ranks holding the same features but different batches (one per data
 replica, equal batch sizes). Gradients are averaged and feature-firing counts summed over it, so a
@@ -34,7 +38,9 @@ from ..training._base import StepOutput, fire_counts_sparse, mse_loss
 from ..training import checkpoint as ckpt
 from ..training.config import TrainingConfig
 from ..training.export import inference_state
+from ..training.gated import GatedTrainingModule
 from ..training.jumprelu import JumpReLUTrainingModule, _ThresholdSTE
+from ..training.standard import StandardTrainingModule
 from ..training.topk import TopKTrainingModule
 from ..training.trainer import SAETrainer, build_module
 from . import _comm
@@ -68,9 +74,19 @@ class _Shard:
             src = getattr(full, name)
             p.copy_(src if dim is None else src.narrow(dim, a, b - a))
 
+    def _sae_in(self, x: Tensor) -> Tensor:
+        """``x - b_dec * apply`` ``[N, d_in]`` for the local encode. ``b_dec`` goes through
+        ``copy_to_group``: its encoder-side gradient is summed over the feature group (a ``[d_in]``
+        all-reduce; ``x`` itself needs no gradient in training)."""
+        return x - copy_to_group(self.b_dec, self.group) if self.cfg.apply_b_dec_to_input else x
+
     def _counts(self, values: Tensor, local_idx: Tensor, l0: Tensor) -> tuple[Tensor, Tensor]:
-        """Local firing counts ``[d_sae_local]`` and the mean L0, summed / averaged over data replicas."""
-        counts = fire_counts_sparse(values, local_idx, self.d_sae_local)
+        """Local firing counts ``[d_sae_local]`` of a sparse local code and the mean L0 (already global
+        over ``group``), summed / averaged over data replicas."""
+        return self._data_counts(fire_counts_sparse(values, local_idx, self.d_sae_local), l0)
+
+    def _data_counts(self, counts: Tensor, l0: Tensor) -> tuple[Tensor, Tensor]:
+        """``counts [d_sae_local]`` summed and the scalar ``l0`` averaged over data replicas."""
         if self.data_group is not None:  # firing over every data replica's rows
             _comm.all_reduce_(counts, self.data_group, "all_reduce (fire counts)")
             l0 = _comm.all_reduce_(l0.clone(), self.data_group) / _comm.rank_world(self.data_group)[1]
@@ -179,11 +195,89 @@ class ShardedJumpReLUTrainingModule(_Shard, JumpReLUTrainingModule):
                           sae_out=sae_out, fire_counts=counts, l0=l0)
 
 
-_MODULES = {"topk": ShardedTopKTrainingModule, "jumprelu": ShardedJumpReLUTrainingModule}
+def _reduce_columns(parts: list[Tensor], group: _comm.Group) -> list[Tensor]:
+    """Sum every part (``[N, c_i]``, one dtype) over ``group`` in ONE all-reduce; identity backward."""
+    sizes = [t.shape[-1] for t in parts]
+    return list(reduce_from_group(torch.cat(parts, -1), group).split(sizes, -1))
+
+
+def _lp_sum(a: Tensor, p: float) -> Tensor:
+    """``sum_f a[:, f]^p`` ``[N, 1]`` of ``a [N, d] >= 0``: the local part of ``||a||_p^p``. Zero entries
+    get a zero gradient, as in torch's norm backward (``0^(p-1)`` would be inf for ``p < 1``)."""
+    pos = a > 0
+    return torch.where(pos, torch.where(pos, a, torch.ones_like(a)).pow(p), torch.zeros_like(a)).sum(
+        -1, keepdim=True)
+
+
+def _lp_root(s: Tensor, p: float) -> Tensor:
+    """``s^(1/p)`` (``s >= 0``, the all-reduced :func:`_lp_sum`) with a zero gradient where ``s == 0``
+    (torch's norm backward there; the plain power would give inf * 0 = nan for ``p > 1``)."""
+    pos = s > 0
+    return torch.where(pos, torch.where(pos, s, torch.ones_like(s)).pow(1.0 / p), torch.zeros_like(s))
+
+
+class ShardedStandardTrainingModule(_Shard, StandardTrainingModule):
+    """``StandardTrainingModule`` (ReLU + L1 / Lp) over this rank's features: no merge. The local dense
+    code ``f [N, d_sae_local]`` is decoded locally; the partial decode, the per-row ``sum_f (f *
+    ||W_dec[f]||)^p`` and L0 are summed over ``group`` in one all-reduce, then ``^(1/p)`` per row: the
+    loss equals the single-process one and each rank's gradients are its slice of the single-process
+    gradients (replicated ``dL/dsae_out`` and ``dL/dsparsity``)."""
+
+    def __init__(self, cfg: TrainingConfig, group: _comm.Group = None, data_group: _comm.Group = None):
+        self._shard_init(StandardTrainingModule, cfg, group, data_group)
+
+    def forward_train(self, x, y, dead_mask, coefficients) -> StepOutput:
+        p = self.cfg.lp_norm
+        f = (self._sae_in(x) @ self.W_enc + self.b_enc).relu()  # [N, d_sae_local]
+        fired = f.detach() != 0
+        part, lp, l0_rows = _reduce_columns(
+            [f @ self.W_dec, _lp_sum(f * self.W_dec.norm(dim=1), p), fired.sum(-1, keepdim=True).to(f.dtype)],
+            self.group)
+        sae_out = self.add_skip(part + self.b_dec, x)
+        mse = mse_loss(sae_out, y)
+        l1 = (coefficients["l1"] * _lp_root(lp.squeeze(-1), p)).mean()
+        counts, l0 = self._data_counts(fired.sum(0).float(), l0_rows.mean())
+        return StepOutput(loss=mse + l1, losses={"mse_loss": mse, "l1_loss": l1},
+                          sae_out=sae_out, fire_counts=counts, l0=l0)
+
+
+class ShardedGatedTrainingModule(_Shard, GatedTrainingModule):
+    """``GatedTrainingModule`` over this rank's features (``b_gate``, ``r_mag``, ``b_mag`` sliced with
+    ``W_enc``): gate and magnitude paths are per feature, hence local. The partial decode, the partial
+    gate-path decode ``relu(pi_gate) @ W_dec`` (auxiliary loss), the per-row L1 sum and L0 are summed
+    over ``group`` in one all-reduce; ``b_dec`` is added once after it."""
+
+    def __init__(self, cfg: TrainingConfig, group: _comm.Group = None, data_group: _comm.Group = None):
+        self._shard_init(GatedTrainingModule, cfg, group, data_group)
+
+    def forward_train(self, x, y, dead_mask, coefficients) -> StepOutput:
+        xc = self._sae_in(x)
+        pi_gate = xc @ self.W_enc + self.b_gate  # [N, d_sae_local]
+        mag = (xc @ (self.W_enc * self.r_mag.exp()) + self.b_mag).relu()
+        f = (pi_gate > 0).to(x.dtype) * mag
+        pi_gate_act = pi_gate.relu()
+        fired = f.detach() != 0
+        l1_local = (pi_gate_act * self.W_dec.norm(dim=1)).sum(-1, keepdim=True)
+        part, gate_part, l1_rows, l0_rows = _reduce_columns(
+            [f @ self.W_dec, pi_gate_act @ self.W_dec, l1_local, fired.sum(-1, keepdim=True).to(f.dtype)],
+            self.group)
+        sae_out = part + self.b_dec
+        mse = mse_loss(sae_out, y)
+        l1 = coefficients["l1"] * l1_rows.mean()
+        aux = mse_loss(gate_part + self.b_dec, y)
+        counts, l0 = self._data_counts(fired.sum(0).float(), l0_rows.mean())
+        return StepOutput(loss=mse + l1 + aux,
+                          losses={"mse_loss": mse, "l1_loss": l1, "auxiliary_reconstruction_loss": aux},
+                          sae_out=sae_out, fire_counts=counts, l0=l0)
+
+
+_MODULES = {"topk": ShardedTopKTrainingModule, "jumprelu": ShardedJumpReLUTrainingModule,
+            "standard": ShardedStandardTrainingModule, "gated": ShardedGatedTrainingModule}
 
 
 class ShardedTrainer(SAETrainer):
-    """``SAETrainer`` over a feature-sharded TopK / JumpReLU module (see the module docstring).
+    """``SAETrainer`` over a feature-sharded TopK / JumpReLU / standard / gated module (see the module
+    docstring).
 
     ``group``: the ranks that split the features (default: WORLD). ``data_group``: optional data
     replicas of this shard. ``step``/``fit`` are called on every rank (same batch within ``group``).
@@ -193,9 +287,12 @@ class ShardedTrainer(SAETrainer):
 
     def __init__(self, cfg: TrainingConfig, group: _comm.Group = None, data_group: _comm.Group = None):
         if cfg.architecture not in _MODULES:
+            why = (": BatchTopK selects its top k x N over the whole batch x all features, a global "
+                   "selection that no feature shard can make locally" if cfg.architecture == "batchtopk"
+                   else "")
             raise NotImplementedError(
-                f"ShardedTrainer trains {' and '.join(_MODULES)} SAEs / transcoders; got "
-                f"architecture={cfg.architecture!r}")
+                f"ShardedTrainer cannot train cfg.architecture={cfg.architecture!r}{why} (sharded: "
+                f"{', '.join(_MODULES)})")
         same = {k: v for k, v in cfg.to_dict().items() if k != "device"}
         _comm.check_agree("the training config", same, group)
         module = _MODULES[cfg.architecture](cfg, group, data_group).to(torch.device(cfg.device))
