@@ -177,7 +177,8 @@ def _train_diff(tr_full, tr_sh, steps_full, steps_sh) -> dict:
     for name, p in inf_sh.named_parameters():
         out[f"{name}_diff"] = _diff(_slice(name, getattr(inf_full, name), inf_sh), p)
     if hasattr(inf_full, "threshold"):  # the straight-through threshold gradient really acted
-        out["threshold_moved"] = float((inf_full.threshold.detach() - tr_full.cfg.jumprelu_init_threshold).abs().max())
+        moved = inf_full.threshold.detach() - tr_full.cfg.jumprelu_init_threshold
+        out["threshold_moved"] = float(moved.abs().max())
     return out
 
 
