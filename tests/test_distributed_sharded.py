@@ -169,6 +169,7 @@ def _train_diff(tr_full, tr_sh, steps_full, steps_sh) -> dict:
     inf_full, inf_sh = tr_full.to_inference(), tr_sh.to_inference()
     out = {"loss_diff": max(abs(a["loss"] - b["loss"]) for a, b in zip(m_full, m_sh)),
            "aux_seen": max(a.get("auxiliary_reconstruction_loss", 0.0) for a in m_full),
+           "l0_diff": max(abs(a["l0"] - b["l0"]) for a, b in zip(m_full, m_sh)),
            "l1_seen": max(a.get("l1_loss", 0.0) for a in m_full),
            # the least any parameter moved (W_skip aside: zero init, moves only for skip transcoders)
            "min_moved": min(_diff(p, init[n]) for n, p in tr_full.sae.named_parameters() if n != "W_skip"),

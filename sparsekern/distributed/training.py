@@ -7,11 +7,12 @@ batch on every rank of ``group`` equals a single-process step (same init for a s
 are drawn, then sliced): the encode is the exact merged top-k, the decode an all-reduce of local
 decodes (see :mod:`.sharded_sae`), AuxK a merged top-k among the dead features of all ranks, gradient
 clipping uses the global norm, and Adam / decoder normalisation are per element / per feature row.
-JumpReLU, standard (ReLU + L1) and gated need no merge: the code is local, the decode and every sum
-over features (L0, the L1 / Lp sparsity penalty, gated's auxiliary gate-path decode) are all-reduced,
-in one all-reduce per step for standard / gated. Transcoders (and skip transcoders) of TopK, JumpReLU
-and standard work too; ``W_skip`` / ``b_dec`` are replicated. BatchTopK is not sharded: its selection
-is a top-k over the whole batch x all features.
+JumpReLU, standard (ReLU + L1) and gated need no merge: the code is local, and the decode and every
+sum over features (L0, the L1 / Lp sparsity penalty, gated's auxiliary gate-path decode) are
+all-reduced (standard / gated: one differentiable all-reduce of the concatenated per-row sums, plus a
+scalar L0 count). Transcoders (and skip transcoders) of TopK, JumpReLU and standard work too;
+``W_skip`` / ``b_dec`` are replicated. BatchTopK is not sharded: its selection is a top-k over the
+whole batch x all features.
 
 ``data_group`` (optional): ranks holding the same features but different batches (one per data
 replica, equal batch sizes). Gradients are averaged and feature-firing counts summed over it, so a
@@ -79,6 +80,12 @@ class _Shard:
         ``copy_to_group``: its encoder-side gradient is summed over the feature group (a ``[d_in]``
         all-reduce; ``x`` itself needs no gradient in training)."""
         return x - copy_to_group(self.b_dec, self.group) if self.cfg.apply_b_dec_to_input else x
+
+    def _dense_l0(self, fired: Tensor) -> Tensor:
+        """Mean L0 over every feature of ``group`` from the local ``fired [N, d_sae_local]`` (bool). The
+        count is reduced in float64 (exact; a bf16 column would round row counts above 256)."""
+        total = fired.sum().to(torch.float64).reshape(1)
+        return _comm.all_reduce_(total, self.group, "all_reduce (L0)")[0] / max(fired.shape[0], 1)
 
     def _counts(self, values: Tensor, local_idx: Tensor, l0: Tensor) -> tuple[Tensor, Tensor]:
         """Local firing counts ``[d_sae_local]`` of a sparse local code and the mean L0 (already global
@@ -218,10 +225,10 @@ def _lp_root(s: Tensor, p: float) -> Tensor:
 
 class ShardedStandardTrainingModule(_Shard, StandardTrainingModule):
     """``StandardTrainingModule`` (ReLU + L1 / Lp) over this rank's features: no merge. The local dense
-    code ``f [N, d_sae_local]`` is decoded locally; the partial decode, the per-row ``sum_f (f *
-    ||W_dec[f]||)^p`` and L0 are summed over ``group`` in one all-reduce, then ``^(1/p)`` per row: the
-    loss equals the single-process one and each rank's gradients are its slice of the single-process
-    gradients (replicated ``dL/dsae_out`` and ``dL/dsparsity``)."""
+    code ``f [N, d_sae_local]`` is decoded locally; the partial decode ``[N, d_out]`` and the per-row
+    ``sum_f (f * ||W_dec[f]||)^p`` ``[N, 1]`` are summed over ``group`` in one all-reduce, then raised
+    to ``1/p``: the loss equals the single-process one and each rank's gradients are its slice of the
+    single-process gradients (replicated ``dL/dsae_out`` and ``dL/dsparsity``)."""
 
     def __init__(self, cfg: TrainingConfig, group: _comm.Group = None, data_group: _comm.Group = None):
         self._shard_init(StandardTrainingModule, cfg, group, data_group)
@@ -230,13 +237,11 @@ class ShardedStandardTrainingModule(_Shard, StandardTrainingModule):
         p = self.cfg.lp_norm
         f = (self._sae_in(x) @ self.W_enc + self.b_enc).relu()  # [N, d_sae_local]
         fired = f.detach() != 0
-        part, lp, l0_rows = _reduce_columns(
-            [f @ self.W_dec, _lp_sum(f * self.W_dec.norm(dim=1), p), fired.sum(-1, keepdim=True).to(f.dtype)],
-            self.group)
+        part, lp = _reduce_columns([f @ self.W_dec, _lp_sum(f * self.W_dec.norm(dim=1), p)], self.group)
         sae_out = self.add_skip(part + self.b_dec, x)
         mse = mse_loss(sae_out, y)
         l1 = (coefficients["l1"] * _lp_root(lp.squeeze(-1), p)).mean()
-        counts, l0 = self._data_counts(fired.sum(0).float(), l0_rows.mean())
+        counts, l0 = self._data_counts(fired.sum(0).float(), self._dense_l0(fired))
         return StepOutput(loss=mse + l1, losses={"mse_loss": mse, "l1_loss": l1},
                           sae_out=sae_out, fire_counts=counts, l0=l0)
 
@@ -244,8 +249,8 @@ class ShardedStandardTrainingModule(_Shard, StandardTrainingModule):
 class ShardedGatedTrainingModule(_Shard, GatedTrainingModule):
     """``GatedTrainingModule`` over this rank's features (``b_gate``, ``r_mag``, ``b_mag`` sliced with
     ``W_enc``): gate and magnitude paths are per feature, hence local. The partial decode, the partial
-    gate-path decode ``relu(pi_gate) @ W_dec`` (auxiliary loss), the per-row L1 sum and L0 are summed
-    over ``group`` in one all-reduce; ``b_dec`` is added once after it."""
+    gate-path decode ``relu(pi_gate) @ W_dec`` (auxiliary loss), both ``[N, d_in]``, and the per-row L1
+    sum ``[N, 1]`` are summed over ``group`` in one all-reduce; ``b_dec`` is added once after it."""
 
     def __init__(self, cfg: TrainingConfig, group: _comm.Group = None, data_group: _comm.Group = None):
         self._shard_init(GatedTrainingModule, cfg, group, data_group)
@@ -258,14 +263,13 @@ class ShardedGatedTrainingModule(_Shard, GatedTrainingModule):
         pi_gate_act = pi_gate.relu()
         fired = f.detach() != 0
         l1_local = (pi_gate_act * self.W_dec.norm(dim=1)).sum(-1, keepdim=True)
-        part, gate_part, l1_rows, l0_rows = _reduce_columns(
-            [f @ self.W_dec, pi_gate_act @ self.W_dec, l1_local, fired.sum(-1, keepdim=True).to(f.dtype)],
-            self.group)
+        part, gate_part, l1_rows = _reduce_columns([f @ self.W_dec, pi_gate_act @ self.W_dec, l1_local],
+                                                   self.group)
         sae_out = part + self.b_dec
         mse = mse_loss(sae_out, y)
         l1 = coefficients["l1"] * l1_rows.mean()
         aux = mse_loss(gate_part + self.b_dec, y)
-        counts, l0 = self._data_counts(fired.sum(0).float(), l0_rows.mean())
+        counts, l0 = self._data_counts(fired.sum(0).float(), self._dense_l0(fired))
         return StepOutput(loss=mse + l1 + aux,
                           losses={"mse_loss": mse, "l1_loss": l1, "auxiliary_reconstruction_loss": aux},
                           sae_out=sae_out, fire_counts=counts, l0=l0)
