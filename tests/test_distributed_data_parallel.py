@@ -191,6 +191,47 @@ def _sweeps(rank):
     return out
 
 
+def _ablation(rank):
+    """distributed_ablate_features (and distributed_patch(ablate_features)) against ablate_features."""
+    import sparsekern.patching as skp
+    from sparsekern.distributed import distributed_ablate_features, distributed_patch
+    from sparsekern.patching.feature_ablation import ablate_features
+
+    model, sae = tiny_model(), tiny_sae()
+    sae.cfg.metadata.hook_name = "blocks.0.hook_resid_post"
+    tokens = torch.randint(0, 40, (2, 6), generator=torch.Generator().manual_seed(4))
+
+    def metric(logits):
+        return logits[:, -1].log_softmax(-1)[:, 3].mean()
+
+    active = ablate_features(model, tokens, sae, metric, progress=False).feature_ids.tolist()
+    inactive = sorted(set(range(48)) - set(active))[:2]
+    explicit = [active[3], inactive[0], active[0], active[3], inactive[1], active[-1]]  # order, dups, off
+    cases = [
+        ({}, False),
+        (dict(features=explicit, return_delta=False), False),  # inactive entries = the baseline, not summed
+        (dict(per_position=True), False),
+        (dict(per_position=True, max_batch=2), True),  # through distributed_patch
+        (dict(features=explicit, backend="reference"), False),
+        (dict(per_position=True, backend="reference", use_error_term=False), True),
+    ]
+    out = {}
+    for i, (kw, via_patch) in enumerate(cases):
+        kw = dict(kw, progress=False)
+        one = ablate_features(model, tokens, sae, metric, **kw)
+        if via_patch:
+            got = distributed_patch(skp.feature_ablation.ablate_features, model, tokens, sae, metric, **kw)
+        else:
+            got = distributed_ablate_features(model, tokens, sae, metric, **kw)
+        out[i] = ({f: torch.equal(getattr(one, f), getattr(got, f)) for f in one._fields},
+                  tuple(one.values.shape), int(one.active.sum()))
+    try:  # different features per rank: every rank refuses (nothing summed)
+        distributed_ablate_features(model, tokens, sae, metric, [active[rank]], progress=False)
+    except RuntimeError as e:
+        out["mismatch"] = str(e)
+    return out
+
+
 def _ddp(rank):
     from sparsekern.distributed import DistributedSAETrainer, shard_rows
     from sparsekern.training import SAETrainer, TrainingConfig
@@ -249,7 +290,8 @@ def _failure_inside(rank):
 
 
 def _all_capabilities(rank):
-    return {"topk": _topk_and_stats(rank), "sweeps": _sweeps(rank), "ddp": _ddp(rank),
+    return {"topk": _topk_and_stats(rank), "sweeps": _sweeps(rank), "ablation": _ablation(rank),
+            "ddp": _ddp(rank),
             "train_sae_ddp": _train_sae_ddp(rank), "failure": _failure_inside(rank)}
 
 
@@ -279,6 +321,19 @@ def test_sweeps_identical(results):
         for i, (equal, diff, shape) in res["sweeps"].items():
             assert equal, f"sweep {i}: max |diff| {diff}"
     assert results[0]["sweeps"][2][2] == (5, 2, 4)
+
+
+def test_feature_ablation_identical(results):
+    for res in results:
+        msg = res["ablation"].pop("mismatch")
+        assert "distributed_ablate_features: the ranks disagree on" in msg and "features" in msg, msg
+        for i, (equal, shape, n_active) in res["ablation"].items():
+            assert all(equal.values()), f"case {i}: {equal}"
+            assert n_active > 0
+            if i in (1, 2, 4):  # some entries were not run (inactive): filled once, not summed
+                assert n_active < math.prod(shape)
+    shapes = [results[0]["ablation"][i][1] for i in range(6)]
+    assert shapes[1] == shapes[4] == (6,) and len(shapes[2]) == len(shapes[5]) == 2 and shapes[2][1] == 6
 
 
 def test_ddp_matches_full_batch(results):
@@ -371,7 +426,9 @@ def test_bad_input_without_a_process_group():
     from sparsekern.training import TrainingConfig
 
     with pytest.raises(TypeError, match="fn must be sparsekern.patching"):
-        distributed_patch(fa.ablate_features)
+        distributed_patch(fa._run_reference)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        distributed_patch(fa.ablate_features, "model", "tokens", "sae", "metric")
     with pytest.raises(RuntimeError, match="init_process_group"):
         sharded_range(4)
     with pytest.raises(ValueError, match="batchtopk"):

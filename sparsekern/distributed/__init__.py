@@ -2,13 +2,14 @@
 
 - Feature parallelism (``sharded_sae``, ``training``): each rank holds a slice of the features of one
   SAE; encode/decode are exact (see :class:`ShardedSAE`), and :class:`ShardedTrainer` trains it.
-- Data parallelism: feature analysis over a dataset sharded by rank (``data_parallel``), patching sweeps
-  split across ranks (``sweeps``), data-parallel SAE training (``ddp``).
+- Data parallelism: feature analysis over a dataset sharded by rank (``data_parallel``), patching and
+  feature-ablation sweeps split across ranks (``sweeps``, ``ablation``), data-parallel SAE training (``ddp``).
 
 Launch lines: README, "Scale out (torch.distributed)".
 """
 
 from ._comm import check_agree, free_port, init_process_group, rank_world
+from .ablation import distributed_ablate_features
 from .data_parallel import (
     all_gather_feature_stats,
     all_gather_topk_state,
@@ -32,6 +33,7 @@ __all__ = [
     "all_gather_feature_stats",
     "all_gather_topk_state",
     "check_agree",
+    "distributed_ablate_features",
     "distributed_feature_stats",
     "distributed_patch",
     "distributed_top_activating_examples",
