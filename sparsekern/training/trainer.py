@@ -314,6 +314,7 @@ class SAETrainer:
             sq += yd.pow(2).sum().item()
             n += x.shape[0]
         self.sae.train()
+        (res_sum, n, l0_sum, sq), sums = self._eval_totals([res_sum, float(n), l0_sum, sq], sums)
         m: dict[str, float] = {"dead_fraction": self.dead_neurons.float().mean().item()}
         if n:
             var = sq - (sums.pow(2).sum().item() / n)
@@ -328,6 +329,13 @@ class SAETrainer:
             r = reconstruction_metrics(model, self.to_inference(), eval_tokens, progress=False)
             m.update({f"model_{k}": v for k, v in r.to_dict().items() if isinstance(v, float)})
         return m
+
+    def _eval_totals(
+        self, scalars: list[float], sums: Optional[Tensor]
+    ) -> tuple[list[float], Optional[Tensor]]:
+        """:meth:`evaluate`'s sums ``[res, n_rows, l0 * rows, sum ||y||^2]`` and ``sum_rows y [d_out]``
+        (None without rows); ``DistributedSAETrainer`` adds them up over ranks."""
+        return scalars, sums
 
     # ---- export / checkpoints --------------------------------------------------------------------
     def to_inference(self):
