@@ -275,6 +275,41 @@ def _ddp(rank):
                 evaluate=(ev_one, ev_ddp, ev_local))
 
 
+def _recon_metrics(rank):
+    """distributed_reconstruction_metrics (and DistributedSAETrainer.evaluate's model_* metrics) over the
+    ranks' batches against one process over all of them."""
+    import dataclasses
+
+    from sparsekern.distributed import DistributedSAETrainer, distributed_reconstruction_metrics
+    from sparsekern.features.metrics import reconstruction_metrics
+    from sparsekern.training import SAETrainer, TrainingConfig
+
+    model, sae = tiny_model(), tiny_sae()
+    hook = "blocks.0.hook_resid_post"
+    sae.cfg.metadata.hook_name = hook
+    g = torch.Generator().manual_seed(6)
+    batches = [torch.randint(0, 40, (2, 6), generator=g) for _ in range(3)]
+    mine = batches[sharded_range(3, rank, WORLD).start:sharded_range(3, rank, WORLD).stop]  # 2 + 1 batches
+
+    def compare(a, b):
+        da, db = dataclasses.asdict(a), dataclasses.asdict(b)
+        exact = all(torch.equal(da[k], db[k]) for k in da if isinstance(da[k], torch.Tensor))
+        rel = max(abs(da[k] - db[k]) / max(1.0, abs(da[k])) for k in da if isinstance(da[k], float))
+        return exact and da["n_tokens"] == db["n_tokens"] and da["n_sequences"] == db["n_sequences"], rel
+
+    out = {}
+    for name, kw in (("plain", {}), ("ignore", dict(ignore_tokens=[int(batches[0][0, 0])]))):
+        one = reconstruction_metrics(model, sae, batches, progress=False, **kw)
+        out[name] = compare(one, distributed_reconstruction_metrics(model, sae, mine, progress=False, **kw))
+    cfg = TrainingConfig(architecture="topk", d_in=16, d_sae=32, k=4, hook_name=hook, checkpoint_path=None)
+    one, ddp = SAETrainer(cfg), DistributedSAETrainer(cfg)
+    ddp.sae.load_state_dict(one.sae.state_dict())
+    e1, e2 = one.evaluate(model=model, eval_tokens=batches), ddp.evaluate(model=model, eval_tokens=mine)
+    out["trainer"] = (sorted(e1) == sorted(e2) and len(e1) > 10,
+                      max(abs(e1[k] - e2[k]) / max(1.0, abs(e1[k])) for k in e1))
+    return out
+
+
 def _train_sae_ddp(rank):
     import hashlib
 
@@ -299,6 +334,7 @@ def _failure_inside(rank):
 
 def _all_capabilities(rank):
     return {"topk": _topk_and_stats(rank), "sweeps": _sweeps(rank), "ablation": _ablation(rank),
+            "recon_metrics": _recon_metrics(rank),
             "ddp": _ddp(rank),
             "train_sae_ddp": _train_sae_ddp(rank), "failure": _failure_inside(rank)}
 
@@ -353,6 +389,12 @@ def test_ddp_matches_full_batch(results):
         assert d["param_diff"] <= 1e-6, d
         assert d["metric_diff"] <= 1e-6, d  # step metrics: global sums, relative to max(1, |value|)
     assert results[0]["train_sae_ddp"] == results[1]["train_sae_ddp"]  # the ranks' weights are bitwise equal
+
+
+def test_reconstruction_metrics_global(results):
+    for res in results:
+        for name, (exact, rel) in res["recon_metrics"].items():
+            assert exact and rel <= 1e-9, (name, exact, rel)  # float64 sums over the same forward passes
 
 
 def test_ddp_evaluate_is_global(results):

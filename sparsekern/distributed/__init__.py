@@ -3,7 +3,8 @@
 - Feature parallelism (``sharded_sae``, ``training``): each rank holds a slice of the features of one
   SAE; encode/decode are exact (see :class:`ShardedSAE`), and :class:`ShardedTrainer` trains it.
 - Data parallelism: feature analysis over a dataset sharded by rank (``data_parallel``), patching and
-  feature-ablation sweeps split across ranks (``sweeps``, ``ablation``), data-parallel SAE training (``ddp``).
+  feature-ablation sweeps split across ranks (``sweeps``, ``ablation``), reconstruction metrics over
+  sharded token batches (``metrics``), data-parallel SAE training (``ddp``, global evaluation metrics).
 
 Launch lines: README, "Scale out (torch.distributed)".
 """
@@ -19,6 +20,7 @@ from .data_parallel import (
     sharded_range,
 )
 from .ddp import DistributedSAETrainer, shard_rows, train_sae_ddp
+from .metrics import distributed_reconstruction_metrics
 from .sharded_sae import FEATURE_DIM, ShardedSAE, gather_threshold_code, merge_topk, shard_range
 from .sweeps import distributed_patch
 from .training import ShardedJumpReLUTrainingModule, ShardedTopKTrainingModule, ShardedTrainer
@@ -36,6 +38,7 @@ __all__ = [
     "distributed_ablate_features",
     "distributed_feature_stats",
     "distributed_patch",
+    "distributed_reconstruction_metrics",
     "distributed_top_activating_examples",
     "free_port",
     "gather_threshold_code",

@@ -191,8 +191,16 @@ class DistributedSAETrainer(SAETrainer):
         ``cfg.n_eval_batches`` per rank): ``mse``, ``explained_variance`` and ``l0`` come from sums over all
         ranks, so every rank reports what one process reports on the concatenated rows (to float64 rounding
         of the sums, ``l0`` to float32 rounding). Collective: call it on every rank (``fit`` does when every
-        rank passes ``eval_batches`` / ``model``). The ``model_*`` metrics (``model`` + ``eval_tokens``) are computed on this rank's ``eval_tokens``."""
+        rank passes ``eval_batches`` / ``model``). The ``model_*`` metrics (``model`` + this rank's
+        ``eval_tokens [batch, pos]`` batches) are :func:`.metrics.distributed_reconstruction_metrics`'s, over
+        every rank's ``eval_tokens``."""
         return super().evaluate(batches, model=model, eval_tokens=eval_tokens)
+
+    def _reconstruction_metrics(self, model: Any, eval_tokens: Iterable[Tensor]):
+        from .metrics import distributed_reconstruction_metrics
+
+        return distributed_reconstruction_metrics(model, self.to_inference(), eval_tokens, group=self.group,
+                                                  progress=False)
 
     def _eval_totals(
         self, scalars: list[float], sums: Optional[Tensor]

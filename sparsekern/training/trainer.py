@@ -324,11 +324,15 @@ class SAETrainer:
                 explained_variance=1 - res_sum / var if var > 0 else float("nan"),
             )
         if model is not None and eval_tokens is not None:
-            from ..features.metrics import reconstruction_metrics
-
-            r = reconstruction_metrics(model, self.to_inference(), eval_tokens, progress=False)
+            r = self._reconstruction_metrics(model, eval_tokens)
             m.update({f"model_{k}": v for k, v in r.to_dict().items() if isinstance(v, float)})
         return m
+
+    def _reconstruction_metrics(self, model: Any, eval_tokens: Iterable[Tensor]):
+        """:meth:`evaluate`'s model metrics (``DistributedSAETrainer``: over every rank's ``eval_tokens``)."""
+        from ..features.metrics import reconstruction_metrics
+
+        return reconstruction_metrics(model, self.to_inference(), eval_tokens, progress=False)
 
     def _eval_totals(
         self, scalars: list[float], sums: Optional[Tensor]
