@@ -191,6 +191,47 @@ def _sweeps(rank):
     return out
 
 
+def _ablation(rank):
+    """distributed_ablate_features (and distributed_patch(ablate_features)) against ablate_features."""
+    import sparsekern.patching as skp
+    from sparsekern.distributed import distributed_ablate_features, distributed_patch
+    from sparsekern.patching.feature_ablation import ablate_features
+
+    model, sae = tiny_model(), tiny_sae()
+    sae.cfg.metadata.hook_name = "blocks.0.hook_resid_post"
+    tokens = torch.randint(0, 40, (2, 6), generator=torch.Generator().manual_seed(4))
+
+    def metric(logits):
+        return logits[:, -1].log_softmax(-1)[:, 3].mean()
+
+    active = ablate_features(model, tokens, sae, metric, progress=False).feature_ids.tolist()
+    inactive = sorted(set(range(48)) - set(active))[:2]
+    explicit = [active[3], inactive[0], active[0], active[3], inactive[1], active[-1]]  # order, dups, off
+    cases = [
+        ({}, False),
+        (dict(features=explicit, return_delta=False), False),  # inactive entries = the baseline, not summed
+        (dict(per_position=True), False),
+        (dict(per_position=True, max_batch=2), True),  # through distributed_patch
+        (dict(features=explicit, backend="reference"), False),
+        (dict(per_position=True, backend="reference", use_error_term=False), True),
+    ]
+    out = {}
+    for i, (kw, via_patch) in enumerate(cases):
+        kw = dict(kw, progress=False)
+        one = ablate_features(model, tokens, sae, metric, **kw)
+        if via_patch:
+            got = distributed_patch(skp.feature_ablation.ablate_features, model, tokens, sae, metric, **kw)
+        else:
+            got = distributed_ablate_features(model, tokens, sae, metric, **kw)
+        out[i] = ({f: torch.equal(getattr(one, f), getattr(got, f)) for f in one._fields},
+                  tuple(one.values.shape), int(one.active.sum()))
+    try:  # different features per rank: every rank refuses (nothing summed)
+        distributed_ablate_features(model, tokens, sae, metric, [active[rank]], progress=False)
+    except RuntimeError as e:
+        out["mismatch"] = str(e)
+    return out
+
+
 def _ddp(rank):
     from sparsekern.distributed import DistributedSAETrainer, shard_rows
     from sparsekern.training import SAETrainer, TrainingConfig
@@ -213,7 +254,14 @@ def _ddp(rank):
     dead = (one.dead_neurons.sum().item(), ddp.dead_neurons.sum().item())
     tokens = ddp.n_training_tokens
     keys = ("loss", "mse", "l0", "explained_variance")
-    mdiff = max(abs(a[k] - b[k]) for a, b in zip(m_one, m_ddp) for k in keys)
+    mdiff = max(abs(a[k] - b[k]) / max(1.0, abs(a[k])) for a, b in zip(m_one, m_ddp) for k in keys)
+    # evaluate on the same weights: global sums over the ranks' rows (13 + 12) vs one process
+    ddp.sae.load_state_dict(one.sae.state_dict())
+    ddp.n_forward_passes_since_fired.copy_(one.n_forward_passes_since_fired)
+    ddp.scaling_factor = one.scaling_factor
+    held_out = [torch.randn(25, 8, generator=g) * 2 - 1 for _ in range(2)]
+    ev_one, ev_ddp = one.evaluate(held_out), ddp.evaluate([shard_rows(b) for b in held_out])
+    ev_local = one.evaluate([shard_rows(b) for b in held_out])  # what this rank alone would report
     for arch in ("standard", "jumprelu", "gated"):  # uneven shards (13 + 12 rows), the other losses
         c = TrainingConfig(architecture=arch, d_in=8, d_sae=32, lr=1e-2, b_dec_init_method="mean",
                            l1_coefficient=0.5, l0_coefficient=0.1, normalize_sae_decoder=arch == "standard",
@@ -223,7 +271,43 @@ def _ddp(rank):
             one.step(b[:25]), ddp.step(shard_rows(b[:25]))
         diff = max(diff, *(float((a - b).abs().max()) for a, b in zip(one.sae.state_dict().values(),
                                                                       ddp.sae.state_dict().values())))
-    return dict(param_diff=diff, metric_diff=mdiff, steps=steps, dead=dead, scale=scale, tokens=tokens)
+    return dict(param_diff=diff, metric_diff=mdiff, steps=steps, dead=dead, scale=scale, tokens=tokens,
+                evaluate=(ev_one, ev_ddp, ev_local))
+
+
+def _recon_metrics(rank):
+    """distributed_reconstruction_metrics (and DistributedSAETrainer.evaluate's model_* metrics) over the
+    ranks' batches against one process over all of them."""
+    import dataclasses
+
+    from sparsekern.distributed import DistributedSAETrainer, distributed_reconstruction_metrics
+    from sparsekern.features.metrics import reconstruction_metrics
+    from sparsekern.training import SAETrainer, TrainingConfig
+
+    model, sae = tiny_model(), tiny_sae()
+    hook = "blocks.0.hook_resid_post"
+    sae.cfg.metadata.hook_name = hook
+    g = torch.Generator().manual_seed(6)
+    batches = [torch.randint(0, 40, (2, 6), generator=g) for _ in range(3)]
+    mine = batches[sharded_range(3, rank, WORLD).start:sharded_range(3, rank, WORLD).stop]  # 2 + 1 batches
+
+    def compare(a, b):
+        da, db = dataclasses.asdict(a), dataclasses.asdict(b)
+        exact = all(torch.equal(da[k], db[k]) for k in da if isinstance(da[k], torch.Tensor))
+        rel = max(abs(da[k] - db[k]) / max(1.0, abs(da[k])) for k in da if isinstance(da[k], float))
+        return exact and da["n_tokens"] == db["n_tokens"] and da["n_sequences"] == db["n_sequences"], rel
+
+    out = {}
+    for name, kw in (("plain", {}), ("ignore", dict(ignore_tokens=[int(batches[0][0, 0])]))):
+        one = reconstruction_metrics(model, sae, batches, progress=False, **kw)
+        out[name] = compare(one, distributed_reconstruction_metrics(model, sae, mine, progress=False, **kw))
+    cfg = TrainingConfig(architecture="topk", d_in=16, d_sae=32, k=4, hook_name=hook, checkpoint_path=None)
+    one, ddp = SAETrainer(cfg), DistributedSAETrainer(cfg)
+    ddp.sae.load_state_dict(one.sae.state_dict())
+    e1, e2 = one.evaluate(model=model, eval_tokens=batches), ddp.evaluate(model=model, eval_tokens=mine)
+    out["trainer"] = (sorted(e1) == sorted(e2) and len(e1) > 10,
+                      max(abs(e1[k] - e2[k]) / max(1.0, abs(e1[k])) for k in e1))
+    return out
 
 
 def _train_sae_ddp(rank):
@@ -249,7 +333,9 @@ def _failure_inside(rank):
 
 
 def _all_capabilities(rank):
-    return {"topk": _topk_and_stats(rank), "sweeps": _sweeps(rank), "ddp": _ddp(rank),
+    return {"topk": _topk_and_stats(rank), "sweeps": _sweeps(rank), "ablation": _ablation(rank),
+            "recon_metrics": _recon_metrics(rank),
+            "ddp": _ddp(rank),
             "train_sae_ddp": _train_sae_ddp(rank), "failure": _failure_inside(rank)}
 
 
@@ -281,6 +367,19 @@ def test_sweeps_identical(results):
     assert results[0]["sweeps"][2][2] == (5, 2, 4)
 
 
+def test_feature_ablation_identical(results):
+    for res in results:
+        msg = res["ablation"].pop("mismatch")
+        assert "distributed_ablate_features: the ranks disagree on" in msg and "features" in msg, msg
+        for i, (equal, shape, n_active) in res["ablation"].items():
+            assert all(equal.values()), f"case {i}: {equal}"
+            assert n_active > 0
+            if i in (1, 2, 4):  # some entries were not run (inactive): filled once, not summed
+                assert n_active < math.prod(shape)
+    shapes = [results[0]["ablation"][i][1] for i in range(6)]
+    assert shapes[1] == shapes[4] == (6,) and len(shapes[2]) == len(shapes[5]) == 2 and shapes[2][1] == 6
+
+
 def test_ddp_matches_full_batch(results):
     for res in results:
         d = res["ddp"]
@@ -288,8 +387,23 @@ def test_ddp_matches_full_batch(results):
         assert d["scale"][0] == pytest.approx(d["scale"][1], rel=1e-6)  # float32 vs float64 norm sums
         assert d["dead"][0] == d["dead"][1]
         assert d["param_diff"] <= 1e-6, d
-        assert d["metric_diff"] <= 1e-5, d
+        assert d["metric_diff"] <= 1e-6, d  # step metrics: global sums, relative to max(1, |value|)
     assert results[0]["train_sae_ddp"] == results[1]["train_sae_ddp"]  # the ranks' weights are bitwise equal
+
+
+def test_reconstruction_metrics_global(results):
+    for res in results:
+        for name, (exact, rel) in res["recon_metrics"].items():
+            assert exact and rel <= 1e-9, (name, exact, rel)  # float64 sums over the same forward passes
+
+
+def test_ddp_evaluate_is_global(results):
+    for res in results:
+        one, ddp, local = res["ddp"]["evaluate"]
+        assert set(one) == set(ddp) == {"mse", "l0", "explained_variance", "dead_fraction"}
+        assert all(abs(one[k] - ddp[k]) <= 1e-6 * max(1.0, abs(one[k])) for k in one), (one, ddp)
+        assert abs(local["mse"] - one["mse"]) > 1e-3  # a rank's own rows would report something else
+    assert results[0]["ddp"]["evaluate"][1] == results[1]["ddp"]["evaluate"][1]  # the same on every rank
 
 
 # ---- failure paths -------------------------------------------------------------------------------------
@@ -371,7 +485,9 @@ def test_bad_input_without_a_process_group():
     from sparsekern.training import TrainingConfig
 
     with pytest.raises(TypeError, match="fn must be sparsekern.patching"):
-        distributed_patch(fa.ablate_features)
+        distributed_patch(fa._run_reference)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        distributed_patch(fa.ablate_features, "model", "tokens", "sae", "metric")
     with pytest.raises(RuntimeError, match="init_process_group"):
         sharded_range(4)
     with pytest.raises(ValueError, match="batchtopk"):

@@ -185,6 +185,33 @@ class DistributedSAETrainer(SAETrainer):
         m["dead_fraction"] = self.dead_neurons.float().mean().item()
         return m
 
+    def evaluate(self, batches: Optional[Iterable[Batch]] = None, model: Any = None,
+                 eval_tokens: Optional[Iterable[Tensor]] = None) -> dict[str, float]:
+        """:meth:`SAETrainer.evaluate` over every rank's ``batches`` (this rank's rows ``[n_r, d_in]``, up to
+        ``cfg.n_eval_batches`` per rank): ``mse``, ``explained_variance`` and ``l0`` come from sums over all
+        ranks, so every rank reports what one process reports on the concatenated rows (to float64 rounding
+        of the sums, ``l0`` to float32 rounding). Collective: call it on every rank (``fit`` does when every
+        rank passes ``eval_batches`` / ``model``). The ``model_*`` metrics (``model`` + this rank's
+        ``eval_tokens [batch, pos]`` batches) are :func:`.metrics.distributed_reconstruction_metrics`'s, over
+        every rank's ``eval_tokens``."""
+        return super().evaluate(batches, model=model, eval_tokens=eval_tokens)
+
+    def _reconstruction_metrics(self, model: Any, eval_tokens: Iterable[Tensor]):
+        from .metrics import distributed_reconstruction_metrics
+
+        return distributed_reconstruction_metrics(model, self.to_inference(), eval_tokens, group=self.group,
+                                                  progress=False)
+
+    def _eval_totals(
+        self, scalars: list[float], sums: Optional[Tensor]
+    ) -> tuple[list[float], Optional[Tensor]]:
+        # sums, not per-rank ratios: a mean of the ranks' explained variances is not the global one
+        d = self.cfg.d_out or self.cfg.d_in
+        vec = sums.tolist() if sums is not None else [0.0] * d  # a rank without rows adds zeros
+        tot = self._sum(scalars + vec, "evaluation sums")
+        k = len(scalars)
+        return tot[:k], (torch.tensor(tot[k:], dtype=torch.float64) if tot[1] else None)
+
     def fit(self, batches: Iterable[Batch], *args: Any, **kwargs: Any):
         """:meth:`SAETrainer.fit` on this rank's ``batches``; stops for all when any rank runs out."""
         return super().fit(self._synced(batches), *args, **kwargs)

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from ..patching import _api, _engine
+from ..patching.feature_ablation import ablate_features
 from .data_parallel import _collective, gather_objects, rank_and_world, run_collectively
 
 __all__ = ["distributed_patch"]
@@ -34,9 +35,9 @@ def _check_fn(fn: Callable) -> None:
     if base is _api.generic_activation_patch or any(base is getattr(_api, n) for n in _EVERY):
         return
     raise TypeError(
-        "fn must be sparsekern.patching.generic_activation_patch, one of the get_act_patch_* functions or "
-        f"a *_every function, got {getattr(fn, '__name__', fn)!r} (other sweeps, e.g. feature ablation, "
-        "assemble their outputs differently and cannot be summed across ranks)"
+        "fn must be sparsekern.patching.generic_activation_patch, one of the get_act_patch_* functions, "
+        f"a *_every function or feature_ablation.ablate_features, got {getattr(fn, '__name__', fn)!r} "
+        "(other sweeps assemble their outputs differently and cannot be summed across ranks)"
     )
 
 
@@ -49,7 +50,8 @@ def distributed_patch(fn: Callable, *args: Any, group: Optional[Any] = None, **k
 
     Args:
         fn: ``generic_activation_patch``, a ``get_act_patch_*`` function or a ``*_every`` function of
-            ``sparsekern.patching``.
+            ``sparsekern.patching``, or ``sparsekern.patching.feature_ablation.ablate_features`` (run by
+            :func:`.ablation.distributed_ablate_features`; returns its ``FeatureAblationResult``).
         args, kwargs: its arguments (``model, corrupted_tokens, clean_cache, metric, ...``), the same on every
             rank (checked: the ranks' plans must agree, else RuntimeError). ``max_batch`` /
             ``memory_budget`` work as there; with neither, the smallest default budget of the ranks is used
@@ -60,6 +62,13 @@ def distributed_patch(fn: Callable, *args: Any, group: Optional[Any] = None, **k
     every rank and equal to the single-process call (bitwise; see the module docstring). If a rank raises,
     every rank raises (RuntimeError naming it).
     """
+    if (fn.func if isinstance(fn, functools.partial) else fn) is ablate_features:
+        # its values are summed before the result is laid out (deltas, inactive entries): its own path
+        from .ablation import distributed_ablate_features
+
+        if isinstance(fn, functools.partial):
+            args, kwargs = fn.args + args, {**fn.keywords, **kwargs}
+        return distributed_ablate_features(*args, group=group, **kwargs)
     _check_fn(fn)
     rank, world = rank_and_world(group)
     if kwargs.get("max_batch") is None and kwargs.get("memory_budget") is None:

@@ -49,7 +49,7 @@ import math
 import numbers
 import re
 from dataclasses import dataclass, fields
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -260,6 +260,42 @@ def reconstruction_metrics(
 
     Returns :class:`ReconstructionMetrics`.
     """
+    return _finish(_reconstruction_sums(
+        model, sae, tokens_batches, hook_name=hook_name, hook_name_out=hook_name_out,
+        compute_downstream=compute_downstream, ignore_tokens=ignore_tokens, dense_threshold=dense_threshold,
+        skip_early_layers=skip_early_layers, progress=progress, total=total,
+    ))
+
+
+class _Sums(NamedTuple):
+    """What :func:`_reconstruction_sums` accumulated (data parallel: summed over ranks before
+    :func:`_finish`). recon: the reconstruction sums; counts ``[d_sae]`` int64 firing counts; ce: CE / KL
+    sums and counts (floats or 0-d tensors); n_seq: sequences seen."""
+
+    recon: "_Recon"
+    counts: Tensor
+    ce: dict
+    n_seq: int
+    dense_threshold: float
+    compute_downstream: bool
+
+
+@torch.no_grad()
+def _reconstruction_sums(
+    model: Any,
+    sae: Any,
+    tokens_batches: Iterable[Tensor],
+    *,
+    hook_name: Optional[str],
+    hook_name_out: Optional[str],
+    compute_downstream: bool,
+    ignore_tokens: Optional[Sequence[int]],
+    dense_threshold: float,
+    skip_early_layers: bool,
+    progress: bool,
+    total: Optional[int],
+) -> _Sums:
+    """The pass of :func:`reconstruction_metrics` (same arguments): sums only, no result yet."""
     from ..hooked_sae_transformer import as_sparsekern_sae  # imports transformer_lens: keep it lazy
 
     sae = as_sparsekern_sae(sae)
@@ -375,6 +411,13 @@ def reconstruction_metrics(
         ce["n_ce"] += clean_ce.numel() if ce_keep is None else ce_keep.sum()
         ce["n_kl"] += clean_logits.shape[0] * clean_logits.shape[1] if keep is None else keep.sum()
 
+    return _Sums(recon, counts, ce, n_seq, float(dense_threshold), bool(compute_downstream))
+
+
+def _finish(sums: _Sums) -> ReconstructionMetrics:
+    """:class:`ReconstructionMetrics` from the accumulated sums."""
+    recon, counts, ce, n_seq = sums.recon, sums.counts, sums.ce, sums.n_seq
+    dense_threshold, compute_downstream = sums.dense_threshold, sums.compute_downstream
     if recon.n == 0:
         raise ValueError("no tokens to evaluate: tokens_batches was empty or every token is in ignore_tokens")
     density = counts.double().cpu() / recon.n

@@ -396,6 +396,39 @@ def ablate_features(
     Returns:
         :class:`FeatureAblationResult` ``(values, feature_ids, active, baseline)``.
     """
+    return _assemble(_measure(
+        model, tokens, sae, metric, features, per_position=per_position, use_error_term=use_error_term,
+        return_delta=return_delta, progress=progress, max_batch=max_batch, memory_budget=memory_budget,
+        backend=backend,
+    ))
+
+
+class _Measured(NamedTuple):
+    """What :func:`_measure` ran, before :func:`_assemble` lays it out (data parallel: ``vals`` is summed
+    across ranks in between, each rank having run a disjoint share of the ablations, 0 elsewhere).
+
+    vals: ``[n_ablations]`` metric of each ablated run (model device). base: 0-d baseline metric.
+    feature_ids ``[n_features]``, inverse ``[n_features]`` (rows of the unique features), act_u
+    ``[n_unique, pos]`` bool, u / pos ``[n_ablations]`` (unique-feature row, position or -1).
+    """
+
+    vals: Tensor
+    base: Tensor
+    feature_ids: Tensor
+    inverse: Tensor
+    act_u: Tensor
+    u: Tensor
+    pos: Tensor
+    per_position: bool
+    return_delta: bool
+    device: torch.device
+
+
+def _measure(
+    model, tokens, sae, metric, features, *, per_position, use_error_term, return_delta, progress, max_batch,
+    memory_budget, backend,
+) -> _Measured:
+    """Checks, the baseline run and the ablated runs of :func:`ablate_features` (same arguments)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if not callable(metric):
@@ -442,7 +475,15 @@ def ablate_features(
         vals = eng.run(patches, {}, metric, "metric", max_batch, memory_budget, progress)
     else:
         vals, base = _run_reference(model, tokens, abl, splice, metric, n_abl, progress)
+    return _Measured(vals, base, feature_ids, inverse, act_u, u, abl.pos, bool(per_position),
+                     bool(return_delta), device)
 
+
+def _assemble(m: _Measured) -> FeatureAblationResult:
+    """Lay the ablations' metric values out as a :class:`FeatureAblationResult`."""
+    vals, base, u, device, per_position, return_delta = m.vals, m.base, m.u, m.device, m.per_position, \
+        m.return_delta
+    act_u, n_abl = m.act_u, len(m.vals)
     # ablation i -> cell (u[i], position) of the unique features' table -> the requested rows
     active_u = act_u if per_position else act_u.any(1)
     table = torch.zeros(active_u.shape, device=device)  # as TransformerLens patching: default dtype
@@ -451,11 +492,11 @@ def ablate_features(
         table[~active_u.to(device)] = base_out
     if n_abl:
         v = (vals - base if return_delta else vals).to(device=device, dtype=table.dtype)
-        cell = (u.to(device), abl.pos.to(device)) if per_position else (u.to(device),)
+        cell = (u.to(device), m.pos.to(device)) if per_position else (u.to(device),)
         table[cell] = v
-    inverse = inverse.to(device)
+    inverse = m.inverse.to(device)
     return FeatureAblationResult(
-        table[inverse], feature_ids.to(device), active_u.to(device)[inverse], base_out
+        table[inverse], m.feature_ids.to(device), active_u.to(device)[inverse], base_out
     )
 
 
@@ -467,8 +508,15 @@ def _run_reference(model, tokens, abl: _Ablations, splice: list, metric, n_abl: 
     T = tokens.shape[1]
     with torch.no_grad():
         base = as_scalar(metric(model.run_with_hooks(tokens, fwd_hooks=splice)), "metric", device)
+    shard = _engine.SHARD.get()  # data parallel: ablations i % world == rank run here, the rest stay 0
+    if shard is not None:
+        shard.record("ablation reference", n_abl)
     vals = []
     for i in tqdm(range(n_abl), disable=not progress, desc="feature ablation"):
+        if shard is not None and not shard.mine(i):
+            # the metric's dtype (every rank has it from the baseline): the ranks' vals can be summed
+            vals.append(torch.zeros((), dtype=base.dtype, device=device))
+            continue
         rows = torch.tensor([i], device=abl.feat.device)
 
         def hook(act: Tensor, hook=None, rows=rows) -> Tensor:

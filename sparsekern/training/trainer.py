@@ -314,6 +314,7 @@ class SAETrainer:
             sq += yd.pow(2).sum().item()
             n += x.shape[0]
         self.sae.train()
+        (res_sum, n, l0_sum, sq), sums = self._eval_totals([res_sum, float(n), l0_sum, sq], sums)
         m: dict[str, float] = {"dead_fraction": self.dead_neurons.float().mean().item()}
         if n:
             var = sq - (sums.pow(2).sum().item() / n)
@@ -323,11 +324,22 @@ class SAETrainer:
                 explained_variance=1 - res_sum / var if var > 0 else float("nan"),
             )
         if model is not None and eval_tokens is not None:
-            from ..features.metrics import reconstruction_metrics
-
-            r = reconstruction_metrics(model, self.to_inference(), eval_tokens, progress=False)
+            r = self._reconstruction_metrics(model, eval_tokens)
             m.update({f"model_{k}": v for k, v in r.to_dict().items() if isinstance(v, float)})
         return m
+
+    def _reconstruction_metrics(self, model: Any, eval_tokens: Iterable[Tensor]):
+        """:meth:`evaluate`'s model metrics (``DistributedSAETrainer``: over every rank's ``eval_tokens``)."""
+        from ..features.metrics import reconstruction_metrics
+
+        return reconstruction_metrics(model, self.to_inference(), eval_tokens, progress=False)
+
+    def _eval_totals(
+        self, scalars: list[float], sums: Optional[Tensor]
+    ) -> tuple[list[float], Optional[Tensor]]:
+        """:meth:`evaluate`'s sums ``[res, n_rows, l0 * rows, sum ||y||^2]`` and ``sum_rows y [d_out]``
+        (None without rows); ``DistributedSAETrainer`` adds them up over ranks."""
+        return scalars, sums
 
     # ---- export / checkpoints --------------------------------------------------------------------
     def to_inference(self):
