@@ -108,50 +108,30 @@ class DistributedSAETrainer(SAETrainer):
 
     # ---- training ------------------------------------------------------------------------------------
     def _step(self, x: Tensor, y: Optional[Tensor]) -> dict[str, float]:
-        # SAETrainer._step with the gradient, firing-count and metric reductions between its stages
-        cfg, sae = self.cfg, self.sae
-        x, y = self._prepare(x, y)
-        if not self.b_dec_initialized:
-            self._init_b_dec(y)
-        n_all = self._sum_vec(x.shape[0])
-        n, n_total = x.shape[0], int(sum(n_all))
+        # SAETrainer._step; the hooks below put the cross-rank reductions between its stages
+        n_all = self._sum_vec(int(x.shape[0]))
         if min(n_all) == 0:
             empty = [r for r, k in enumerate(n_all) if k == 0]
             raise ValueError(f"DistributedSAETrainer.step: rank(s) {empty} got no rows (each needs >= 1)")
-        sae.train()
-        out = sae.forward_train(x, y, self.dead_neurons, self.coefficients())
+        self._n_step = (int(x.shape[0]), int(sum(n_all)))
+        return super()._step(x, y)
+
+    def _backward(self, out) -> None:
+        n, n_total = self._n_step
         (out.loss * (n / n_total)).backward()  # the full batch's mean loss is sum_r (n_r / N) loss_r
-        self._reduce_grads()
-        if cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.max_grad_norm)
-        lr = cfg.lr * self._lr_factor()
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            if cfg.normalize_sae_decoder:
-                sae.W_dec.data /= sae.W_dec.data.norm(dim=-1, keepdim=True).clamp(min=1e-8)
-            counts = out.fire_counts.to(self._comm_device)
-            _collective("firing counts", dist.all_reduce, counts, group=self.group)
-            counts = counts.to(self.device)
-            self.n_forward_passes_since_fired += 1
-            self.n_forward_passes_since_fired[counts > 0] = 0
-            self.act_freq_scores += counts
-            self.n_frac_active_samples += n_total
-            metrics = self._global_metrics(out, y, counts, n, n_total)
-        self.n_training_steps += 1
-        self.n_training_tokens += n_total
-        metrics["lr"] = lr
-        if self.n_training_steps % cfg.feature_sampling_window == 0:
-            self.act_freq_scores.zero_()
-            self.n_frac_active_samples = 0
-        return metrics
+        self._reduce_grads()  # before clipping: the norm is the full batch's
 
-    def _lr_factor(self) -> float:
-        from ..training.schedule import lr_factor
+    def _rows(self, x: Tensor) -> int:
+        return self._n_step[1]
 
-        return lr_factor(self.n_training_steps, self.cfg)
+    def _fire_counts(self, out) -> Tensor:
+        counts = out.fire_counts.to(self._comm_device)
+        _collective("firing counts", dist.all_reduce, counts, group=self.group)
+        self._step_counts = counts.to(self.device)
+        return self._step_counts
+
+    def _metrics(self, out, y: Tensor) -> dict[str, float]:
+        return self._global_metrics(out, y, self._step_counts, *self._n_step)
 
     def _reduce_grads(self) -> None:
         """Sum the (already ``n_r / N``-scaled) gradients over ranks, one flat buffer per dtype."""

@@ -192,7 +192,7 @@ class SAETrainer:
             self._init_b_dec(y)
         sae.train()
         out = sae.forward_train(x, y, self.dead_neurons, self.coefficients())
-        out.loss.backward()
+        self._backward(out)
         self._clip_grads()
         lr = cfg.lr * lr_factor(self.n_training_steps, cfg)
         for g in self.optimizer.param_groups:
@@ -202,10 +202,10 @@ class SAETrainer:
         with torch.no_grad():
             if cfg.normalize_sae_decoder:
                 sae.W_dec.data /= sae.W_dec.data.norm(dim=-1, keepdim=True).clamp(min=1e-8)
-            fired = out.fire_counts > 0
+            counts = self._fire_counts(out)
             self.n_forward_passes_since_fired += 1
-            self.n_forward_passes_since_fired[fired] = 0
-            self.act_freq_scores += out.fire_counts
+            self.n_forward_passes_since_fired[counts > 0] = 0
+            self.act_freq_scores += counts
             self.n_frac_active_samples += self._rows(x)
             metrics = self._metrics(out, y)
         self.n_training_steps += 1
@@ -216,7 +216,15 @@ class SAETrainer:
             self.n_frac_active_samples = 0
         return metrics
 
-    # overridden by sparsekern.distributed.ShardedTrainer (global norm; rows of every data replica)
+    # hooks of _step, overridden by sparsekern.distributed: ShardedTrainer (global norm; rows of every data
+    # replica) and DistributedSAETrainer (scaled loss + all-reduced grads; counts and metrics of all ranks)
+    def _backward(self, out) -> None:
+        out.loss.backward()
+
+    def _fire_counts(self, out) -> Tensor:
+        """``[d_sae]`` firings in this step's batch (what the dead-feature counters see)."""
+        return out.fire_counts
+
     def _clip_grads(self) -> None:
         if self.cfg.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.cfg.max_grad_norm)
