@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import time
 from typing import Any, Callable
 
 import pandas as pd
@@ -34,14 +33,12 @@ BLOCK = ["resid_pre", "attn_out", "mlp_out"]
 HEAD_PARTS = ["output", "query", "key", "value", "pattern"]
 
 
-def _timed(fn: Callable[[], torch.Tensor], repeats: int) -> tuple[torch.Tensor, float]:
-    """(result, best wall time in seconds of ``repeats`` calls)."""
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return out, best
+def _timed(fn: Callable[[], torch.Tensor], repeats: int, device: torch.device) -> tuple[torch.Tensor, float]:
+    """(result, best wall time in seconds of ``repeats`` calls), synchronising the device around each."""
+    from ..bench.timing import time_call
+
+    runs = [time_call(fn, device) for _ in range(repeats)]
+    return runs[-1][0], min(ms for _, ms in runs) / 1e3
 
 
 def run_exact(model: Any, batch: IOIBatch, cache: Any, repeats: int, bar: Any) -> dict:
@@ -56,15 +53,13 @@ def run_exact(model: Any, batch: IOIBatch, cache: Any, repeats: int, bar: Any) -
         with contextlib.redirect_stderr(io.StringIO()):
             lib.generic_activation_patch(model, batch.corrupted, cache, batch.metric,
                                          lib.layer_pos_patch_setter, "resid_pre", index_df=one)
+    dev, args = torch.device(model.cfg.device), (model, batch.corrupted, cache, batch.metric)
     out = {}
     for name, _, _ in FUNCTIONS:
         bar.set_postfix_str(name.replace("get_act_patch_", ""))
-        sk, t_sk = _timed(
-            lambda: getattr(skp, name)(model, batch.corrupted, cache, batch.metric, progress=False), repeats)
+        sk, t_sk = _timed(lambda: getattr(skp, name)(*args, progress=False), repeats, dev)
         with contextlib.redirect_stderr(io.StringIO()):  # TL prints a tqdm bar per call
-            tl, t_tl = _timed(
-                lambda: getattr(tlp, name)(model, batch.corrupted, cache, batch.metric), repeats
-            )
+            tl, t_tl = _timed(lambda: getattr(tlp, name)(*args), repeats, dev)
         out[name] = {
             "sparsekern": sk.detach().cpu(),
             "transformer_lens": tl.detach().cpu(),
@@ -84,9 +79,9 @@ def run_attribution(model: Any, batch: IOIBatch, cache: Any, exact: dict, bar: A
     out = {}
     for name, _, _ in FUNCTIONS:
         bar.set_postfix_str("attribution " + name.replace("get_act_patch_", ""))
-        t0 = time.perf_counter()
-        est = getattr(atp, name)(model, batch.corrupted, cache, batch.metric).detach().cpu()
-        secs = time.perf_counter() - t0
+        est, secs = _timed(lambda: getattr(atp, name)(model, batch.corrupted, cache, batch.metric), 1,
+                           torch.device(model.cfg.device))
+        est = est.detach().cpu()
         ex = exact[name]["sparsekern"]
         corr = float(torch.corrcoef(torch.stack([est.flatten(), ex.flatten()]).double())[0, 1])
         out[name] = {
