@@ -18,6 +18,8 @@ from typing import Optional
 
 import pytest
 
+from sparsekern.demo import report
+
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 # runs before every other script of the page; errors land in <pre id="sk-js-errors">, and a
@@ -45,13 +47,13 @@ ERROR_HOOK = """<script>
 
 
 def chromium() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
-        path = shutil.which(name)
-        if path:
-            return path
-    pytest.skip(
-        "Chromium is not installed (scripts/test.sh installs Debian's `chromium` with apt where it can)"
-    )
+    """The browser ``sparsekern demo`` would use; skips the calling test when there is none."""
+    path = report.chromium()
+    if path is None:
+        pytest.skip(
+            "Chromium is not installed (scripts/test.sh installs Debian's `chromium` with apt where it can)"
+        )
+    return path
 
 
 def render(
