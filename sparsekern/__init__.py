@@ -5,7 +5,8 @@ every op runs the pure-PyTorch reference (a warning says so once).
 """
 
 from . import ops
-from ._backend import backends, forced_backend, use_backend
+from . import backends
+from .backends import forced_backend, use_backend
 from .sparse_acts import SparseActs
 __version__ = "0.1.0"
 
@@ -33,6 +34,6 @@ def __getattr__(name: str):
 
 
 # import the native extension now so a missing build is reported once, at import
-from ._backend import native as _native  # noqa: E402
+from .backends import native as _native  # noqa: E402
 
 _native()

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import _backend
+from . import backends
 from .bench import report, suite
 from .bench.cases import OPS
 
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--ops", type=_ops_arg, default=None,
                    help=f"comma-separated subset of: {','.join(OPS)}")
     b.add_argument("--no-peer", action="store_true", help="time sparsekern only")
-    b.add_argument("--backend", default=None, choices=("auto", *_backend.BACKEND_NAMES),
+    b.add_argument("--backend", default=None, choices=("auto", *backends.BACKEND_NAMES),
                    help="force a sparsekern backend (default: SPARSEKERN_BACKEND, else auto)")
     b.add_argument("--threads", type=_positive, default=None, help="torch CPU threads (default: all cores)")
     b.add_argument("--seed", type=int, default=0)
@@ -179,7 +179,7 @@ def bench(args: argparse.Namespace) -> int:
                                  f"choose from {','.join(training.CASES)}")
             return training.main(args.quick, device, args.out, progress=not args.no_progress, seed=args.seed,
                                  dtype=getattr(torch, args.dtype), cases=cases)
-        ctx = _backend.use_backend(args.backend) if args.backend else contextlib.nullcontext()
+        ctx = backends.use_backend(args.backend) if args.backend else contextlib.nullcontext()
         with ctx:
             return _bench(args, device)
     finally:
@@ -196,7 +196,7 @@ def _bench(args: argparse.Namespace, device: torch.device) -> int:
         "schema": 1, "suite": "quick" if args.quick else "default",
         "machine": report.machine_info(device),
         "settings": {"dtype": args.dtype, "ops": list(st.ops), "repeats": args.repeats,
-                     "peers": st.peers, "seed": args.seed, "backend": _backend.forced_backend()},
+                     "peers": st.peers, "seed": args.seed, "backend": backends.forced_backend()},
     }
     busy = report.busy_warning(report.cpu_cores()) if device.type == "cpu" else None
     if busy:

@@ -1,7 +1,7 @@
 """Shim: the SAE family moved to :mod:`sparsekern.saes` (one file per architecture). Re-exports every name
 this module used to define, so ``from sparsekern.sae import SAE, dense_to_sparse`` keeps working."""
 
-from ._constants import (  # noqa: F401
+from .constants import (  # noqa: F401
     _DTYPES,
     NORMALIZE_MODES,
     SAE_CFG_FILENAME,
@@ -10,8 +10,8 @@ from ._constants import (  # noqa: F401
     dtype_to_str,
     str_to_dtype,
 )
-from ._constants import sae_lens_version as _sae_lens_version  # noqa: F401
-from ._registry import _REGISTRY, get_sae_class, register_sae_class  # noqa: F401
+from .constants import sae_lens_version as _sae_lens_version  # noqa: F401
+from .registry import _REGISTRY, get_sae_class, register_sae_class  # noqa: F401
 from .saes.gated import GatedSAE, GatedSAEConfig  # noqa: F401
 from .saes.jumprelu import JumpReLUSAE, JumpReLUSAEConfig, _JumpReLU  # noqa: F401
 from .saes.sae import (  # noqa: F401

@@ -9,7 +9,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ._tracing import has_data
+from .tracing import has_data
 
 
 @dataclass(frozen=True)

@@ -15,4 +15,4 @@ from .saes.transcoder import (  # noqa: F401
     TranscoderConfig,
 )
 from .saes.transcoder import SAE, SAEConfig, _JumpReLU, _TopK  # noqa: F401
-from ._registry import register_sae_class  # noqa: F401
+from .registry import register_sae_class  # noqa: F401

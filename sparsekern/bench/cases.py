@@ -349,9 +349,9 @@ def feature_topk_case(w: Weights) -> Case:
         return _max_diff(o.values[f], p.values[f])
 
     def ref_step() -> ops.FeatureTopKState:
-        from .. import _backend
+        from .. import backends
 
-        with _backend.use_backend("ref"):
+        with backends.use_backend("ref"):
             return ops.feature_topk_update(state0, acts, loc)
 
     peers = [Peer("ref", "sparsekern reference (torch sort)", _nograd(ref_step), check=check),

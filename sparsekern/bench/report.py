@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .. import __version__, _backend
+from .. import __version__, backends
 from . import timing as T
 
 
@@ -63,8 +63,8 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "sparsekern": __version__,
-        "sparsekern_backends": _backend.backends(),
-        "forced_backend": _backend.forced_backend(),
+        "sparsekern_backends": backends.available(),
+        "forced_backend": backends.forced_backend(),
         "device": str(device),
         "peak_memory_method": T.peak_method(device),
         "loadavg": load_average(),

@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
-from .. import _backend
+from .. import backends
 from . import cases as C
 from . import gpu_plan
 from . import timing as T
@@ -38,7 +38,7 @@ class Settings:
 def _in_backend(fn: Callable[[], Any], name: str) -> Callable[[], Any]:
     @functools.wraps(fn)
     def run() -> Any:
-        with _backend.use_backend(name):
+        with backends.use_backend(name):
             return fn()
 
     return run
@@ -46,8 +46,8 @@ def _in_backend(fn: Callable[[], Any], name: str) -> Callable[[], Any]:
 
 def backend_of(case: C.Case, device: torch.device, forced: Optional[str] = None) -> str:
     """Backend(s) the registry picks for ``case``'s ops: 'cpp', or e.g. 'cpp/ref/ref' if mixed."""
-    with _backend.use_backend(forced or _backend.forced_backend()):
-        names = [_backend.select(op, device)[0] for op in case.backend_ops]
+    with backends.use_backend(forced or backends.forced_backend()):
+        names = [backends.select(op, device)[0] for op in case.backend_ops]
     return names[0] if len(set(names)) == 1 else "/".join(names)
 
 
@@ -72,7 +72,7 @@ def resolve_ours(case: C.Case, device: torch.device) -> Resolved:
     try:
         return Resolved(case.ours, backend, *T.time_call(case.ours, device))
     except _BACKEND_ERRORS as e:
-        if _backend.forced_backend() != "auto" or backend == "ref":
+        if backends.forced_backend() != "auto" or backend == "ref":
             raise
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
         fn = _in_backend(case.ours, "ref")

@@ -456,7 +456,7 @@ def step_case(sz: dict[str, Any], seed: int, dev: torch.device, dtype: torch.dty
     speed = dense_ms / sk_ms
     need = {torch.float32: 3.5, torch.bfloat16: 2.5}.get(dtype)
     on_gpu = dev.type == "cuda" and need is not None
-    from .. import _backend
+    from .. import backends
 
     return _row("step", f"topk {d_in}x{d_sae}, k {k}, N {n}", dtype, reps,
                 f">= {need}x the dense torch step (GPU)" if on_gpu else "informational (targets are GPU)",
@@ -466,8 +466,8 @@ def step_case(sz: dict[str, Any], seed: int, dev: torch.device, dtype: torch.dty
                 speedup=speed, sk_peak_mib=sk_peak, peer_peak_mib=dense_peak,
                 mem_ratio=sk_peak / dense_peak if sk_peak is not None and dense_peak else None,
                 target_met=bool(speed >= need) if on_gpu else None,
-                info=dict(grad_rel_diff=diff, encode=_backend.select("topk_encode", dev)[0],
-                          encoder_backward=_backend.select("encode_backward_input", dev)[0]))
+                info=dict(grad_rel_diff=diff, encode=backends.select("topk_encode", dev)[0],
+                          encoder_backward=backends.select("encode_backward_input", dev)[0]))
 
 
 # ---- driver --------------------------------------------------------------------------------

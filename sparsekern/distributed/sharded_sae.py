@@ -32,7 +32,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
-from .._constants import str_to_dtype
+from ..constants import str_to_dtype
 from ..ops import topk_encode
 from ..saes.sae import SAE
 from ..saes.topk import _TopK
@@ -232,7 +232,7 @@ class ShardedSAE(SAE):
         """This rank's shard of a SAELens-format folder; only the slice is read from the file."""
         from safetensors import safe_open
 
-        from .._constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
+        from ..constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
         from ..loading.sae_lens_format import (
             check_cfg, check_dtype, check_shapes, handle_config_defaulting, read_json, safetensors_shapes)
 
@@ -295,7 +295,7 @@ class ShardedSAE(SAE):
         if self.rank == 0:
             full.save_model(path, sparsity)
         _comm.collective("barrier (save_model)", lambda: torch.distributed.barrier(self.group))
-        from .._constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
+        from ..constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 
         return Path(path) / SAE_WEIGHTS_FILENAME, Path(path) / SAE_CFG_FILENAME
 

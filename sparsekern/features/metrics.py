@@ -47,13 +47,14 @@ from __future__ import annotations
 
 import math
 import numbers
-import re
 from dataclasses import dataclass, fields
 from typing import Any, Iterable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
+
+from ..hook_names import layer_of
 
 __all__ = ["ReconstructionMetrics", "reconstruction_metrics"]
 
@@ -178,17 +179,6 @@ def _kl(clean_logits: Tensor, new_logits: Tensor) -> Tensor:
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
-_BLOCK = re.compile(r"blocks\.(\d+)\.")
-
-
-def _layer(hook: str, n_layers: int) -> Optional[int]:
-    """Index of the block whose forward computes ``hook`` (n_layers for ln_final; None: embedding)."""
-    m = _BLOCK.match(hook)
-    if m:
-        return int(m.group(1))
-    return n_layers if hook.startswith("ln_final.") else None
-
-
 def _resid_key(layer: int, n_layers: int) -> str:
     """The residual stream going into block ``layer`` (after the last block for ``layer == n_layers``)."""
     return f"blocks.{layer}.hook_resid_pre" if layer < n_layers else f"blocks.{n_layers - 1}.hook_resid_post"
@@ -318,7 +308,7 @@ def _reconstruction_sums(
             raise ValueError("ignore_tokens must be a sequence of token ids")
 
     n_layers = model.cfg.n_layers
-    start = _layer(hook_out, n_layers) if compute_downstream and skip_early_layers else None
+    start = layer_of(hook_out, n_layers) if compute_downstream and skip_early_layers else None
     if start is not None and not _can_start_late(model):
         start = None
     names = {hook_in, hook_out}
@@ -329,7 +319,7 @@ def _reconstruction_sums(
             names.add("hook_pos_embed")
     stop = None
     if not compute_downstream:  # only the hooks are needed: stop after the last block that computes them
-        layers = [_layer(h, n_layers) for h in (hook_in, hook_out)]
+        layers = [layer_of(h, n_layers) for h in (hook_in, hook_out)]
         stop = None if any(x is None or x >= n_layers for x in layers) else max(layers) + 1
 
     d_sae = sae.cfg.d_sae

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..hook_names import stop_layer
 from ..ops.sparse_decode import _backward_weight
 from ..sparse_acts import SparseActs, dense_to_sparse
 from ._pairs import (
@@ -42,7 +43,6 @@ from ._pairs import (
     sketch_entries,
     sorted_live,
 )
-from .top_examples import _stop_layer
 
 __all__ = ["FeatureStats", "PartnerCounts", "feature_stats", "sae_fingerprint"]
 
@@ -984,8 +984,7 @@ def feature_stats(
         if stats.config["source"] != source:
             raise ValueError(f"stats comes from source {stats.config['source']!r}, not {source!r}")
     names = [h for h in (hook_name, conditioned_hook) if h is not None]
-    stops = [_stop_layer(h) for h in names]
-    stop = None if any(s is None for s in stops) or not stops else max(stops)
+    stop = stop_layer(names)
     for batch in tqdm(batches, total=total, disable=not progress, desc="feature stats"):
         y = None
         if model is not None:

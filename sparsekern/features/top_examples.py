@@ -6,20 +6,14 @@ Activations (or tokens run through a TransformerLens model) go through ``sae.enc
 
 from __future__ import annotations
 
-import re
 from typing import Any, Iterable, Optional
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..hook_names import stop_layer
 from ..ops.feature_topk import FeatureTopKState, feature_topk_update
-
-
-def _stop_layer(hook_name: str) -> Optional[int]:
-    """``blocks.L.*`` hooks are computed by block L: the model can stop after it."""
-    m = re.match(r"blocks\.(\d+)\.", hook_name)
-    return int(m.group(1)) + 1 if m else None
 
 
 def _sae_d_sae(sae: Any) -> int:
@@ -102,7 +96,7 @@ def top_activating_examples(
                     f"with a model, batches must be tokens [batch, pos], got shape {tuple(batch.shape)}"
                 )
             _, cache = model.run_with_cache(
-                batch, names_filter=hook_name, stop_at_layer=_stop_layer(hook_name)
+                batch, names_filter=hook_name, stop_at_layer=stop_layer(hook_name)
             )
             x = cache[hook_name]
         else:

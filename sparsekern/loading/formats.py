@@ -21,7 +21,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
-from .._constants import dtype_to_str, sae_lens_version
+from ..constants import dtype_to_str, sae_lens_version
 from .sae_lens_format import check_device, read_json, read_safetensors, safetensors_shapes
 
 SPARSIFY_CFG_FILENAME = "cfg.json"

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 from torch import Tensor
 
-from .._constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_FILENAME
+from ..constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_FILENAME
 from .sae_lens_format import check_device, handle_config_defaulting, read_sae_lens_dir, read_sparsity
 
 try:  # so SAELens's loaders, which catch EntryNotFoundError for optional files, treat "not cached" alike

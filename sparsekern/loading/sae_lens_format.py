@@ -17,8 +17,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
-from .._constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, str_to_dtype
-from .._registry import get_sae_class
+from ..constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, str_to_dtype
+from ..registry import get_sae_class
 
 # top-level keys of a pre-6.0 cfg.json that SAELens moves into ``metadata``
 LLM_METADATA_KEYS = {

@@ -16,7 +16,7 @@ view ``W_enc^T`` and the decode weight-grad kernel's ``[d_sae, d_in]`` result, t
 import torch
 from torch import Tensor
 
-from .. import _backend
+from .. import backends
 from . import _validate as V
 from .sparse_decode import _backward_weight, _sparse_decode
 
@@ -34,31 +34,31 @@ def _via_decode_weight(xc: Tensor, g: Tensor, indices: Tensor, d_sae: int) -> Te
 
 # the decode path under every backend that has sparse_decode (it then runs that backend's kernels)
 for _name, _devices in (("ref", None), ("cpp", ("cpu",)), ("cuda", ("cuda",)), ("metal", ("mps",))):
-    _backend.register(IN, _name, _devices)(_via_decode_input)
-    _backend.register(WEIGHT, _name, _devices)(_via_decode_weight)
+    backends.register(IN, _name, _devices)(_via_decode_input)
+    backends.register(WEIGHT, _name, _devices)(_via_decode_weight)
 
-if _backend.has_triton():
+if backends.has_triton():
 
-    @_backend.register(IN, "triton", ("cuda", "cpu"))
+    @backends.register(IN, "triton", ("cuda", "cpu"))
     def _triton_input(g, indices, W_enc):
         from ..triton import encode_grad
 
         return encode_grad.encode_backward_input(g, indices, W_enc)
 
-    @_backend.register(WEIGHT, "triton", ("cuda", "cpu"))
+    @backends.register(WEIGHT, "triton", ("cuda", "cpu"))
     def _triton_weight(xc, g, indices, d_sae):
         from ..triton import encode_grad
 
         return encode_grad.encode_backward_weight(xc, g, indices, d_sae)
 
     for _op in (IN, WEIGHT):
-        _backend.prefer(_op, "cuda", ("triton", "cuda", "ref"))
+        backends.prefer(_op, "cuda", ("triton", "cuda", "ref"))
 
 
 @torch.library.custom_op("sparsekern::encode_backward_input", mutates_args=())
 def encode_backward_input(g: Tensor, indices: Tensor, W_enc: Tensor) -> Tensor:
     """g/indices [N, K], W_enc [d_in, d_sae] -> dx [N, d_in] = sum_j g[n, j] W_enc[:, idx[n, j]]."""
-    _, impl = _backend.select(IN, g.device)
+    _, impl = backends.select(IN, g.device)
     return impl(g, indices, W_enc).contiguous()
 
 
@@ -72,7 +72,7 @@ def encode_backward_weight(xc: Tensor, g: Tensor, indices: Tensor, d_sae: int) -
     """xc [N, d_in], g/indices [N, K] -> dW_enc [d_in, d_sae], contiguous (``W_enc``'s usual layout:
     autograd would copy any other layout into it when accumulating). The Triton kernel writes it so;
     the decode path transposes the decode kernel's [d_sae, d_in] result."""
-    _, impl = _backend.select(WEIGHT, g.device)
+    _, impl = backends.select(WEIGHT, g.device)
     return impl(xc, g, indices, d_sae).contiguous()
 
 

@@ -11,7 +11,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from .._tracing import has_data  # noqa: F401  (re-exported: V.has_data)
+from ..tracing import has_data  # noqa: F401  (re-exported: V.has_data)
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 

@@ -27,7 +27,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .. import _backend, ref
+from .. import backends, ref
 from ..sparse_acts import SparseActs
 from . import _validate as V
 
@@ -142,17 +142,17 @@ class FeatureTopKState:
 
 
 # ---- backend implementations -------------------------------------------------------------
-_backend.register("feature_topk_update", "ref")(ref.feature_topk_update_)
+backends.register("feature_topk_update", "ref")(ref.feature_topk_update_)
 
 
-@_backend.register("feature_topk_update", "cpp", ("cpu",))
+@backends.register("feature_topk_update", "cpp", ("cpu",))
 def _cpp(state_values, state_locations, values, indices, locations):
-    _backend.native().feature_topk_update(state_values, state_locations, values, indices, locations)
+    backends.native().feature_topk_update(state_values, state_locations, values, indices, locations)
 
 
-@_backend.register("feature_topk_update", "cuda", ("cuda",))
+@backends.register("feature_topk_update", "cuda", ("cuda",))
 def _cuda(state_values, state_locations, values, indices, locations):
-    _backend.native().feature_topk_update_cuda(state_values, state_locations, values, indices, locations)
+    backends.native().feature_topk_update_cuda(state_values, state_locations, values, indices, locations)
 
 
 # ---- custom op -----------------------------------------------------------------------------
@@ -164,7 +164,7 @@ def _feature_topk_update_(
     V.index_range("acts.indices", indices, state_values.shape[0])
     if locations.numel() and V.has_data(locations) and int(locations.min()) < 0:
         raise ValueError("locations must be >= 0 ((-1, -1) marks an empty slot)")
-    _, impl = _backend.select("feature_topk_update", state_values.device)
+    _, impl = backends.select("feature_topk_update", state_values.device)
     impl(state_values, state_locations, values, indices, locations)
 
 

@@ -27,7 +27,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .. import _backend
+from .. import backends
 from ..ref import gram as ref_gram
 from . import _validate as V
 
@@ -39,12 +39,12 @@ _MIN_SPARE = 64  # cap = k + max(k, 64): pruning (O(cap)) amortises over >= 64 a
 
 gram_rounds = ref_gram.gram_rounds
 
-_backend.register("gram_topk_update", "ref")(ref_gram.gram_topk_update_)
+backends.register("gram_topk_update", "ref")(ref_gram.gram_topk_update_)
 
 
-@_backend.register("gram_topk_update", "cpp", ("cpu",))
+@backends.register("gram_topk_update", "cpp", ("cpu",))
 def _cpp(W, values, indices, k, absolute, block, round_begin, round_end):
-    _backend.native().gram_topk_update(W, values, indices, k, absolute, block, round_begin, round_end)
+    backends.native().gram_topk_update(W, values, indices, k, absolute, block, round_begin, round_end)
 
 
 @torch.library.custom_op("sparsekern::gram_topk_update_", mutates_args=("values", "indices"))
@@ -52,7 +52,7 @@ def _gram_topk_update_(
     W: Tensor, values: Tensor, indices: Tensor, k: int, absolute: bool, block: int, round_begin: int,
     round_end: int,
 ) -> None:
-    _, impl = _backend.select("gram_topk_update", W.device)
+    _, impl = backends.select("gram_topk_update", W.device)
     impl(W, values, indices, k, absolute, block, round_begin, round_end)
 
 
@@ -63,7 +63,7 @@ def _(W, values, indices, k, absolute, block, round_begin, round_end):
 
 def gram_topk_backend(device: torch.device) -> str:
     """The backend ``gram_topk`` runs on for tensors on ``device`` (``"cpp"`` or ``"ref"``)."""
-    return _backend.select("gram_topk_update", device)[0]
+    return backends.select("gram_topk_update", device)[0]
 
 
 def gram_topk(

@@ -12,68 +12,68 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .. import _backend, ref
+from .. import backends, ref
 from ..sparse_acts import SparseActs
 from . import _validate as V
 
 # ---- backend implementations -------------------------------------------------------------
-_backend.register("sparse_decode", "ref")(ref.sparse_decode)
-_backend.register("sparse_decode_backward_values", "ref")(ref.sparse_decode_backward_values)
-_backend.register("sparse_decode_backward_weight", "ref")(ref.sparse_decode_backward_weight)
+backends.register("sparse_decode", "ref")(ref.sparse_decode)
+backends.register("sparse_decode_backward_values", "ref")(ref.sparse_decode_backward_values)
+backends.register("sparse_decode_backward_weight", "ref")(ref.sparse_decode_backward_weight)
 
 
-@_backend.register("sparse_decode", "cpp", ("cpu",))
+@backends.register("sparse_decode", "cpp", ("cpu",))
 def _cpp_fwd(values, indices, W_dec, b_dec):
-    return _backend.native().sparse_decode(values, indices, W_dec, b_dec)
+    return backends.native().sparse_decode(values, indices, W_dec, b_dec)
 
 
-@_backend.register("sparse_decode_backward_values", "cpp", ("cpu",))
+@backends.register("sparse_decode_backward_values", "cpp", ("cpu",))
 def _cpp_bwd_values(grad_out, indices, W_dec):
-    return _backend.native().sparse_decode_backward_values(grad_out, indices, W_dec)
+    return backends.native().sparse_decode_backward_values(grad_out, indices, W_dec)
 
 
-@_backend.register("sparse_decode_backward_weight", "cpp", ("cpu",))
+@backends.register("sparse_decode_backward_weight", "cpp", ("cpu",))
 def _cpp_bwd_weight(grad_out, values, indices, d_sae):
-    return _backend.native().sparse_decode_backward_weight(grad_out, values, indices, d_sae)
+    return backends.native().sparse_decode_backward_weight(grad_out, values, indices, d_sae)
 
 
-@_backend.register("sparse_decode", "cuda", ("cuda",))
+@backends.register("sparse_decode", "cuda", ("cuda",))
 def _cuda_fwd(values, indices, W_dec, b_dec):
-    return _backend.native().sparse_decode_cuda(values, indices, W_dec, b_dec)
+    return backends.native().sparse_decode_cuda(values, indices, W_dec, b_dec)
 
 
-@_backend.register("sparse_decode_backward_values", "cuda", ("cuda",))
+@backends.register("sparse_decode_backward_values", "cuda", ("cuda",))
 def _cuda_bwd_values(grad_out, indices, W_dec):
-    return _backend.native().sparse_decode_backward_values_cuda(grad_out, indices, W_dec)
+    return backends.native().sparse_decode_backward_values_cuda(grad_out, indices, W_dec)
 
 
-@_backend.register("sparse_decode_backward_weight", "cuda", ("cuda",))
+@backends.register("sparse_decode_backward_weight", "cuda", ("cuda",))
 def _cuda_bwd_weight(grad_out, values, indices, d_sae):
-    return _backend.native().sparse_decode_backward_weight_cuda(grad_out, values, indices, d_sae)
+    return backends.native().sparse_decode_backward_weight_cuda(grad_out, values, indices, d_sae)
 
 
-if _backend.has_triton():  # kernels in sparsekern/triton, imported on first call (cuda; cpu if interpreted)
+if backends.has_triton():  # kernels in sparsekern/triton, imported on first call (cuda; cpu if interpreted)
 
-    @_backend.register("sparse_decode", "triton", ("cuda", "cpu"))
+    @backends.register("sparse_decode", "triton", ("cuda", "cpu"))
     def _triton_fwd(values, indices, W_dec, b_dec):
         from ..triton import decode
 
         return decode.sparse_decode(values, indices, W_dec, b_dec)
 
-    @_backend.register("sparse_decode_backward_values", "triton", ("cuda", "cpu"))
+    @backends.register("sparse_decode_backward_values", "triton", ("cuda", "cpu"))
     def _triton_bwd_values(grad_out, indices, W_dec):
         from ..triton import decode
 
         return decode.sparse_decode_backward_values(grad_out, indices, W_dec)
 
-    @_backend.register("sparse_decode_backward_weight", "triton", ("cuda", "cpu"))
+    @backends.register("sparse_decode_backward_weight", "triton", ("cuda", "cpu"))
     def _triton_bwd_weight(grad_out, values, indices, d_sae):
         from ..triton import decode
 
         return decode.sparse_decode_backward_weight(grad_out, values, indices, d_sae)
 
 
-@_backend.register("sparse_decode", "metal", ("mps",))
+@backends.register("sparse_decode", "metal", ("mps",))
 def _metal_fwd(values, indices, W_dec, b_dec):
     from ..mps.sparse_decode import sparse_decode_metal  # only reached when MPS is available
 
@@ -87,7 +87,7 @@ def _sparse_decode(
 ) -> Tensor:
     # range check here, not in the public fn: op bodies see real tensors even under torch.compile
     V.index_range("indices", indices, W_dec.shape[0])
-    _, impl = _backend.select("sparse_decode", values.device)
+    _, impl = backends.select("sparse_decode", values.device)
     return impl(values, indices, W_dec, b_dec)
 
 
@@ -98,7 +98,7 @@ def _(values, indices, W_dec, b_dec):
 
 @torch.library.custom_op("sparsekern::sparse_decode_backward_values", mutates_args=())
 def _backward_values(grad_out: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
-    _, impl = _backend.select("sparse_decode_backward_values", grad_out.device)
+    _, impl = backends.select("sparse_decode_backward_values", grad_out.device)
     return impl(grad_out, indices, W_dec)
 
 
@@ -109,7 +109,7 @@ def _(grad_out, indices, W_dec):
 
 @torch.library.custom_op("sparsekern::sparse_decode_backward_weight", mutates_args=())
 def _backward_weight(grad_out: Tensor, values: Tensor, indices: Tensor, d_sae: int) -> Tensor:
-    _, impl = _backend.select("sparse_decode_backward_weight", grad_out.device)
+    _, impl = backends.select("sparse_decode_backward_weight", grad_out.device)
     return impl(grad_out, values, indices, d_sae)
 
 

@@ -6,26 +6,26 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .. import _backend, ref
+from .. import backends, ref
 from ..sparse_acts import SparseActs
 from . import _validate as V
 from ._encode_grad import encoder_backward, save_encoder_inputs
 
-_backend.register("threshold_encode", "ref")(ref.threshold_encode)
+backends.register("threshold_encode", "ref")(ref.threshold_encode)
 
 
-@_backend.register("threshold_encode", "cpp", ("cpu",))
+@backends.register("threshold_encode", "cpp", ("cpu",))
 def _cpp(x, W_enc, b_enc, threshold, b_dec):
     # detached: see ops/topk_encode.py (ATen calls on worker threads must not see requires_grad)
     b_dec = b_dec.detach() if b_dec is not None else None
-    return _backend.native().threshold_encode(
+    return backends.native().threshold_encode(
         x.detach(), W_enc.detach(), b_enc.detach(), threshold.detach(), b_dec
     )
 
 
-if _backend.has_triton():  # kernels in sparsekern/triton, imported on first call (cuda; cpu if interpreted)
+if backends.has_triton():  # kernels in sparsekern/triton, imported on first call (cuda; cpu if interpreted)
 
-    @_backend.register("threshold_encode", "triton", ("cuda", "cpu"))
+    @backends.register("threshold_encode", "triton", ("cuda", "cpu"))
     def _triton(x, W_enc, b_enc, threshold, b_dec):
         from ..triton import encode
 
@@ -38,7 +38,7 @@ def _threshold_encode(
     x: Tensor, W_enc: Tensor, b_enc: Tensor, threshold: Tensor, b_dec: Optional[Tensor]
 ) -> tuple[Tensor, Tensor, Tensor]:
     V.finite_threshold(threshold)  # here, not in the public fn: the op body sees real tensors
-    _, impl = _backend.select("threshold_encode", x.device)
+    _, impl = backends.select("threshold_encode", x.device)
     values, indices, l0 = impl(x, W_enc, b_enc, threshold, b_dec)
     return values, indices, l0
 

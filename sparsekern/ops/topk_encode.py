@@ -11,25 +11,25 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .. import _backend, ref
+from .. import backends, ref
 from ..sparse_acts import SparseActs
 from . import _validate as V
 from ._encode_grad import encoder_backward, save_encoder_inputs
 
-_backend.register("topk_encode", "ref")(ref.topk_encode)
+backends.register("topk_encode", "ref")(ref.topk_encode)
 
 
-@_backend.register("topk_encode", "cpp", ("cpu",))
+@backends.register("topk_encode", "cpp", ("cpu",))
 def _cpp(x, W_enc, b_enc, b_dec, k, relu):
     # detached: the kernel's worker threads call ATen ops that must not see requires_grad
     # (autograd is handled by register_autograd below, not inside the kernel)
     b_dec = b_dec.detach() if b_dec is not None else None
-    return _backend.native().topk_encode(x.detach(), W_enc.detach(), b_enc.detach(), b_dec, k, relu)
+    return backends.native().topk_encode(x.detach(), W_enc.detach(), b_enc.detach(), b_dec, k, relu)
 
 
-if _backend.has_triton():  # kernels in sparsekern/triton, imported on first call (cuda; cpu if interpreted)
+if backends.has_triton():  # kernels in sparsekern/triton, imported on first call (cuda; cpu if interpreted)
 
-    @_backend.register("topk_encode", "triton", ("cuda", "cpu"))
+    @backends.register("topk_encode", "triton", ("cuda", "cpu"))
     def _triton(x, W_enc, b_enc, b_dec, k, relu):
         from ..triton import encode
 
@@ -41,7 +41,7 @@ if _backend.has_triton():  # kernels in sparsekern/triton, imported on first cal
 def _topk_encode(
     x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Optional[Tensor], k: int, relu: bool
 ) -> tuple[Tensor, Tensor]:
-    _, impl = _backend.select("topk_encode", x.device)
+    _, impl = backends.select("topk_encode", x.device)
     values, indices = impl(x, W_enc, b_enc, b_dec, k, relu)
     return values, indices
 

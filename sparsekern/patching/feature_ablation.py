@@ -52,6 +52,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ..hook_names import block_index
 from . import _engine
 from ._engine import (
     Engine,
@@ -211,13 +212,6 @@ def _check_features(features, d_sae: int, device) -> Tensor | None:
     return f.to(device)
 
 
-def _layer_of(hook: str, n_layers: int) -> int | None:
-    parts = hook.split(".")
-    if len(parts) >= 3 and parts[0] == "blocks" and parts[1].isdigit() and int(parts[1]) < n_layers:
-        return int(parts[1])
-    return None
-
-
 def _check_hooks(model, hook_in: str | None, hook_out: str | None) -> None:
     attached = {}
     if hasattr(model, "_acts_to_saes"):  # HookedSAETransformer: an attached SAE replaces the hook point
@@ -271,10 +265,10 @@ def _setup(model, tokens: Tensor, sae, use_error_term: bool) -> tuple[_Ablations
     hook_out = (getattr(meta, "hook_name_out", None) or hook_in) if transcoder else hook_in
     _check_hooks(model, hook_in, hook_out)
     L = model.cfg.n_layers
-    layer = _layer_of(hook_out, L)
+    layer = block_index(hook_out, L)
     B, T = tokens.shape
     names = {hook_in, hook_out}
-    stop = layer + 1 if layer is not None and layer + 1 < L and _layer_of(hook_in, L) is not None else None
+    stop = layer + 1 if layer is not None and layer + 1 < L and block_index(hook_in, L) is not None else None
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names, stop_at_layer=stop)
     for role, name in (("hook_name", hook_in), ("hook_name_out", hook_out)):

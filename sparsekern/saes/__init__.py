@@ -2,10 +2,10 @@
 
 ``sae.py`` holds the base (``SAEMetadata``, ``SAEConfig``, ``SAE``, build/load/save classmethods); one file
 per architecture adds its config and class (``standard``, ``gated``, ``jumprelu``, ``topk``,
-``transcoder``). Importing this package registers every architecture in :mod:`sparsekern._registry`.
+``transcoder``). Importing this package registers every architecture in :mod:`sparsekern.registry`.
 """
 
-from .._constants import (
+from ..constants import (
     NORMALIZE_MODES,
     SAE_CFG_FILENAME,
     SAE_WEIGHTS_FILENAME,
@@ -13,7 +13,7 @@ from .._constants import (
     dtype_to_str,
     str_to_dtype,
 )
-from .._registry import get_sae_class, register_sae_class
+from ..registry import get_sae_class, register_sae_class
 from ..sparse_acts import dense_to_sparse
 from .gated import GatedSAE, GatedSAEConfig
 from .jumprelu import JumpReLUSAE, JumpReLUSAEConfig

@@ -29,7 +29,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookedRootModule, HookPoint
 
-from .._constants import (
+from ..constants import (
     NORMALIZE_MODES,
     SAE_CFG_FILENAME,
     SAE_WEIGHTS_FILENAME,
@@ -37,8 +37,8 @@ from .._constants import (
     dtype_to_str,
     str_to_dtype,
 )
-from .._constants import sae_lens_version as _sae_lens_version
-from .._registry import get_sae_class
+from ..constants import sae_lens_version as _sae_lens_version
+from ..registry import get_sae_class
 from ..loading.formats import (
     SPARSIFY_WEIGHTS_FILENAME,
     read_circuit_tracer,

@@ -27,12 +27,13 @@ Cached activations: :meth:`ActivationStore.from_cached` reads safetensors shards
 from __future__ import annotations
 
 import difflib
-import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
+
+from ..hook_names import stop_layer
 
 TokenSource = Union[Tensor, str, Path, Iterable[Tensor]]
 
@@ -49,16 +50,6 @@ def check_hooks(model: Any, hook_names: Sequence[str]) -> None:
             close = difflib.get_close_matches(h, list(hooks), n=3)
             hint = f"; did you mean {close}?" if close else ""
             raise ValueError(f"hook {h!r} is not a hook of this model{hint}")
-
-
-def _stop_layer(hook_names: Sequence[str]) -> Optional[int]:
-    layers = []
-    for h in hook_names:
-        m = re.match(r"blocks\.(\d+)\.", h)
-        if m is None:
-            return None
-        layers.append(int(m.group(1)))
-    return max(layers) + 1
 
 
 def _token_chunks(tokens: TokenSource, batch: int, key: str) -> Callable[[], Iterator[Tensor]]:
@@ -177,7 +168,7 @@ class ActivationStore:
     # ---- sources of rows -------------------------------------------------------------------------
     @torch.no_grad()
     def _model_rows(self) -> Iterator[Tensor]:
-        stop = _stop_layer(self.hook_names)
+        stop = stop_layer(self.hook_names)
         for toks in self._tokens():
             dev = getattr(getattr(self.model, "cfg", None), "device", None) or "cpu"
             toks = toks.to(dev)
