@@ -485,7 +485,7 @@ def test_bad_input_without_a_process_group():
     from sparsekern.training import TrainingConfig
 
     with pytest.raises(TypeError, match="fn must be sparsekern.patching"):
-        distributed_patch(fa._run_reference)
+        distributed_patch(fa.measure_ablations)  # a step of a sweep, not a sweep
     with pytest.raises(RuntimeError, match="init_process_group"):
         distributed_patch(fa.ablate_features, "model", "tokens", "sae", "metric")
     with pytest.raises(RuntimeError, match="init_process_group"):

@@ -251,7 +251,7 @@ def test_equals_sae_lens_style_ablation(use_error_term):
 
 
 def test_options_reference_backend_and_fallback(monkeypatch):
-    import sparsekern.patching._engine as engine
+    import sparsekern.patching._common as common
     import sparsekern.patching.feature_ablation as fa
 
     model = model_for("gpt2")
@@ -261,13 +261,13 @@ def test_options_reference_backend_and_fallback(monkeypatch):
     inactive = min(set(range(D_SAE)) - set(everything))
     feats = [everything[3], everything[3], inactive, everything[0], everything[-1], everything[5]]
     kw = {"per_position": True, "progress": False}
-    reference = fa._run_reference
+    reference = fa.run_reference
     with monkeypatch.context() as mp:  # the default path is the engine, never one forward per ablation
-        mp.setattr(fa, "_run_reference", None)
+        mp.setattr(fa, "run_reference", None)
         auto = ablate_features(model, toks, sae, mean_logprob, feats, **kw)
         one = ablate_features(model, toks, sae, mean_logprob, torch.tensor(feats), max_batch=1, **kw)
         small = ablate_features(model, toks, sae, mean_logprob, feats, memory_budget=1, **kw)
-    assert fa._run_reference is reference
+    assert fa.run_reference is reference
     ref = ablate_features(model, toks, sae, mean_logprob, feats, backend="reference", **kw)
     for r in (ref, one, small):
         close(r.values, auto.values)
@@ -285,7 +285,7 @@ def test_options_reference_backend_and_fallback(monkeypatch):
     assert one_row.values.dim() == 1
     # a hook outside the blocks runs one forward per ablation (warned), same numbers
     emb = make_sae("topk", "hook_embed")
-    monkeypatch.setattr(engine, "_WARNED", set())  # warned once per process
+    monkeypatch.setattr(common, "_WARNED", set())  # warned once per process
     with pytest.warns(UserWarning, match="one forward per ablation"):
         check_against_oracle(model, toks, emb, False, True, None, n_sample=3)
 

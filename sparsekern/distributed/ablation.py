@@ -1,11 +1,13 @@
 """Data-parallel SAE feature ablation: one ``ablate_features`` sweep's ablations split across ranks.
 
-Every rank runs the baseline and plans the whole sweep as one process would (the active (feature,
-position) pairs, the chunks of ablations sharing one staged forward), runs chunk ``i`` (engine) or
-ablation ``i`` (``backend="reference"``) iff ``i % world_size == rank`` and leaves 0 for the others'
+Built from the public steps of :mod:`sparsekern.patching.feature_ablation`: every rank plans the whole
+sweep as one process would (``plan_ablations``: the active (feature, position) pairs), then
+``measure_ablations(..., shard=Shard(rank, world_size))`` runs the baseline and chunk ``i`` (engine) or
+ablation ``i`` (``backend="reference"``) iff ``i % world_size == rank``, leaving 0 for the others'
 metric values; an all-reduce (sum) fills every ablation's value from exactly one rank (``x + 0 == x``).
-Only then is the result laid out (deltas, inactive entries, the requested feature order), from the
-summed values and the baseline every rank computed itself, so no baseline or inactive entry is summed.
+Only then does ``assemble_ablations`` lay the result out (deltas, inactive entries, the requested
+feature order), from the summed values and the baseline every rank computed itself, so no baseline or
+inactive entry is summed.
 
 Exactness: with the same ``max_batch`` or ``memory_budget`` (fixed to the ranks' minimum default budget
 when neither is given) each chunk holds the same ablations as in one process, so the result is bitwise
@@ -23,8 +25,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..patching import _engine
-from ..patching.feature_ablation import FeatureAblationResult, _assemble, _measure
+from ..patching import Shard, default_budget
+from ..patching.feature_ablation import (
+    FeatureAblationResult,
+    assemble_ablations,
+    measure_ablations,
+    plan_ablations,
+)
 from .data_parallel import _collective, gather_objects, rank_and_world, run_collectively
 
 __all__ = ["distributed_ablate_features"]
@@ -67,28 +74,27 @@ def distributed_ablate_features(
     rank, world = rank_and_world(group)
     if max_batch is None and memory_budget is None:
         device = torch.device(model.cfg.device) if hasattr(model, "cfg") else torch.device("cpu")
-        memory_budget = min(gather_objects(_engine.default_budget(device), "ablation memory budget", group))
-    shard = _engine.Shard(rank, world)
+        memory_budget = min(gather_objects(default_budget(device), "ablation memory budget", group))
+    shard = Shard(rank, world)
 
     def local():
-        token = _engine.SHARD.set(shard)
-        try:
-            return _measure(
-                model, tokens, sae, metric, features, per_position=per_position,
-                use_error_term=use_error_term, return_delta=return_delta, progress=progress,
-                max_batch=max_batch, memory_budget=memory_budget, backend=backend,
-            )
-        finally:
-            _engine.SHARD.reset(token)
+        plan = plan_ablations(
+            model, tokens, sae, features, per_position=per_position, use_error_term=use_error_term
+        )
+        measured = measure_ablations(
+            plan, metric, progress=progress, max_batch=max_batch, memory_budget=memory_budget,
+            backend=backend, shard=shard,
+        )  # fmt: skip
+        return plan, measured
 
-    m = run_collectively(local, "distributed_ablate_features", group)
+    plan, m = run_collectively(local, "distributed_ablate_features", group)
     # everything but the values is computed by every rank and must agree bitwise (replicated, not summed)
     mine = {
         "plans": shard.plans,
-        "features": _digest(m.feature_ids),
-        "active": _digest(m.act_u),
-        "baseline": _digest(m.base),
-        "values": [str(m.vals.dtype), list(m.vals.shape)],
+        "features": _digest(plan.feature_ids),
+        "active": _digest(plan.active),
+        "baseline": _digest(m.baseline),
+        "values": [str(m.values.dtype), list(m.values.shape)],
     }
     seen = gather_objects(mine, "ablation plans", group)
     bad = sorted(k for k in mine if any(s[k] != seen[0][k] for s in seen))
@@ -97,7 +103,7 @@ def distributed_ablate_features(
             f"distributed_ablate_features: the ranks disagree on {', '.join(bad)} (different model, tokens, "
             "sae, metric, features or max_batch/memory_budget per rank?): pass the same inputs on every rank"
         )
-    vals = m.vals.contiguous()
+    vals = m.values.contiguous()
     # one rank holds each ablation's value, the others 0 there: the sum is exact whatever the order
     _collective("ablation values", dist.all_reduce, vals, op=dist.ReduceOp.SUM, group=group)
-    return _assemble(m._replace(vals=vals))
+    return assemble_ablations(plan, m._replace(values=vals), return_delta=return_delta)

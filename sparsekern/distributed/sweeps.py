@@ -1,9 +1,10 @@
 """Data-parallel activation-patching sweeps: one sweep's patches split across ranks, gathered exactly.
 
-Every rank resolves and plans the whole sweep as a single process would (the corrupted run, the no-op
-patches, the chunks of patches that share one staged forward), runs the chunks ``i`` with
-``i % world_size == rank`` and leaves 0 in the others' slots; an all-reduce (sum) of the outputs then
-fills every slot from exactly one rank (``x + 0 == x``), so every rank returns the full result.
+Every rank calls the sweep with ``shard=sparsekern.patching.Shard(rank, world_size)``: it resolves and
+plans the whole sweep as a single process would (the corrupted run, the no-op patches, the chunks of
+patches that share one staged forward), runs the chunks ``i`` with ``i % world_size == rank`` and leaves
+0 in the others' slots; an all-reduce (sum) of the outputs then fills every slot from exactly one rank
+(``x + 0 == x``), so every rank returns the full result.
 
 Exactness: a chunk holds the same patches as in the single-process run, so with the same ``max_batch``
 or ``memory_budget`` (``distributed_patch`` fixes the budget to the ranks' minimum when neither is given)
@@ -20,7 +21,8 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from ..patching import _api, _engine
+from .. import patching
+from ..patching import Shard, default_budget
 from ..patching.feature_ablation import ablate_features
 from .data_parallel import _collective, gather_objects, rank_and_world, run_collectively
 
@@ -32,7 +34,7 @@ _EVERY = ("get_act_patch_attn_head_all_pos_every", "get_act_patch_attn_head_by_p
 
 def _check_fn(fn: Callable) -> None:
     base = fn.func if isinstance(fn, functools.partial) else fn
-    if base is _api.generic_activation_patch or any(base is getattr(_api, n) for n in _EVERY):
+    if base is patching.generic_activation_patch or any(base is getattr(patching, n) for n in _EVERY):
         return
     raise TypeError(
         "fn must be sparsekern.patching.generic_activation_patch, one of the get_act_patch_* functions, "
@@ -70,20 +72,18 @@ def distributed_patch(fn: Callable, *args: Any, group: Optional[Any] = None, **k
             args, kwargs = fn.args + args, {**fn.keywords, **kwargs}
         return distributed_ablate_features(*args, group=group, **kwargs)
     _check_fn(fn)
+    if "shard" in kwargs:
+        raise TypeError("distributed_patch: do not pass shard=; each rank's Shard is made from group")
     rank, world = rank_and_world(group)
     if kwargs.get("max_batch") is None and kwargs.get("memory_budget") is None:
         model = kwargs.get("model", args[0] if args else None)
         device = torch.device(model.cfg.device) if hasattr(model, "cfg") else torch.device("cpu")
-        budgets = gather_objects(_engine.default_budget(device), "patching memory budget", group)
+        budgets = gather_objects(default_budget(device), "patching memory budget", group)
         kwargs["memory_budget"] = min(budgets)
-    shard = _engine.Shard(rank, world)
+    shard = Shard(rank, world)
 
     def local() -> Any:
-        token = _engine.SHARD.set(shard)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            _engine.SHARD.reset(token)
+        return fn(*args, shard=shard, **kwargs)
 
     out = run_collectively(local, f"distributed_patch({getattr(fn, '__name__', 'fn')})", group)
     plans = gather_objects(shard.plans, "patching plans", group)

@@ -2,9 +2,17 @@
 
 Every public callable of ``transformer_lens.patching`` (same signatures, defaults, output shapes and
 ``index_df`` behaviour), computed by a batched engine that reuses the corrupted run (see ``_engine``).
-Extra keyword-only options: ``progress``, ``max_batch``, ``memory_budget``, ``backend``.
+Extra keyword-only options: ``progress``, ``max_batch``, ``memory_budget``, ``backend``, ``shard``.
 ``sparsekern.patching.attribution`` (attribution patching) and ``sparsekern.patching.feature_ablation``
 (SAE feature ablation sweeps) are imported lazily on first access.
+
+Seams for code built on the engine (distributed sweeps, new sweeps):
+
+* :class:`Shard` ``(rank, world)``: pass ``shard=`` to a sweep to run one share of its plan; the other
+  entries are 0, so the shares' outputs sum to the full result bitwise.
+* :class:`Engine` (the cached corrupted run and the batched patches) with its extension points
+  ``noop_patches`` / ``patch_hooks`` and :class:`Patch` (one patch); :func:`default_budget` (bytes a
+  chunk may use by default on a device); :data:`Metric` (the metric's type).
 """
 
 from __future__ import annotations
@@ -32,6 +40,9 @@ from ._api import (
     get_act_patch_resid_mid,
     get_act_patch_resid_pre,
 )
+from ._common import Metric, Shard
+from ._engine import Engine, default_budget
+from ._patches import Patch
 from ._setters import (
     layer_head_dest_src_pos_pattern_patch_setter,
     layer_head_pattern_patch_setter,
@@ -43,6 +54,11 @@ from ._setters import (
 )
 
 __all__ = [
+    "Engine",
+    "Metric",
+    "Patch",
+    "Shard",
+    "default_budget",
     "generic_activation_patch",
     "get_act_patch_attn_head_all_pos_every",
     "get_act_patch_attn_head_by_pos_every",

@@ -28,146 +28,16 @@ Unknown setters run one patch per forward (from the cached layer input when that
 from __future__ import annotations
 
 import bisect
-import contextvars
-import hashlib
 import math
-import numbers
 import os
-import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 
+from ._common import Shard, as_scalar
 from ._fast import fast_elementwise
 from ._lazy_logits import LazyLogits, ReadLog
-
-_POS_LOCAL_SUFFIXES = (  # hooks whose axis 1 (axis 2 for patterns) is the query position, length T - s
-    "hook_resid_pre",
-    "hook_resid_mid",
-    "hook_resid_post",
-    "hook_attn_out",
-    "hook_mlp_out",
-    "hook_mlp_in",
-    "hook_attn_in",
-    "hook_q_input",
-    "hook_k_input",
-    "hook_v_input",
-    "attn.hook_z",
-    "attn.hook_q",
-    "attn.hook_k",
-    "attn.hook_v",
-    "attn.hook_result",
-    "attn.hook_rot_q",
-    "attn.hook_pattern",
-    "attn.hook_attn_scores",
-    "mlp.hook_pre",
-    "mlp.hook_post",
-    "mlp.hook_pre_linear",
-    "ln1.hook_normalized",
-    "ln1.hook_scale",
-    "ln2.hook_normalized",
-    "ln2.hook_scale",
-)
-_PATTERN_SUFFIXES = ("attn.hook_pattern", "attn.hook_attn_scores")
-# computed after the block's keys/values: a single-position patch here changes only that position of its
-# block's output (a query or the per-position path after attention). Patterns/scores are left out: their
-# patched rows span every source position, which a one-position run does not have.
-_AFTER_KV_SUFFIXES = (
-    "attn.hook_q",
-    "attn.hook_rot_q",
-    "attn.hook_z",
-    "attn.hook_result",
-    "hook_attn_out",
-    "hook_resid_mid",
-    "ln2.hook_scale",
-    "ln2.hook_normalized",
-    "hook_mlp_in",
-    "mlp.hook_pre",
-    "mlp.hook_pre_linear",
-    "mlp.hook_post",
-    "hook_mlp_out",
-    "hook_resid_post",
-)
-_WARNED: set[str] = set()
-
-
-@dataclass
-class Shard:
-    """This process's share of a sweep (set by ``sparsekern.distributed.sweeps.distributed_patch``).
-
-    Chunk (engine) or row (one-forward-per-patch path) ``i`` runs here iff ``i % world == rank``; the
-    values of the others stay 0, so adding the ranks' outputs gives the full sweep exactly. Every rank
-    plans the whole sweep as one process would, so each chunk holds the same patches as there.
-    """
-
-    rank: int
-    world: int
-    plans: list = field(default_factory=list)  # a digest per sharded run, compared across ranks
-
-    def mine(self, i: int) -> bool:
-        return i % self.world == self.rank
-
-    def record(self, *what) -> None:
-        self.plans.append(hashlib.sha1(repr(what).encode()).hexdigest())
-
-
-SHARD: contextvars.ContextVar[Shard | None] = contextvars.ContextVar("sparsekern_patch_shard", default=None)
-
-
-def warn_once(key: str, message: str) -> None:
-    """Issue ``message`` as a UserWarning the first time ``key`` is seen in this process."""
-    if key not in _WARNED:
-        _WARNED.add(key)
-        warnings.warn(message, stacklevel=4)
-
-
-@dataclass
-class Patch:
-    """One patch of a sweep: write ``idx`` of the clean ``hook`` activation into the corrupted run."""
-
-    sweep: int  # which output tensor
-    slot: int  # flat position in that output
-    layer: int
-    start: int  # first position whose activations can change (0 = all)
-    hook: str
-    kind: str  # setter kind, see _setters.INDEX_LEN
-    idx: tuple  # index without the layer, non-negative ints
-
-    @property
-    def single_position(self) -> bool:
-        """Only position ``start`` of the hooked activation is written (``start`` came from the index)."""
-        if is_pattern_hook(self.hook):
-            return self.kind in ("pattern_dest", "pattern_dest_src")
-        return self.kind in ("pos", "pos_head") and is_position_local_hook(self.hook)
-
-
-@dataclass
-class _HookGroup:
-    slots: list = field(default_factory=list)  # chunk-local slice numbers
-    idx: list = field(default_factory=list)
-
-
-def is_pattern_hook(name: str) -> bool:
-    return name.endswith(_PATTERN_SUFFIXES)
-
-
-def is_position_local_hook(name: str) -> bool:
-    return name.endswith(_POS_LOCAL_SUFFIXES)
-
-
-def as_scalar(value, arg_name: str, device) -> torch.Tensor:
-    """Metric output -> 0-d tensor on ``device``; TypeError naming ``arg_name`` for anything non-scalar."""
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise TypeError(
-                f"{arg_name} must return a scalar (a 0-d or one-element tensor, or a number); "
-                f"it returned a tensor of shape {list(value.shape)}"
-            )
-        return value.detach().reshape(()).to(device)
-    if isinstance(value, numbers.Real):
-        return torch.tensor(float(value), device=device)
-    raise TypeError(f"{arg_name} must return a scalar tensor or a number; it returned {type(value).__name__}")
+from ._patches import AFTER_KV_SUFFIXES, HookGroup, Patch, gather_slices, is_pattern_hook, vector_hook
 
 
 def _available_bytes(device: torch.device) -> int:
@@ -219,10 +89,24 @@ def engine_unsupported_reason(model, tokens: torch.Tensor) -> str | None:
 
 
 class Engine:
-    """Cached corrupted run + batched execution of patches for one (model, corrupted_tokens)."""
+    """Cached corrupted run + batched execution of patches for one (model, corrupted_tokens).
 
-    def __init__(self, model, tokens: torch.Tensor, patch_hooks: Sequence[str] = ()):
-        """Run the corrupted ``tokens`` once; ``patch_hooks`` are also cached (for the no-op test)."""
+    :meth:`run` is the whole sweep; its extension points are two methods a subclass may override (feature
+    ablation does) and one argument:
+
+    * :meth:`noop_patches` ``(patches, clean) -> [patch, ...]``: called once per :meth:`run`, before
+      planning; the patches it returns are not run, their value is the metric on the corrupted run.
+    * :meth:`patch_hooks` ``(items, n_rep, start, clean, length) -> fwd_hooks``: called once per forward
+      of a chunk (once for the chunk's staged forward, and once per layer whose single-position patches
+      first run their own block at position ``start``, then with ``length == 1``); the hooks it returns
+      must write patch ``p``'s value into batch slice ``j`` for every ``(j, p)`` of ``items``.
+    * ``run(..., shard=Shard(rank, world))``: plan every patch, run only this rank's chunks (see
+      :class:`Shard`), leave the others' values 0.
+    """
+
+    def __init__(self, model, tokens: torch.Tensor, cache_hooks: Sequence[str] = ()):
+        """Run the corrupted ``tokens`` ``[batch, pos]`` once, caching what a restart needs; the activations
+        at the hook points ``cache_hooks`` are cached too (in :attr:`acts`, for :meth:`noop_patches`)."""
         from transformer_lens.utilities.activation_functions import apply_softcap
 
         self._softcap = apply_softcap
@@ -236,7 +120,7 @@ class Engine:
         self.late_join = self.causal and tokens.device.type == "cpu"
         L = cfg.n_layers
         names = {f"blocks.{i}.hook_resid_pre" for i in range(L)} | {f"blocks.{L - 1}.hook_resid_post"}
-        names |= set(patch_hooks)
+        names |= set(cache_hooks)
         if self.causal:
             names |= {f"blocks.{i}.attn.hook_k" for i in range(L)} | {
                 f"blocks.{i}.attn.hook_v" for i in range(L)
@@ -256,7 +140,7 @@ class Engine:
         self.k = [cache[f"blocks.{i}.attn.hook_k"] for i in range(L)] if self.causal else None
         self.v = [cache[f"blocks.{i}.attn.hook_v"] for i in range(L)] if self.causal else None
         self.pos_embed = cache["hook_pos_embed"] if self.shortformer else None
-        self.acts = {n: cache[n] for n in patch_hooks if n in cache.cache_dict}
+        self.acts = {n: cache[n] for n in cache_hooks if n in cache.cache_dict}
         # TransformerLens's Unembed makes W_U.T contiguous on every call (d_model x d_vocab: 154 MB for GPT-2);
         # do it once. Same F.linear, same weight layout -> bitwise the same logits.
         from transformer_lens.components.unembed import Unembed
@@ -374,7 +258,7 @@ class Engine:
     def join_layer(self, p: Patch) -> int:
         """Block at which patch ``p``'s slice enters the batched forward: ``p.layer``, or ``p.layer + 1``
         when only position ``p.start`` of block ``p.layer``'s output can change (see :meth:`block_at_start`)."""
-        if self.late_join and p.single_position and p.hook.endswith(_AFTER_KV_SUFFIXES):
+        if self.late_join and p.single_position and p.hook.endswith(AFTER_KV_SUFFIXES):
             return p.layer + 1
         return p.layer
 
@@ -423,12 +307,20 @@ class Engine:
                 chunks.append((s, group[k : k + size]))
         return chunks
 
-    def _hooks_for(self, items, n_rep: dict[int, int], start: int, clean: dict, length: int) -> list:
-        """Vectorised patch hooks for ``items`` = ``[(slice number, patch), ...]``; at block ``l`` the hooked
-        batch holds ``n_rep[l]`` slices of ``length`` positions (from ``start``)."""
-        groups: dict[tuple, _HookGroup] = {}
+    def patch_hooks(
+        self, items: Sequence[tuple[int, Patch]], n_rep: dict[int, int], start: int, clean: dict, length: int
+    ) -> list[tuple[str, Callable]]:
+        """Forward hooks applying ``items`` = ``[(slice j, patch), ...]`` in one forward (extension point).
+
+        At block ``l`` the hooked batch is ``[n_rep[l] * batch, length, ...]`` (a pattern hook:
+        ``[n_rep[l] * batch, head, length, pos]``): ``n_rep[l]`` slices of the corrupted batch, holding
+        positions ``start .. start + length - 1``; slice ``j`` must become patch ``p``'s activation.
+        ``clean`` maps a hook name to the clean activation ``[batch, pos, ...]`` (the sweep's
+        ``clean_cache``). Here: one vectorised index write per (hook, setter kind, layer).
+        """
+        groups: dict[tuple, HookGroup] = {}
         for j, p in items:
-            g = groups.setdefault((p.hook, p.kind, p.layer), _HookGroup())
+            g = groups.setdefault((p.hook, p.kind, p.layer), HookGroup())
             g.slots.append(j)
             g.idx.append(p.idx)
         B, dev = self.B, self.device
@@ -439,7 +331,7 @@ class Engine:
             src = clean[name].to(dev)
             pattern = is_pattern_hook(name)
             check = start > 0 or length != self.T  # only position-local hooks run on part of the positions
-            hooks.append((name, _vector_hook(kind, n_rep[layer], B, J, cols, src, start, pattern, length, check)))
+            hooks.append((name, vector_hook(kind, n_rep[layer], B, J, cols, src, start, pattern, length, check)))
         return hooks
 
     def run_chunk(self, start: int, chunk: Sequence[Patch], clean: dict, unembed: bool) -> torch.Tensor:
@@ -454,20 +346,24 @@ class Engine:
             if jl != p.layer:
                 late.setdefault(p.layer, []).append(j)
         for layer, js in late.items():
-            hooks = self._hooks_for(
+            hooks = self.patch_hooks(
                 [(k, chunk[j]) for k, j in enumerate(js)], {layer: len(js)}, start, clean, 1
             )
             rows = self.block_at_start(layer, start, len(js), hooks)
             first_rows.update({j: rows[k] for k, j in enumerate(js)})
         main = [(j, p) for j, (p, jl) in enumerate(zip(chunk, joins)) if jl == p.layer]
-        hooks = self._hooks_for(main, n_upto, start, clean, self.T - start)
+        hooks = self.patch_hooks(main, n_upto, start, clean, self.T - start)
         self.work_rows += self.B * (
             (self.T - start) * sum(self.cfg.n_layers - jl for jl in joins) + sum(len(js) for js in late.values())
         )
         return self.forward_staged(start, joins, hooks, unembed=unembed, first_rows=first_rows)
 
-    def _noops(self, patches: Sequence[Patch], clean: dict) -> list[Patch]:
-        """Patches whose clean slice equals the corrupted one bitwise (so the patch changes nothing)."""
+    def noop_patches(self, patches: Sequence[Patch], clean: dict) -> list[Patch]:
+        """The patches of ``patches`` that change nothing (extension point; see the class docstring).
+
+        Here: those whose clean slice equals the corrupted one bitwise (the hook is in :attr:`acts`);
+        TransformerLens's forward is then the corrupted run. An override must return only such patches.
+        """
         groups: dict[tuple, list[Patch]] = {}
         for p in patches:
             if p.hook in self.acts:
@@ -475,8 +371,8 @@ class Engine:
         found = []
         for (name, kind), ps in groups.items():
             cols = [torch.tensor(c, device=self.device) for c in zip(*(p.idx for p in ps))]
-            a = _gather(kind, clean[name].to(self.device), cols)
-            b = _gather(kind, self.acts[name], cols)
+            a = gather_slices(kind, clean[name].to(self.device), cols)
+            b = gather_slices(kind, self.acts[name], cols)
             if a.shape != b.shape:
                 continue
             same = (a == b).flatten(1).all(1).tolist()
@@ -492,8 +388,17 @@ class Engine:
         max_batch: int | None,
         budget: int | None,
         progress: bool,
+        *,
+        shard: Shard | None = None,
     ) -> torch.Tensor:
-        """Metric value per patch (in ``patches`` order), on the model device."""
+        """Metric value per patch ``[len(patches)]`` (in ``patches`` order), on the model device.
+
+        ``clean``: hook name -> clean activation ``[batch, pos, ...]``; ``metric`` gets the patched logits
+        ``[batch, pos, d_vocab]`` (a :class:`LazyLogits` where that is exact) and returns a scalar;
+        ``max_batch`` patches per forward, else chunks capped by ``budget`` bytes. With ``shard``, every
+        patch is planned but only the chunks ``i`` with ``shard.mine(i)`` run (no-op values are written by
+        ``shard.owns_shared``); the other values are exactly 0 and the plan is recorded in ``shard.plans``.
+        """
         from tqdm.auto import tqdm
 
         budget = default_budget(self.device) if budget is None else budget
@@ -501,19 +406,18 @@ class Engine:
             1 << 30 if self.device.type == "cuda" else int(os.environ.get("SPARSEKERN_PATCH_ROWS", "2048"))
         )
         pos_of = {id(p): i for i, p in enumerate(patches)}
-        shard = SHARD.get()
-        out = torch.empty(len(patches), device=self.device) if shard is None else \
-            torch.zeros(len(patches), device=self.device)
+        # sharded: the slots of other ranks' chunks stay 0, so the ranks' outputs sum to the full sweep
+        out = (torch.empty if shard is None else torch.zeros)(len(patches), device=self.device)
         # the metric on the corrupted run: the value of every no-op patch, and which positions it reads
         log = ReadLog()
         lazy = self.lazy_logits_ok()
         probe = LazyLogits(self.logits, self.T, self.logits[:, :0], {}, self._logits, log) if lazy else self.logits
         base = as_scalar(metric(probe), metric_name, self.device)
         read = set(log.read) if lazy and not log.materialized else None
-        noop = self._noops(patches, clean)
+        noop = self.noop_patches(patches, clean)
         if noop:
             # clean == corrupted on the patched slice: TransformerLens's forward is then the corrupted run
-            if shard is None or shard.rank == 0:  # data parallel: one rank fills them
+            if shard is None or shard.owns_shared:  # sharded: one rank fills them
                 out[torch.tensor([pos_of[id(p)] for p in noop], device=self.device)] = base.to(out.dtype)
             skip = {id(p) for p in noop}
             patches = [p for p in patches if id(p) not in skip]
@@ -522,7 +426,7 @@ class Engine:
         if shard is not None:
             shard.record("engine", sorted(pos_of[id(p)] for p in noop),
                          [(s, [pos_of[id(p)] for p in c]) for s, c in chunks])
-            noop = noop if shard.rank == 0 else []
+            noop = noop if shard.owns_shared else []
             chunks = [c for i, c in enumerate(chunks) if shard.mine(i)]
         self.work_rows = 0  # token rows x blocks computed, for the benchmark's work count
         self.logit_rows = 0  # token rows unembedded
@@ -566,55 +470,3 @@ class Engine:
                                   metric_name, self.device))
         self.logit_rows += n * self.B * len(pos)
         return torch.stack(vals), (None if log.materialized else read | log.missed)
-
-
-def _gather(kind: str, src: torch.Tensor, cols) -> torch.Tensor:
-    """The slices the known setter ``kind`` copies, for ``n`` index tuples: ``[n, batch, ...]``."""
-    if kind in ("pos", "pattern_head"):  # a[:, pos] / a[:, head]
-        return src[:, cols[0]].movedim(1, 0)
-    if kind in ("pos_head", "pattern_dest"):  # a[:, pos, head] / a[:, head, dest]
-        return src[:, cols[0], cols[1]].movedim(1, 0)
-    if kind == "head":  # a[:, :, head]
-        return src[:, :, cols[0]].movedim(2, 0)
-    if kind == "pattern_dest_src":  # a[:, head, dest, src]
-        return src[:, cols[0], cols[1], cols[2]].movedim(1, 0)
-    raise AssertionError(kind)  # pragma: no cover
-
-
-def _vector_hook(
-    kind: str, n_rep: int, B: int, J, cols, clean, s: int, pattern: bool, length: int, check: bool
-):
-    """Hook applying ``len(J)`` known-setter patches, one per batch slice ``J[i]``, in one index write.
-
-    Equivalent to calling the setter on each ``[B, ...]`` slice. ``s`` is the first computed position:
-    the hooked tensor holds positions ``s..s+length-1`` on its position axis (axis 1, or the dest axis 2
-    of a pattern), so position indices are shifted by ``s``.
-    """
-    val = _gather(kind, clean, cols)
-    full = slice(None)
-    if kind == "pos":
-        sel = (J, full, cols[0] - (0 if pattern else s))
-    elif kind == "pos_head":
-        sel = (J, full, cols[0] - (0 if pattern else s), cols[1])
-    elif kind == "head":
-        sel = (J, full, full, cols[0])
-    elif kind == "pattern_head":
-        sel = (J, full, cols[0])
-    elif kind == "pattern_dest":
-        sel = (J, full, cols[0], cols[1] - (s if pattern else 0))
-    elif kind == "pattern_dest_src":
-        sel = (J, full, cols[0], cols[1] - (s if pattern else 0), cols[2])
-    else:  # pragma: no cover
-        raise AssertionError(kind)
-
-    def hook(act, hook=None):
-        axis = 2 if pattern else 1
-        if check and act.shape[axis] != length:  # pragma: no cover - guarded by is_position_local_hook
-            raise RuntimeError(
-                f"internal: {hook.name if hook else ''} has {act.shape[axis]} positions, expected {length}"
-            )
-        a = act.view(n_rep, B, *act.shape[1:])
-        a[sel] = val.to(dtype=act.dtype)
-        return act
-
-    return hook

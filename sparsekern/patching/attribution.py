@@ -37,7 +37,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import einops
 import pandas as pd
@@ -49,8 +49,7 @@ import transformer_lens.utilities as _tl_utils
 
 from sparsekern.patching import _attribution_qk as _qk
 from sparsekern.patching._api import _stack_heads
-
-Metric = Callable[[Float[torch.Tensor, "batch pos d_vocab"]], Float[torch.Tensor, ""]]
+from sparsekern.patching._common import Metric, check_tokens
 make_df_from_ranges = _tlp.make_df_from_ranges
 
 # Indexed axes of each TL setter (after the batch axis is dropped: index positions 1.. of the row).
@@ -86,22 +85,6 @@ class _Spec:
     index_df: pd.DataFrame
     ranges: List[int]
     flattened: bool
-
-
-def _tokens_2d(corrupted_tokens: Any) -> torch.Tensor:
-    if not isinstance(corrupted_tokens, torch.Tensor):
-        raise TypeError(
-            "corrupted_tokens must be an integer torch.Tensor of shape [batch, pos]; "
-            f"got {type(corrupted_tokens).__name__}"
-        )
-    dtype = corrupted_tokens.dtype
-    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
-        raise TypeError(f"corrupted_tokens must have an integer dtype; got {corrupted_tokens.dtype}")
-    if corrupted_tokens.ndim not in (1, 2):
-        raise ValueError(
-            f"corrupted_tokens must have shape [batch, pos] or [pos]; got {tuple(corrupted_tokens.shape)}"
-        )
-    return corrupted_tokens if corrupted_tokens.ndim == 2 else corrupted_tokens[None]
 
 
 def _make_spec(model, pos: int, patch_setter, activation_name, index_axis_names, index_df) -> _Spec:
@@ -249,7 +232,7 @@ def _attribute(model, corrupted_tokens, clean_cache, metric: Metric, specs: List
         raise TypeError(f"model must be a transformer_lens HookedTransformer; got {type(model).__name__}")
     if not callable(metric):
         raise TypeError("patching_metric must be a callable logits -> scalar tensor")
-    tokens = _tokens_2d(corrupted_tokens)
+    tokens = check_tokens(corrupted_tokens, "corrupted_tokens")
     grad_names: List[str] = []
     value_names: List[str] = []
     plans = []
@@ -369,7 +352,7 @@ def generic_attribution_patch(
         float32 tensor shaped by the index axes (or ``[len(index_df)]``), on ``model.cfg.device``;
         plus the index DataFrame when ``return_index_df``.
     """
-    tokens = _tokens_2d(corrupted_tokens)
+    tokens = check_tokens(corrupted_tokens, "corrupted_tokens")
     spec = _make_spec(model, tokens.shape[-1], patch_setter, activation_name, index_axis_names, index_df)
     (result,) = _attribute(model, tokens, clean_cache, patching_metric, [spec],
                            qk_fix=qk_fix, return_delta=return_delta, progress=progress)
@@ -437,7 +420,7 @@ get_act_patch_attn_head_pattern_all_pos = _prebuilt(
 
 
 def _every(model, corrupted_tokens, clean_cache, metric, parts, qk_fix, return_delta, progress):
-    tokens = _tokens_2d(corrupted_tokens)
+    tokens = check_tokens(corrupted_tokens, "corrupted_tokens")
     specs = [_make_spec(model, tokens.shape[-1], f.keywords["patch_setter"], f.keywords["activation_name"],
                         f.keywords["index_axis_names"], None) for f in parts]
     return _attribute(model, tokens, clean_cache, metric, specs,
