@@ -157,8 +157,8 @@ def test_lazy_and_full_logits_agree_and_lazy_unembeds_less(s, logit_rows, monkey
     n_lazy = logit_rows["n"]
     monkeypatch.setenv("SPARSEKERN_PATCH_LAZY", "0")
     full = skp.get_act_patch_attn_head_out_by_pos(s.model, s.corr, s.cache, metric, progress=False)
-    close(lazy, full, 1e-6)
-    close(lazy, _tl(s, metric, "get_act_patch_attn_head_out_by_pos"))
+    close(lazy, full, 1e-6)  # ours against ours: one unembedding GEMM per position vs per chunk
+    close(lazy, _tl(s, metric, "get_act_patch_attn_head_out_by_pos"))  # against TL: close()'s derivation
     assert n_lazy * 2 < logit_rows["n"], (n_lazy, logit_rows)  # one position of up to T per patch
 
 
