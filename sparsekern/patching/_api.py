@@ -306,7 +306,10 @@ def get_act_patch_attn_head_all_pos_every(
     shard: Shard | None = None,
 ) -> Float[torch.Tensor, "5 layer head"]:
     """Head patching over all positions for z, q, k, v and pattern in one shared plan: ``[5, n_layers, n_heads]``
-    (k/v right-padded with zeros to n_heads under GQA, as in TransformerLens)."""
+    (k/v right-padded with zeros to n_heads under GQA, as in TransformerLens).
+
+    Keyword-only options (``shard`` included) as in :func:`generic_activation_patch`.
+    """
     out, q, k, v, pat = _every(
         model,
         corrupted_tokens,
@@ -341,7 +344,10 @@ def get_act_patch_attn_head_by_pos_every(
     shard: Shard | None = None,
 ) -> Float[torch.Tensor, "5 layer pos head"]:
     """Head-by-position patching for z, q, k, v and pattern (dest) in one shared plan: ``[5, n_layers, pos, n_heads]``
-    (k/v right-padded to n_heads; pattern rearranged from ``[layer, head, pos]``)."""
+    (k/v right-padded to n_heads; pattern rearranged from ``[layer, head, pos]``).
+
+    Keyword-only options (``shard`` included) as in :func:`generic_activation_patch`.
+    """
     out, q, k, v, pat = _every(
         model,
         corrupted_tokens,
@@ -375,7 +381,10 @@ def get_act_patch_block_every(
     backend: str = "auto",
     shard: Shard | None = None,
 ) -> Float[torch.Tensor, "3 layer pos"]:
-    """resid_pre, attn_out and mlp_out patching by (layer, pos) in one shared plan: ``[3, n_layers, pos]``."""
+    """resid_pre, attn_out and mlp_out patching by (layer, pos) in one shared plan: ``[3, n_layers, pos]``.
+
+    Keyword-only options (``shard`` included) as in :func:`generic_activation_patch`.
+    """
     return torch.stack(
         _every(
             model,

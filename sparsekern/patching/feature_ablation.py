@@ -60,7 +60,8 @@ from jaxtyping import Int
 from torch import Tensor
 
 from ._ablations import Ablations, AblationEngine, active_ablations, check_features, setup
-from ._common import (
+from ._common import (  # noqa: F401 - BACKENDS: importable from here as before
+    BACKENDS,
     Metric,
     Shard,
     as_scalar,
@@ -160,7 +161,10 @@ def plan_ablations(
     use_error_term: bool = True,
 ) -> AblationPlan:
     """Step 1 of :func:`ablate_features` (same arguments): check them, encode the hook's activation with
-    ``sae`` (one forward up to the hook's block) and list the ablations to run."""
+    ``sae`` (one forward up to the hook's block) and list the ablations to run.
+
+    Returns an :class:`AblationPlan` (``n_ablations`` = active (feature, position) pairs with
+    ``per_position``, else active features); nothing of the metric is run yet."""
     if not hasattr(model, "cfg") or not hasattr(model, "run_with_hooks"):
         raise TypeError(f"model must be a TransformerLens HookedTransformer, got {type(model).__name__}")
     tokens = check_tokens(tokens, "tokens", model.cfg.device)
