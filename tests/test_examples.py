@@ -88,6 +88,39 @@ def test_every_example_is_checked():
         assert "--quick" in p.read_text(), f"{p} takes no --quick"
 
 
+def _anchors(md: Path) -> set[str]:
+    """GitHub's anchors of a markdown file's headings."""
+    heads = re.findall(r"^#+ (.*)$", md.read_text(), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in heads}
+
+
+# a path into the repo as the pages write it: `python/tours/01_x.py`, `benchmarks/results/ops-2026-*`
+REPO_PATH = r"(?<![\w/.])((?:python|scripts|tests|sparsekern|benchmarks|csrc|docs)/[\w/.\-]*\w)(-?\*)?"
+
+
+def test_docs_links_and_paths_resolve():
+    """README, docs/ and DEVELOPERS.md: every relative link (and #anchor) and every repo path they name
+    exists (a path ending in ``*`` must match a file), and the README stays a short front page."""
+    pages = [ROOT / "README.md", ROOT / "DEVELOPERS.md", *sorted((ROOT / "docs").glob("*.md"))]
+    assert len(pages) > 10, pages
+    bad = []
+    for page in pages:
+        text = page.read_text()
+        for link in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+://", link):
+                continue
+            path, _, anchor = link.partition("#")
+            target = (page.parent / path) if path else page
+            if not target.exists() or (anchor and anchor not in _anchors(target)):
+                bad.append(f"{page.name}: link {link}")
+        for m in re.finditer(REPO_PATH, text):
+            found = list(ROOT.glob(m[1] + m[2])) if m[2] else [ROOT / m[1]]
+            if not found or not all(f.exists() for f in found):
+                bad.append(f"{page.name}: path {m[0]}")
+    assert not bad, "\n".join(bad)
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 250
+
+
 # ---- API tours (random weights)
 
 @_example("tours/01_sparse_sae_ops.py")
