@@ -19,7 +19,7 @@ from sparsekern.toy import evaluate as E  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not (toy.WEIGHTS_DIR / "model.safetensors").is_file(),
-                                reason="toy weights not built (python python/train_toy.py)")
+                                reason="toy weights not built (python scripts/train_toy.py)")
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,7 @@ def test_bad_input(tmp_path):
 @pytest.mark.slow
 def test_train_toy_quick():
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, str(ROOT / "python" / "train_toy.py"), "--quick"], env=env,
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_toy.py"), "--quick"], env=env,
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "reloaded in" in r.stdout

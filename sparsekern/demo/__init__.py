@@ -105,7 +105,7 @@ def run_demo(
     numbers["elapsed_s"] = round(time.perf_counter() - t0, 1)
     meta = (
         f"Toy model shipped in <code>sparsekern.toy</code> (2 layers, d_model 128, word-level vocabulary; "
-        f"trained by <code>python/train_toy.py</code>). {numbers['machine']}, torch {torch.__version__}, "
+        f"trained by <code>scripts/train_toy.py</code>). {numbers['machine']}, torch {torch.__version__}, "
         f"{'--quick, ' if quick else ''}{numbers['date']}, {numbers['elapsed_s']} s."
     )
     report = write_report(sections, out, "sparsekern demo: the toy model, patched and taken apart", meta)

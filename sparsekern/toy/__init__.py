@@ -4,7 +4,7 @@
 word-level tokenizer (so ``to_tokens`` / ``to_string`` / ``utils.test_prompt`` work) that solves IOI,
 palindromes and induction, and ``saes = {"resid_sae": TopKSAE on blocks.1.hook_resid_pre,
 "mlp0_transcoder": TopKTranscoder blocks.0.ln2.hook_normalized -> blocks.0.hook_mlp_out}``. Offline,
-safetensors + JSON only (no pickle). Trained by ``python/train_toy.py``; numbers in
+safetensors + JSON only (no pickle). Trained by ``scripts/train_toy.py``; numbers in
 ``weights/REPORT.json`` (``report()``). Tasks and tokenizer: :mod:`sparsekern.toy.data`.
 """
 
@@ -45,7 +45,7 @@ def load(device: str = "cpu", weights_dir: Optional[Union[str, Path]] = None) ->
     d = Path(weights_dir or WEIGHTS_DIR)
     model_file = d / "model.safetensors"
     if not model_file.is_file():
-        raise FileNotFoundError(f"sparsekern.toy: missing {model_file} (run python/train_toy.py)")
+        raise FileNotFoundError(f"sparsekern.toy: missing {model_file} (run python scripts/train_toy.py)")
     cfg, vocab = (_read_json(d / name) for name in ("model_cfg.json", "vocab.json"))
     try:
         state = load_file(str(model_file), device="cpu")

@@ -16,7 +16,7 @@ Here one streaming ``sparsekern.features.feature_stats`` pass keeps all of them 
 4. decoder geometry: nearest decoder rows by cosine (``decoder_neighbours``), and whether co-firing
    pairs have similar decoder rows.
 
-Run:  PYTHONPATH=. python python/004_transcoder_feature_stats.py [--quick] [--out DIR]
+Run:  PYTHONPATH=. python python/walkthroughs/04_transcoder_feature_stats.py [--quick] [--out DIR]
 ``--quick`` uses small samples (CI); ``--out DIR`` writes plotly HTML figures there when plotly is
 installed (optional: without it the script only prints).
 """
@@ -166,7 +166,7 @@ if args.out:
                                         title="cosine to the nearest decoder row"),
         }
         for name, fig in figs.items():
-            fig.write_html(args.out / f"004_{name}.html", include_plotlyjs="directory")  # one plotly.min.js
+            fig.write_html(args.out / f"04_{name}.html", include_plotlyjs="directory")  # one plotly.min.js
         print(f"figures written to {args.out}")
 print(f"done in {time.perf_counter() - t0:.1f} s wall, {time.process_time() - c0:.1f} s CPU (after imports)")
 ok = 0 < l0 <= tc.cfg.k and int(alive.sum()) > F // 4 and torch.equal(C.diagonal(), counts.cpu())

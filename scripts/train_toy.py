@@ -6,7 +6,7 @@ sequences. Then, with ``sparsekern.training``: a TopK SAE on ``blocks.1.hook_res
 transcoder ``blocks.0.ln2.hook_normalized -> blocks.0.hook_mlp_out``. Writes safetensors + JSON
 (SAELens folders for the SAEs) and ``REPORT.json`` with the measured numbers.
 
-Run: python python/train_toy.py [--out sparsekern/toy/weights] [--quick]
+Run: python scripts/train_toy.py [--out sparsekern/toy/weights] [--quick]
      (--quick: a tiny model, a few steps, into a temp dir; checks the pipeline in well under a minute)
 """
 
@@ -170,7 +170,7 @@ def main(argv=None) -> dict:
         tc.save_model(out / "mlp0_transcoder")
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     report = {
-        "command": "python python/train_toy.py" + (" --quick" if args.quick else "")
+        "command": "python scripts/train_toy.py" + (" --quick" if args.quick else "")
         + (f" --steps {args.steps}" if args.steps else "") + (f" --seed {args.seed}" if args.seed else ""),
         "seed": args.seed, "model_steps": steps, "batch_size": batch,
         "torch": torch.__version__, "train_seconds": round(time.time() - t_start, 1),

@@ -1,11 +1,11 @@
-"""Walk-through: train a TopK SAE on a TransformerLens model's activations with sparsekern's trainer,
+"""Tour 06: train a TopK SAE on a TransformerLens model's activations with sparsekern's trainer,
 evaluate it, save it in SAELens's disk format, and load it back with both SAELens and sparsekern.
 
 The training step never builds a dense [tokens, d_sae] code (sparse encode + decode, forward and
 backward). A tiny random-weight model and random tokens (no downloads); with real weights swap in
 `HookedTransformer.from_pretrained(...)` and a real token dataset.
 
-Run: python python/06_train_sae.py [--quick]    (--quick: a smaller run, well under a minute on CPU)
+Run: python python/tours/06_train_sae.py [--quick]    (--quick: a smaller run, seconds on CPU)
 """
 
 import argparse

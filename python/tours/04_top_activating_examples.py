@@ -1,11 +1,13 @@
-"""Walk-through: the top activating examples of every SAE feature over a token stream, in
+"""Tour 04: the top activating examples of every SAE feature over a token stream, in
 O(d_sae * k) memory -- the dashboard step of a feature study, on sparsekern.
 
 A tiny random TransformerLens model and a random TopK SAE (no downloads); with real weights swap in
 `HookedTransformer.from_pretrained(...)` and `sparsekern.TopKSAE.from_pretrained(...)`.
 
-Run: python python/04_top_activating_examples.py
+Run: python python/tours/04_top_activating_examples.py [--quick]
 """
+
+import argparse
 
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -13,6 +15,11 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 import sparsekern as sk
 from sparsekern.features import top_activating_examples
 from sparsekern.ops import FeatureTopKState, feature_topk_update
+
+ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+ap.add_argument("--quick", action="store_true", help="32 sequences instead of 64 (seconds)")
+args = ap.parse_args()
+n_seq = 32 if args.quick else 64
 
 torch.manual_seed(0)
 cfg = HookedTransformerConfig(n_layers=2, d_model=64, n_ctx=32, d_head=16, n_heads=4, d_vocab=500,
@@ -22,7 +29,7 @@ hook = "blocks.1.hook_resid_post"
 sae = sk.TopKSAE(sk.TopKSAEConfig(d_in=64, d_sae=1024, k=16, metadata={"hook_name": hook}))
 
 # 1) the one-liner: token batches in, FeatureTopKState out (a tqdm bar shows progress)
-tokens = torch.randint(0, 500, (64, 32))
+tokens = torch.randint(0, 500, (n_seq, 32))
 state = top_activating_examples(sae, tokens.split(16), k=10, model=model)
 feature = int(state.values[:, 0].argmax())
 print(f"{state}; {int((state.count() > 0).sum())} of {sae.cfg.d_sae} features fired")

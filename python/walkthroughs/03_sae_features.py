@@ -12,7 +12,7 @@ the notebook's feature study from the public API:
 5. feature ablation on an IOI prompt (``sparsekern.patching.feature_ablation.ablate_features``): which
    (feature, position) the logit difference depends on.
 
-Run:  PYTHONPATH=. python python/003_sae_features.py [--quick] [--out DIR]
+Run:  PYTHONPATH=. python python/walkthroughs/03_sae_features.py [--quick] [--out DIR]
 ``--quick`` uses small samples (CI); ``--out DIR`` writes plotly HTML figures there when plotly is
 installed (optional: without it the script only prints).
 """
@@ -160,7 +160,7 @@ if args.out:
                                           title="feature ablation: Δ logit diff"),
         }
         for name, fig in figs.items():
-            fig.write_html(args.out / f"003_{name}.html", include_plotlyjs="directory")  # one plotly.min.js
+            fig.write_html(args.out / f"03_{name}.html", include_plotlyjs="directory")  # one plotly.min.js
         print(f"figures written to {args.out}")
 print(f"done in {time.perf_counter() - t0:.1f} s wall, {time.process_time() - c0:.1f} s CPU (after imports)")
 ok = float((with_err - clean).abs().max()) < 1e-3 and acc >= 0.5 and int(alive.sum()) > 0

@@ -12,7 +12,7 @@ This script reproduces the notebook's analysis from the public API:
 5. attribution patching (``sparsekern.patching.attribution``) of the same four sweeps beside the exact
    ones, with their correlation.
 
-Run:  PYTHONPATH=. python python/002_ioi_patching.py [--quick] [--out DIR]
+Run:  PYTHONPATH=. python python/walkthroughs/02_ioi_patching.py [--quick] [--out DIR]
 ``--quick`` uses small samples (CI); ``--out DIR`` writes plotly HTML figures there when plotly is
 installed (optional: without it the script only prints).
 """
@@ -177,7 +177,7 @@ if args.out:
             else:
                 fig = px.imshow(f[0].numpy(), title=f[1], labels={"x": f[2], "y": f[3]},
                                 color_continuous_scale="RdBu", color_continuous_midpoint=0.0)
-            fig.write_html(args.out / f"002_{name}.html", include_plotlyjs="directory")
+            fig.write_html(args.out / f"02_{name}.html", include_plotlyjs="directory")
         print(f"figures written to {args.out}")
 print(f"done in {time.perf_counter() - t0:.1f} s wall, {time.process_time() - c0:.1f} s CPU (after imports)")
 ok = m["accuracy"] >= 0.9 and ld_clean > 1.0 and float(exact["resid_pre"][0, pos_s2]) > 0.9

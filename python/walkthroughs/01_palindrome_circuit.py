@@ -12,7 +12,7 @@ emit the first half reversed. This script reproduces the notebook's analysis fro
    first half differs in one digit: residual stream by (layer, position), head outputs, and the
    attribution-patching estimate beside it.
 
-Run:  PYTHONPATH=. python python/001_palindrome_circuit.py [--quick] [--out DIR]
+Run:  PYTHONPATH=. python python/walkthroughs/01_palindrome_circuit.py [--quick] [--out DIR]
 ``--quick`` uses small samples (CI); ``--out DIR`` writes plotly HTML figures there when plotly is
 installed (optional: without it the script only prints).
 """
@@ -166,7 +166,7 @@ if args.out:
         for name, (m, title, x, y) in figs.items():
             fig = px.imshow(m.numpy(), title=title, labels={"x": x, "y": y}, color_continuous_scale="RdBu",
                             color_continuous_midpoint=0.0)
-            fig.write_html(args.out / f"001_{name}.html", include_plotlyjs="directory")  # one plotly.min.js
+            fig.write_html(args.out / f"01_{name}.html", include_plotlyjs="directory")  # one plotly.min.js
         print(f"figures written to {args.out}")
 print(f"done in {time.perf_counter() - t0:.1f} s wall, {time.process_time() - c0:.1f} s CPU (after imports)")
 sys.exit(0 if acc >= 0.9 and float(resid.max()) > 0.5 else 1)
