@@ -2,7 +2,7 @@
 
 The full sweeps are long on a CPU (TransformerLens: 180 / 2160 forward passes), so this suite times a
 fixed sub-sweep given by ``index_df`` (the same rows for both libraries: one per layer at spread-out
-positions/heads). ``sparsekern bench --patching`` times sparsekern's full grid instead.
+positions/heads). ``sparsekern bench patching`` times sparsekern's full grid instead.
 ``SPARSEKERN_BENCH_QUICK=1`` uses the 2-layer toy model.
 """
 
@@ -41,7 +41,7 @@ def _rows(model, fn_name, T):
 
 @pytest.mark.benchmark(group="patching")
 @pytest.mark.parametrize("impl", ["sparsekern", "transformer_lens"])
-@pytest.mark.parametrize("fn_name", sorted({c[1] for c in P.CASES}))
+@pytest.mark.parametrize("fn_name", sorted({c.fn_name for c in P.SPECS.values()}))
 def test_patching_subsweep(benchmark, built, fn_name, impl):
     import transformer_lens.patching as tlp
 

@@ -7,8 +7,8 @@
 #      and the strategy `auto` should take per op/dtype on this GPU (python -m sparsekern.bench.choose_strategy).
 # Usage: bash scripts/gpu_checks.sh [--no-sanitizer] [--no-bench] [--encoders-only] [--features]
 #                                   [--training] [--training-step-only]
-#   --features: also `sparsekern bench --features --device cuda` (issue 11's table on the GPU).
-#   --training: also issue 12's training table in fp32 and bf16: `sparsekern bench --training --device cuda`
+#   --features: also `sparsekern bench features --device cuda` (issue 11's table on the GPU).
+#   --training: also issue 12's training table in fp32 and bf16: `sparsekern bench training --device cuda`
 #     (the bare TopK encode + decode fwd+bwd step at 768 x 24576, N 16384, k 32 against the dense torch
 #     step, targets >= 3.5x fp32 / >= 2.5x bf16, then the trainer against SAELens's: throughput, quality,
 #     d_sae 2^20 scale; the trainer rows need sparsekern.training).
@@ -92,13 +92,13 @@ if [ "$BENCH" = 1 ]; then
 fi
 if [ "$FEATURES" = 1 ]; then
   echo "[gpu] feature-analysis benchmark (issue 11)"
-  "$PY" -m sparsekern.cli bench --features --device cuda --no-progress || status=$?
+  "$PY" -m sparsekern.cli bench features --device cuda --no-progress || status=$?
 fi
 if [ "$TRAINING" = 1 ]; then
   cases=(); [ "$STEP_ONLY" = 1 ] && cases=(--cases step)
   for dtype in float32 bfloat16; do
     echo "[gpu] training benchmark (issue 12, $dtype${cases[*]:+, ${cases[*]}})"
-    "$PY" -m sparsekern.cli bench --training --device cuda --dtype "$dtype" "${cases[@]}" --no-progress || status=$?
+    "$PY" -m sparsekern.cli bench training --device cuda --dtype "$dtype" "${cases[@]}" --no-progress || status=$?
   done
 fi
 exit "${status:-0}"

@@ -1,10 +1,14 @@
-"""``sparsekern`` command line: ``sparsekern bench [...]`` and ``sparsekern demo [...]`` (also
-``python -m sparsekern.cli ...``)."""
+"""``sparsekern`` command line: ``sparsekern bench [SUITE] [...]`` and ``sparsekern demo [...]`` (also
+``python -m sparsekern.cli ...``).
+
+``sparsekern bench`` runs one suite of :mod:`sparsekern.bench` (``ops`` when none is named) through
+:func:`sparsekern.bench.runner.run`. The old suite flags (``--patching``, ``--features``, ``--training``,
+``--distributed``) still pick a suite; two of them, or one with another suite's subcommand, are an error.
+"""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import tempfile
 from pathlib import Path
@@ -13,10 +17,36 @@ from typing import Optional, Sequence
 import torch
 
 from . import backends
-from .bench import report, suite
+from .bench import distributed as bench_distributed
+from .bench import features, patching, runner, suite, training
 from .bench.cases import OPS
 
 DTYPES = ("float32", "bfloat16")
+SUITES: dict[str, runner.Suite] = {
+    s.name: s for s in (suite.SUITE, features.SUITE, training.SUITE, patching.SUITE, bench_distributed.SUITE)
+}
+DEFAULT_SUITE = "ops"
+LEGACY_FLAGS = ("patching", "features", "training", "distributed")  # --features: `sparsekern bench features`
+# options only some suites read (flag -> argparse dest); the others are common to every suite
+SUITE_OPTIONS = {"--dtype": "dtype", "--repeats": "repeats", "--ops": "ops", "--no-peer": "no_peer",
+                 "--backend": "backend"}
+
+
+class UsageError(SystemExit):
+    """A command line the bench cannot run: exit status 2, like argparse's own errors; ``str()`` is the
+    message (already printed to stderr)."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _usage_error(message: str) -> UsageError:
+    print(message, file=sys.stderr)
+    return UsageError(message)
 
 
 def _ops_arg(text: str) -> list[str]:
@@ -29,6 +59,11 @@ def _ops_arg(text: str) -> list[str]:
     return names
 
 
+def _cases_arg(text: str) -> list[str]:
+    """Comma-separated case ids (checked against the chosen suite once it is known)."""
+    return [c.strip() for c in text.split(",") if c.strip()]
+
+
 def _positive(text: str) -> int:
     try:
         v = int(text)
@@ -39,45 +74,56 @@ def _positive(text: str) -> int:
     return v
 
 
+def _bench_options(p: argparse.ArgumentParser, name: Optional[str] = None) -> None:
+    """The bench options, on the ``bench`` parser itself (``name`` None) or on suite ``name``'s subcommand.
+
+    A subcommand's options default to "not given" (argparse.SUPPRESS), so an option placed before the
+    subcommand (``sparsekern bench --quick features``) is kept. Options the suite does not read are still
+    parsed (hidden from its help) so that :func:`_options` can refuse them by name.
+    """
+    reads = SUITES[name].options if name else frozenset(SUITE_OPTIONS)
+
+    def add(flag: str, default, help: str, **kw) -> None:
+        if name is not None:
+            default = argparse.SUPPRESS
+            if (flag in SUITE_OPTIONS and flag not in reads) or flag[2:] in LEGACY_FLAGS:
+                help = argparse.SUPPRESS
+        p.add_argument(flag, default=default, help=help, **kw)
+
+    add("--quick", False, "small shapes (seconds; for tests/CI)", action="store_true")
+    add("--device", None, "default: cuda if available, else cpu", choices=("cpu", "cuda", "mps"))
+    add("--dtype", None, "ops, training: the weights' and inputs' dtype (default float32)", choices=DTYPES)
+    add("--repeats", None, "ops: timed rounds per case (default: adaptive, 3-20 within a per-case budget)",
+        type=_positive)
+    add("--ops", None, f"ops: comma-separated subset of {','.join(OPS)}", type=_ops_arg)
+    add("--no-peer", False, "ops: time sparsekern only", action="store_true")
+    add("--backend", None, "ops: force a sparsekern backend (default: SPARSEKERN_BACKEND, else auto)",
+        choices=("auto", *backends.BACKEND_NAMES))
+    add("--threads", None, "torch CPU threads (default: all cores)", type=_positive)
+    add("--seed", 0, "seed of every generated input", type=int)
+    add("--out", "benchmarks/results", "results folder (created if missing)")
+    add("--no-progress", False, "hide the progress bar", action="store_true")
+    cases = (f"comma-separated subset of {','.join(SUITES[name].cases)} (default: all)" if name else
+             "comma-separated subset of the suite's cases (listed by `sparsekern bench SUITE --help`)")
+    add("--cases", None, cases, type=_cases_arg)
+    for legacy in LEGACY_FLAGS:
+        add(f"--{legacy}", False, f"the {legacy} suite (old spelling of `sparsekern bench {legacy}`)",
+            action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparsekern", description="sparsekern tools")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     b = sub.add_parser(
-        "bench", help="benchmark sparsekern ops against their peers (same process, interleaved)",
-        description="Run the embedded benchmark suite: sparsekern vs embedding_bag / matmul / SAELens, "
-        "print a table and write JSON + CSV results.",
+        "bench", help="benchmark sparsekern against its peers (same process, interleaved)",
+        description="Run one benchmark suite (default: ops): sparsekern vs embedding_bag / matmul / SAELens, "
+        "TransformerLens, dense torch; print a table and write JSON + CSV results.",
     )
-    b.add_argument("--quick", action="store_true", help="small shapes (seconds; for tests/CI)")
-    b.add_argument("--device", choices=("cpu", "cuda", "mps"), default=None,
-                   help="default: cuda if available, else cpu")
-    b.add_argument("--dtype", choices=DTYPES, default="float32")
-    b.add_argument("--repeats", type=_positive, default=None,
-                   help="timed rounds per case (default: adaptive, 3-20 within a per-case budget)")
-    b.add_argument("--ops", type=_ops_arg, default=None,
-                   help=f"comma-separated subset of: {','.join(OPS)}")
-    b.add_argument("--no-peer", action="store_true", help="time sparsekern only")
-    b.add_argument("--backend", default=None, choices=("auto", *backends.BACKEND_NAMES),
-                   help="force a sparsekern backend (default: SPARSEKERN_BACKEND, else auto)")
-    b.add_argument("--threads", type=_positive, default=None, help="torch CPU threads (default: all cores)")
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--out", default="benchmarks/results", help="results folder (created if missing)")
-    b.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    b.add_argument("--patching", action="store_true",
-                   help="benchmark sparsekern.patching against transformer_lens.patching instead of the ops")
-    b.add_argument("--features", action="store_true",
-                   help="benchmark feature analysis (FeatureStats, co-occurrence, conditioned sums, decoder "
-                   "neighbours, feature ablation) against the dense torch way instead of the ops")
-    b.add_argument("--training", action="store_true",
-                   help="benchmark sparsekern.training's SAE trainer against SAELens's trainer (throughput, "
-                   "quality, d_sae 2^20 scale) instead of the ops; --dtype applies")
-    b.add_argument("--distributed", action="store_true",
-                   help="benchmark the feature-sharded SAE on 2 CPU processes (gloo, localhost): weight "
-                   "memory per rank vs one process at d_sae 2^20, exact top-k merge time vs the local encode "
-                   "at N 4096, k 64 (CPU only; see README 'Scale out')")
-    b.add_argument("--cases", type=_cases_arg, default=None,
-                   help="with --features: comma-separated subset of "
-                   "stats,stats_dense,conditioned,neighbours,ablation; with --training: of "
-                   "throughput,quality_topk,quality_jumprelu,scale (default: all)")
+    _bench_options(b)
+    suites = b.add_subparsers(dest="suite", metavar="SUITE", title="suites (default: ops)")
+    for name, s in SUITES.items():
+        _bench_options(suites.add_parser(name, help=s.description, description=f"sparsekern bench {name}: "
+                                         f"{s.description}."), name)
     d = sub.add_parser(
         "demo", help="analyse the shipped toy model (IOI, patching vs TransformerLens, SAE features)",
         description="Run the demo on sparsekern.toy (offline): IOI logit difference, DLA and logit lens; "
@@ -107,18 +153,6 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cases_arg(text: str) -> list[str]:
-    from .bench.features import CASES
-    from .bench.training import CASES as TRAINING_CASES
-
-    cases = [c.strip() for c in text.split(",") if c.strip()]
-    bad = [c for c in cases if c not in CASES + TRAINING_CASES]
-    if bad or not cases:
-        raise argparse.ArgumentTypeError(
-            f"unknown case(s) {bad or text!r}; choose from {','.join(CASES + TRAINING_CASES)}")
-    return cases
-
-
 def _device(name: Optional[str], cmd: str = "bench") -> torch.device:
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -143,80 +177,55 @@ def _check_out_dir(out: str) -> None:
         ) from None
 
 
+def _and(names: Sequence[str]) -> str:
+    return ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
+
+
+def _suite(args: argparse.Namespace) -> runner.Suite:
+    """The suite the command line names: its subcommand or an old suite flag (default: ops)."""
+    flags = [f"--{n}" for n in LEGACY_FLAGS if getattr(args, n, False)]
+    if len(flags) > 1:
+        raise _usage_error(f"sparsekern bench: {_and(flags)} pick different suites; run one at a time "
+                           f"(sparsekern bench {flags[0][2:]}, then sparsekern bench {flags[1][2:]})")
+    if flags and args.suite and flags[0][2:] != args.suite:
+        raise _usage_error(f"sparsekern bench: {flags[0]} and the subcommand {args.suite!r} pick different "
+                           f"suites; give one of them")
+    return SUITES[args.suite or (flags[0][2:] if flags else DEFAULT_SUITE)]
+
+
+def _cases(args: argparse.Namespace, s: runner.Suite) -> Optional[tuple[str, ...]]:
+    """The suite's cases to run (None: all); refuses options the suite does not read, by name."""
+    for flag, dest in SUITE_OPTIONS.items():
+        if getattr(args, dest, None) not in (None, False) and flag not in s.options:
+            readers = [n for n, other in SUITES.items() if flag in other.options]
+            hint = f" (pick {s.name}'s cases with --cases {','.join(s.cases)})" if flag == "--ops" else ""
+            raise _usage_error(f"sparsekern bench {s.name}: {flag} applies only to {_and(readers)}{hint}")
+    if args.ops and args.cases:
+        raise _usage_error("sparsekern bench ops: give the ops with --ops or with --cases, not both")
+    cases = args.ops or args.cases
+    try:
+        runner.check_cases(s, cases)
+    except runner.SuiteError as e:
+        raise _usage_error(f"sparsekern bench {s.name}: {e}") from None
+    return None if cases is None else tuple(cases)
+
+
 def bench(args: argparse.Namespace) -> int:
-    """Run the suite (or the patching benchmark); 0 on success, 1 if any row errored or mismatched."""
+    """Run the chosen suite; 0 on success, 1 if any row errored or mismatched."""
+    s = _suite(args)
+    cases = _cases(args, s)
     _check_out_dir(args.out)
     device = _device(args.device)
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads or report.cpu_cores())
-    try:
-        if args.patching:
-            from .bench import patching
-
-            return patching.main(args.quick, device, args.out, progress=not args.no_progress, seed=args.seed)
-        if args.distributed:
-            from .bench import distributed
-
-            if device.type != "cpu":
-                raise SystemExit("sparsekern bench --distributed runs on CPU processes (gloo); on GPUs "
-                                 "launch with torchrun (README 'Scale out')")
-            return distributed.main(args.quick, args.out, progress=not args.no_progress, seed=args.seed)
-        if args.features:
-            from .bench import features
-
-            if args.cases and (bad := [c for c in args.cases if c not in features.CASES]):
-                raise SystemExit(f"sparsekern bench --features: unknown case(s) {bad}; "
-                                 f"choose from {','.join(features.CASES)}")
-            return features.main(args.quick, device, args.out, progress=not args.no_progress, seed=args.seed,
-                                 cases=args.cases)
-        if args.training:
-            from .bench import training
-
-            cases = args.cases
-            if cases and (bad := [c for c in cases if c not in training.CASES]):
-                raise SystemExit(f"sparsekern bench --training: unknown case(s) {bad}; "
-                                 f"choose from {','.join(training.CASES)}")
-            return training.main(args.quick, device, args.out, progress=not args.no_progress, seed=args.seed,
-                                 dtype=getattr(torch, args.dtype), cases=cases)
-        ctx = backends.use_backend(args.backend) if args.backend else contextlib.nullcontext()
-        with ctx:
-            return _bench(args, device)
-    finally:
-        torch.set_num_threads(threads)  # main() may run inside another program (tests)
-
-
-def _bench(args: argparse.Namespace, device: torch.device) -> int:
-    st = suite.Settings(
-        device=device, dtype=getattr(torch, args.dtype), ops=args.ops or OPS, quick=args.quick,
-        repeats=args.repeats, peers=not args.no_peer, seed=args.seed,
-        budget_s=0.2 if args.quick else 4.0, max_repeats=10 if args.quick else 20,
+    opts = runner.Options(
+        device=device, quick=args.quick, dtype=getattr(torch, args.dtype or "float32"), out=args.out,
+        progress=not args.no_progress, seed=args.seed, cases=cases, repeats=args.repeats,
+        peers=not args.no_peer, backend=args.backend, threads=args.threads,
     )
-    meta = {
-        "schema": 1, "suite": "quick" if args.quick else "default",
-        "machine": report.machine_info(device),
-        "settings": {"dtype": args.dtype, "ops": list(st.ops), "repeats": args.repeats,
-                     "peers": st.peers, "seed": args.seed, "backend": backends.forced_backend()},
-    }
-    busy = report.busy_warning(report.cpu_cores()) if device.type == "cpu" else None
-    if busy:
-        meta["warning"] = busy
-        print(busy, file=sys.stderr)
-    rows, elapsed = suite.run_suite(st, progress=not args.no_progress)
-    meta["elapsed_s"] = round(elapsed, 2)
-    paths = report.write_results(rows, meta, args.out, suite.FIELDS, args.quick)
-    m = meta["machine"]
-    print(f"sparsekern bench ({meta['suite']}) on {m['device']}: {m['cpu_model']}, {m['cpu_cores']} cores, "
-          f"{torch.get_num_threads()} threads, torch {m['torch']}, {args.dtype}; "
-          f"backends available {m['sparsekern_backends']}")
-    print(report.format_table(rows))
-    if busy:
-        print(busy)
-    if args.quick:
-        print("quick shapes: targets are informational (they are set for the full-size shapes)")
-    print(f"peak MiB = extra memory of one call ({m['peak_memory_method'] or 'not measured on this device'})")
-    print(f"total {elapsed:.1f} s; {report.wrote_line(paths)}")
-    return 1 if any(r["status"] == "error" for r in rows) else 0
+    try:
+        runner.check(s, opts)
+    except runner.SuiteError as e:
+        raise _usage_error(f"sparsekern bench {s.name}: {e}") from None
+    return runner.run(s, opts)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,4 +1,5 @@
-"""`sparsekern bench`: the quick suite writes complete JSON/CSV rows; bad flags fail clearly."""
+"""`sparsekern bench [SUITE]`: the quick suites write complete JSON/CSV rows; one suite per run; bad flags
+fail clearly."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import json
 import math
 
 import pytest
+import torch
 
 import sparsekern
 from sparsekern import cli
-from sparsekern.bench import FIELDS
+from sparsekern.bench import FIELDS, runner
 
 HAVE_SAE_LENS = importlib.util.find_spec("sae_lens") is not None
 
@@ -191,3 +193,118 @@ def test_training_bench_step_needs_no_trainer(tmp_path):
     assert r["speedup"] == pytest.approx(r["peer_ms"] / r["sk_ms"])
     assert r["info"]["grad_rel_diff"] < 1e-4  # the same gradients as the dense step
     assert r["info"]["encoder_backward"] == "cpp"
+
+
+# ---- one suite per run: subcommands, the old flags as aliases, options per suite -------------------
+@pytest.fixture
+def ran(monkeypatch):
+    """Replaces the runner: records (suite name, options) of each run instead of running it."""
+    calls = []
+
+    def record(suite, opts):
+        calls.append((suite.name, opts))
+        return 0
+
+    monkeypatch.setattr(runner, "run", record)
+    return calls
+
+
+@pytest.mark.parametrize("argv, name", [
+    ([], "ops"), (["ops"], "ops"), (["features"], "features"), (["--features"], "features"),
+    (["training"], "training"), (["--training"], "training"), (["patching"], "patching"),
+    (["--patching"], "patching"), (["distributed"], "distributed"), (["--distributed"], "distributed"),
+    (["features", "--features"], "features"),  # the same suite twice is no conflict
+])
+def test_subcommands_and_old_flags_pick_the_suite(ran, tmp_path, argv, name):
+    assert cli.main(["bench", *argv, "--quick", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    assert [n for n, _ in ran] == [name] and ran[0][1].quick
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--patching", "--features"], ("--patching", "--features")),
+    (["--features", "--training"], ("--features", "--training")),
+    (["--training", "--distributed"], ("--training", "--distributed")),
+    (["features", "--patching"], ("--patching", "'features'")),
+    (["--training", "patching"], ("--training", "'patching'")),
+    (["ops", "--distributed"], ("--distributed", "'ops'")),
+])
+def test_two_suites_at_once_are_an_error_naming_both(ran, tmp_path, capsys, argv, named):
+    out = tmp_path / "never-created"
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", *argv, "--quick", "--out", str(out)])
+    assert e.value.code != 0
+    err = capsys.readouterr().err
+    assert all(n in err for n in named) and "pick different suites" in err, err
+    assert ran == [] and not out.exists()  # refused before anything ran or was written
+
+
+def test_options_reach_the_runner(ran, tmp_path):
+    assert cli.main(["bench", "--quick", "training", "--dtype", "bfloat16", "--cases", "step,scale",
+                     "--seed", "3", "--threads", "1", "--no-progress", "--device", "cpu",
+                     "--out", str(tmp_path)]) == 0
+    assert cli.main(["bench", "--ops", "sparse_decode,sae_cache", "--repeats", "3", "--no-peer", "--backend",
+                     "ref", "--out", str(tmp_path)]) == 0
+    assert cli.main(["bench", "ops", "--cases", "topk_encode", "--out", str(tmp_path)]) == 0
+    (_, t), (_, o), (_, c) = ran
+    assert t.quick and t.dtype == torch.bfloat16 and t.cases == ("step", "scale") and t.seed == 3
+    assert t.threads == 1 and not t.progress and t.device.type == "cpu" and t.out == str(tmp_path)
+    assert o.cases == ("sparse_decode", "sae_cache") and o.repeats == 3 and not o.peers and o.backend == "ref"
+    assert o.dtype == torch.float32 and not o.quick and o.progress
+    assert c.cases == ("topk_encode",)
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["features", "--dtype", "bfloat16"], ("features", "--dtype", "ops and training")),
+    (["patching", "--repeats", "3"], ("patching", "--repeats", "ops")),
+    (["training", "--no-peer"], ("training", "--no-peer", "ops")),
+    (["--ops", "sparse_decode", "distributed"], ("distributed", "--ops", "--cases memory")),
+    (["--features", "--backend", "ref"], ("features", "--backend", "ops")),
+    (["--ops", "sparse_decode", "--cases", "topk_encode"], ("--ops", "--cases")),
+])
+def test_options_a_suite_does_not_read_are_refused(ran, capsys, argv, named):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", *argv, "--quick"])
+    assert e.value.code != 0 and ran == []
+    err = capsys.readouterr().err
+    assert all(n in err for n in named), err
+
+
+@pytest.mark.parametrize("name", ["ops", "features", "training", "patching", "distributed"])
+def test_cases_are_the_suites_own(ran, tmp_path, capsys, name):
+    suite = cli.SUITES[name]
+    argv = ["bench", name, "--cases", suite.cases[-1], "--device", "cpu", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    assert ran[0][1].cases == (suite.cases[-1],)
+    other = next(s for n, s in cli.SUITES.items() if n != name).cases[0]
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", name, "--cases", f"{suite.cases[0]},{other}"])
+    err = capsys.readouterr().err
+    assert e.value.code != 0 and repr(other) in err and ",".join(suite.cases) in err
+
+
+@pytest.mark.parametrize("argv", [[], ["--patching"], ["features"], ["--training"], ["distributed"]])
+def test_bench_out_checked_before_running_every_suite(tmp_path, monkeypatch, argv):
+    """(moved from tests/test_issue11_fixes.py, now for every suite) --out is checked before anything runs."""
+    def must_not_run(*a, **kw):
+        raise AssertionError("benchmark started")
+
+    monkeypatch.setattr(runner, "run", must_not_run)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    for out in (blocker, blocker / "sub"):
+        with pytest.raises(SystemExit, match=f"--out '{out}' must be a folder.*writable.*nothing was run"):
+            cli.main(["bench", "--quick", "--no-progress", *argv, "--out", str(out)])
+    # a missing folder is created up front (and then the run starts)
+    new = tmp_path / "new" / "results"
+    with pytest.raises(AssertionError, match="benchmark started"):
+        cli.main(["bench", "--quick", "--no-progress", "--device", "cpu", *argv, "--out", str(new)])
+    assert new.is_dir() and list(new.iterdir()) == []
+
+
+def test_patching_subcommand_runs_one_case(tmp_path):
+    rc = cli.main(["bench", "patching", "--quick", "--no-progress", "--cases", "resid_pre_all",
+                   "--out", str(tmp_path)])
+    assert rc == 0
+    (r,) = json.loads((tmp_path / "latest-patching-quick.json").read_text())["rows"]
+    assert r["case"] == "resid_pre, all-position metric" and r["status"] == "ok" and r["target"] == "-"
+    assert r["max_abs_diff"] <= 1e-4 * r["metric_scale"] and _pos(r["sk_s"]) and _pos(r["flop_ratio"])

@@ -1,4 +1,4 @@
-"""``sparsekern bench --distributed``: the feature-sharded TopK SAE on 2 CPU processes (gloo, localhost).
+"""``sparsekern bench distributed``: the feature-sharded TopK SAE on 2 CPU processes (gloo, localhost).
 
 Three spawned processes, one after the other phase: first ONE process holds the whole SAE (the
 single-process baseline: its weight bytes, peak RSS, and the top-k indices of the first rows), then
@@ -13,9 +13,10 @@ and report:
   ``topk_encode`` it follows, at N = 4096, k = 64. Target: merge <= 10% of the local encode.
 - ``exact``: the merged indices of the first rows equal the single-process ``topk_encode`` bitwise.
 
-Weights are drawn block by block from seeded generators, so the baseline and the shards hold the same
-numbers without either building the other. Each rank uses 1 thread (2 ranks on 2 cores); the baseline
-uses every core. Times are wall clock on a machine that may be shared: approximate.
+Weights are drawn block by block from seeded generators (:mod:`sparsekern.distributed.synthetic`), so
+the baseline and the shards hold the same numbers without either building the other. Each rank uses
+1 thread (2 ranks on 2 cores); the baseline uses every core. Times are wall clock on a machine that may
+be shared: approximate.
 """
 
 from __future__ import annotations
@@ -25,16 +26,27 @@ import math
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
-from . import report
+from . import report, runner
+from . import table as tb
+from .timing import process_peak_rss_mib
 
 FIELDS = ("case", "shape", "sparsekern", "peer", "sk_s", "peer_s", "ratio", "target", "target_met",
           "status", "note")
-WORLD, BLOCK = 2, 1 << 16
+WORLD = 2
+NAME = "distributed"
 CASES = ("memory", "peak_rss", "merge", "exact")
+COLUMNS = FIELDS
+
+
+def shard_weights(d_in: int, start: int, stop: int, seed: int) -> dict[str, torch.Tensor]:
+    """Deprecated name of :func:`sparsekern.distributed.synthetic.synthetic_shard_weights`."""
+    from ..distributed.synthetic import synthetic_shard_weights  # sparsekern.distributed imports saes: lazy
+
+    return synthetic_shard_weights(d_in, start, stop, seed)
 
 
 def _sizes(quick: bool) -> dict[str, int]:
@@ -43,36 +55,8 @@ def _sizes(quick: bool) -> dict[str, int]:
     return dict(d_in=256, d_sae=1 << 20, n=4096, k=64, check_rows=64, merge_repeats=10)
 
 
-def _block(j: int, d_in: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + j)
-    w = torch.randn(d_in, BLOCK, generator=g) / math.sqrt(d_in)
-    return w, torch.randn(BLOCK, generator=g) * 0.1
-
-
-def shard_weights(d_in: int, start: int, stop: int, seed: int) -> dict[str, torch.Tensor]:
-    """``W_enc [d_in, stop-start]``, ``b_enc``, ``W_dec = W_enc.T``, ``b_dec`` of features [start, stop)."""
-    W_enc = torch.empty(d_in, stop - start)
-    b_enc = torch.empty(stop - start)
-    for j in range(start // BLOCK, (stop - 1) // BLOCK + 1):
-        w, b = _block(j, d_in, seed)
-        a, e = max(start, j * BLOCK), min(stop, (j + 1) * BLOCK)
-        W_enc[:, a - start: e - start] = w[:, a - j * BLOCK: e - j * BLOCK]
-        b_enc[a - start: e - start] = b[a - j * BLOCK: e - j * BLOCK]
-    b_dec = torch.randn(d_in, generator=torch.Generator().manual_seed(seed)) * 0.1
-    return {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_enc.T.contiguous(), "b_dec": b_dec}
-
-
 def _inputs(sz: dict[str, int], seed: int) -> torch.Tensor:
     return torch.randn(sz["n"], sz["d_in"], generator=torch.Generator().manual_seed(seed + 7))
-
-
-def _rss_mib() -> Optional[float]:
-    from .timing import _status_kib
-
-    try:
-        return _status_kib("VmHWM") / 1024.0
-    except (OSError, KeyError):
-        return None
 
 
 def _cfg(sz: dict[str, int]) -> dict[str, Any]:
@@ -85,9 +69,10 @@ def _baseline(sz: dict[str, int], seed: int, tmp: str) -> None:
     from safetensors.torch import save_file
 
     from .. import SAE
+    from ..distributed.synthetic import synthetic_shard_weights
 
     torch.set_num_threads(report.cpu_cores())
-    sae = SAE.from_cfg_and_state_dict(_cfg(sz), shard_weights(sz["d_in"], 0, sz["d_sae"], seed))
+    sae = SAE.from_cfg_and_state_dict(_cfg(sz), synthetic_shard_weights(sz["d_in"], 0, sz["d_sae"], seed))
     x = _inputs(sz, seed)
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -96,7 +81,7 @@ def _baseline(sz: dict[str, int], seed: int, tmp: str) -> None:
     head = acts.indices[: sz["check_rows"]].contiguous()
     save_file({"indices": head}, str(Path(tmp) / "baseline.safetensors"))
     out = {"weight_bytes": sum(p.numel() * p.element_size() for p in sae.parameters()),
-           "peak_rss_mib": _rss_mib(), "encode_s": enc_s, "threads": torch.get_num_threads()}
+           "peak_rss_mib": process_peak_rss_mib(), "encode_s": enc_s, "threads": torch.get_num_threads()}
     (Path(tmp) / "baseline.json").write_text(json.dumps(out))
 
 
@@ -105,12 +90,13 @@ def _rank(rank: int, port: int, sz: dict[str, int], seed: int, tmp: str) -> None
     from safetensors.torch import load_file
 
     from ..distributed import ShardedSAE, init_process_group, merge_topk, shard_range
+    from ..distributed.synthetic import synthetic_shard_weights
     from ..ops import topk_encode
 
     torch.set_num_threads(1)
     init_process_group(rank, WORLD, port, timeout_s=600)
     start, stop = shard_range(sz["d_sae"], rank, WORLD)
-    sh = ShardedSAE.from_local_state_dict(_cfg(sz), shard_weights(sz["d_in"], start, stop, seed))
+    sh = ShardedSAE.from_local_state_dict(_cfg(sz), synthetic_shard_weights(sz["d_in"], start, stop, seed))
     x = _inputs(sz, seed)
     k = sz["k"]
     dist = torch.distributed
@@ -130,7 +116,8 @@ def _rank(rank: int, port: int, sz: dict[str, int], seed: int, tmp: str) -> None
     ref = load_file(str(Path(tmp) / "baseline.safetensors"))["indices"]
     out = {"weight_bytes": sum(p.numel() * p.element_size() for p in sh.parameters()),
            "replicated_bytes": sh.b_dec.numel() * sh.b_dec.element_size(),
-           "peak_rss_mib": _rss_mib(), "local_encode_s": enc_s, "merge_s": sorted(merge)[len(merge) // 2],
+           "peak_rss_mib": process_peak_rss_mib(), "local_encode_s": enc_s,
+           "merge_s": sorted(merge)[len(merge) // 2],
            "exact": bool(torch.equal(acts.indices, ref)), "d_sae_local": sh.d_sae_local}
     (Path(tmp) / f"rank{rank}.json").write_text(json.dumps(out))
     dist.destroy_process_group()
@@ -199,43 +186,28 @@ def run(quick: bool, seed: int = 0, timeout_s: float = 3600) -> list[dict[str, A
     return rows
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    head = ("case", "ratio", "target", "met", "sk s", "peer s", "note")
+# ---- the suite, as the runner sees it -------------------------------------------------------
+def jobs(opts: runner.Options) -> list[runner.Job]:
+    """One job: the three processes; it returns the rows of the selected cases."""
+    def rows() -> list[dict[str, Any]]:
+        picked = SUITE.selected(opts)
+        return [r for r in run(opts.quick, opts.seed) if r["case"] in picked]
 
-    def f(r: dict[str, Any], key: str, spec: str) -> str:
-        return "-" if r.get(key) is None else format(r[key], spec)
-
-    lines = [(r["case"], f(r, "ratio", ".3f"), r.get("target", ""),
-              {True: "yes", False: "NO", None: "-"}[r.get("target_met")] if r["status"] == "ok" else "ERROR",
-              f(r, "sk_s", ".4f"), f(r, "peer_s", ".3f"), r.get("note", "")) for r in rows]
-    widths = [max(len(x[i]) for x in [head, *lines]) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(x, widths)) for x in [head, *lines])
+    return [runner.Job(f"1 process, then {WORLD} gloo ranks", rows, {"case": "distributed"})]
 
 
-def main(quick: bool, out_dir: str, progress: bool = True, seed: int = 0) -> int:
-    """Run the distributed benchmark, print a table, write JSON/CSV/HTML; 0 ok, 1 on an error."""
-    t0 = time.perf_counter()
-    device = torch.device("cpu")
-    meta: dict[str, Any] = {"schema": 1, "suite": "distributed-quick" if quick else "distributed",
-                            "machine": report.machine_info(device),
-                            "settings": {"seed": seed, "world": WORLD, "backend": "gloo", **_sizes(quick)}}
-    busy = report.busy_warning(report.cpu_cores())
-    if busy:
-        meta["warning"] = busy
-        print(busy)
-    if progress:
-        print(f"sparsekern bench --distributed: 1 process, then {WORLD} gloo ranks ({_sizes(quick)})",
-              flush=True)
-    try:
-        rows = run(quick, seed)
-    except Exception as e:  # report, as the other suites do
-        rows = [dict(case="distributed", status="error", note=f"{type(e).__name__}: {e}")]
-    meta["elapsed_s"] = round(time.perf_counter() - t0, 2)
-    meta["loadavg_after"] = report.load_average()
-    paths = report.write_results(rows, meta, out_dir, FIELDS, quick, suite="distributed")
-    print(format_table(rows))
-    print("times are wall clock on a possibly shared machine: approximate")
-    if quick:
-        print("quick shapes: targets are informational (they are set for d_sae 2^20, N 4096, k 64)")
-    print(f"total {meta['elapsed_s']:.1f} s; {report.wrote_line(paths)}")
-    return 0 if all(r["status"] == "ok" for r in rows) else 1
+TABLE = (
+    tb.text("case", "case"), tb.num("ratio", "ratio", ".3f"), tb.text("target", "target"), tb.MET,
+    tb.num("sk s", "sk_s", ".4f"), tb.num("peer s", "peer_s", ".3f"),
+)
+
+SUITE = runner.Suite(
+    name=NAME, cases=CASES, columns=COLUMNS, table=TABLE, jobs=jobs, count=lambda opts: 1,
+    settings=lambda opts: {"seed": opts.seed, "world": WORLD, "backend": "gloo", **_sizes(opts.quick)},
+    description="the feature-sharded SAE on 2 CPU processes (gloo, localhost): weight memory per rank vs "
+    "one process at d_sae 2^20, exact top-k merge time vs the local encode at N 4096, k 64",
+    cpu_only="it runs on CPU processes (gloo); on GPUs launch `python -m sparsekern.distributed.demo` with "
+    "torchrun (README 'Scale out')",
+    footer=lambda opts, meta: ["times are wall clock on a possibly shared machine: approximate"],
+    quick_note="quick shapes: targets are informational (they are set for d_sae 2^20, N 4096, k 64)",
+)

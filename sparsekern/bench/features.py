@@ -1,4 +1,4 @@
-"""``sparsekern bench --features``: feature-analysis workloads against the dense torch way, one process.
+"""``sparsekern bench features``: feature-analysis workloads against the dense torch way, one process.
 
 Cases (issue 11's CPU targets; ``--quick`` shrinks every shape, targets then only informational):
 
@@ -25,14 +25,15 @@ import functools
 import math
 import time
 import warnings
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from .. import ops
 from ..sparse_acts import SparseActs
-from . import report
+from . import runner
+from . import table as tb
 from . import timing as T
 
 FIELDS = ("case", "shape", "sparsekern", "peer", "sk_s", "peer_s", "speedup", "target", "target_met",
@@ -258,60 +259,41 @@ def ablation_case(quick: bool, seed: int, dev: torch.device, sample: int = 8) ->
                 info=dict(ablations=n, hooked_sampled=len(picks)))
 
 
-# ---- driver --------------------------------------------------------------------------------
+# ---- the suite, as the runner sees it -------------------------------------------------------
+NAME = "features"
 CASES = ("stats", "stats_dense", "conditioned", "neighbours", "ablation")
+COLUMNS = FIELDS
+TABLE = (
+    tb.text("case", "case"), tb.text("shape", "shape"), tb.num("sk s", "sk_s", ".2f"),
+    tb.num("peer s", "peer_s", ".2f"), tb.ratio("peer/sk", "speedup"), tb.text("target", "target"), tb.MET,
+    tb.num("sk MiB", "sk_peak_mib", ".1f"), tb.num("peer MiB", "peer_peak_mib", ".1f"),
+    tb.num("max|diff|", "max_abs_diff", ".2e"),
+)
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    head = ("case", "shape", "sk s", "peer s", "peer/sk", "target", "met", "sk MiB", "peer MiB", "max|diff|")
+def run_case(opts: runner.Options, name: str) -> list[dict[str, Any]]:
+    """The row of case ``name`` (one of :data:`CASES`), under ``torch.no_grad()``."""
+    sz, seed, dev = _sizes(opts.quick), opts.seed, opts.device
+    runners: dict[str, Callable[[], dict[str, Any]]] = {
+        "stats": lambda: stats_case(sz, seed, opts.progress, dev),
+        "stats_dense": lambda: stats_dense_case(sz, seed, dev),
+        "conditioned": lambda: conditioned_case(sz, seed, dev),
+        "neighbours": lambda: neighbours_case(sz, seed, dev),
+        "ablation": lambda: ablation_case(opts.quick, seed, dev),
+    }
+    with torch.no_grad():
+        return [runners[name]()]
 
-    def f(r: dict[str, Any], key: str, spec: str) -> str:
-        return "-" if r.get(key) is None else format(r[key], spec)
 
-    lines = [(r["case"], r.get("shape", ""), f(r, "sk_s", ".2f"), f(r, "peer_s", ".2f"),
-              f(r, "speedup", ".2f") + ("x" if r.get("speedup") else ""), r.get("target", ""),
-              {True: "yes", False: "NO", None: "-"}[r.get("target_met")] if r["status"] == "ok" else "ERROR",
-              f(r, "sk_peak_mib", ".1f"), f(r, "peer_peak_mib", ".1f"), f(r, "max_abs_diff", ".2e"))
-             for r in rows]
-    widths = [max(len(x[i]) for x in [head, *lines]) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(x, widths)) for x in [head, *lines])
+def jobs(opts: runner.Options) -> list[runner.Job]:
+    """The selected cases, in the order given."""
+    return [runner.Job(name, functools.partial(run_case, opts, name), {"case": name})
+            for name in SUITE.selected(opts)]
 
 
-def main(quick: bool, device: torch.device, out_dir: str, progress: bool, seed: int = 0,
-         cases: Optional[list[str]] = None) -> int:
-    """Run the feature-analysis benchmark, print a table, write JSON/CSV; 0 ok, 1 on an error."""
-    t0 = time.perf_counter()
-    meta: dict[str, Any] = {"schema": 1, "suite": "features-quick" if quick else "features",
-                            "machine": report.machine_info(device), "settings": {"seed": seed}}
-    busy = report.busy_warning(report.cpu_cores()) if device.type == "cpu" else None
-    if busy:
-        meta["warning"] = busy
-        print(busy)
-    sz = _sizes(quick)
-    runners = {"stats": lambda: stats_case(sz, seed, progress, device),
-               "stats_dense": lambda: stats_dense_case(sz, seed, device),
-               "conditioned": lambda: conditioned_case(sz, seed, device),
-               "neighbours": lambda: neighbours_case(sz, seed, device),
-               "ablation": lambda: ablation_case(quick, seed, device)}
-    rows = []
-    for name in cases or CASES:
-        try:
-            with torch.no_grad():
-                rows.append(runners[name]())
-        except Exception as e:  # report, keep going
-            rows.append(dict(case=name, status="error", note=f"{type(e).__name__}: {e}"))
-        if progress:
-            print(format_table(rows[-1:]).splitlines()[-1], flush=True)
-    meta["elapsed_s"] = round(time.perf_counter() - t0, 2)
-    meta["loadavg_after"] = report.load_average()
-    paths = report.write_results(rows, meta, out_dir, FIELDS, quick, suite="features")
-    m = meta["machine"]
-    print(f"sparsekern bench --features ({meta['suite']}) on {m.get('gpu') or m['cpu_model']}, "
-          f"{m['cpu_cores']} cores, "
-          f"{torch.get_num_threads()} threads, torch {m['torch']}; load average before {m['loadavg']}, "
-          f"after {meta['loadavg_after']}")
-    print(format_table(rows))
-    if quick:
-        print("quick shapes: targets are informational (they are set for the full-size shapes)")
-    print(f"total {meta['elapsed_s']:.1f} s; {report.wrote_line(paths)}")
-    return 0 if all(r["status"] == "ok" for r in rows) else 1
+SUITE = runner.Suite(
+    name=NAME, cases=CASES, columns=COLUMNS, table=TABLE, jobs=jobs,
+    settings=lambda opts: {"seed": opts.seed},
+    description="feature analysis (FeatureStats, co-occurrence, conditioned sums, decoder neighbours, "
+    "feature ablation) against the dense torch way",
+)

@@ -17,16 +17,16 @@ from torch import Tensor
 
 from .. import ops
 from ..sparse_acts import SparseActs
-from . import cases as C
+from . import workload as wl
 
 ENCODER_OPS = ("topk_encode", "threshold_encode")
 STRATEGY_ENV = "SPARSEKERN_ENCODE_STRATEGY"  # read on every call by the Triton encoders
 ENCODE_STRATEGIES = ("auto", "blocks", "fused", "tiles")  # one timed variant each on cuda
 
-GPT2_N16K = C.Shape("gpt2-small-n16384", d_in=768, d_sae=24576, n=16384, k=32)
-GEMMA_N4K = C.Shape("gemma-2-2b-n4096", d_in=2304, d_sae=65536, n=4096, k=64)
-WIDE_1M = C.Shape("2304x1m-n4096", d_in=2304, d_sae=2**20, n=4096, k=64)
-ENCODER_SHAPES = (C.GPT2, GPT2_N16K, GEMMA_N4K, WIDE_1M)  # C.GPT2 is 768 x 24576, N 2048, k 32
+GPT2_N16K = wl.Shape("gpt2-small-n16384", d_in=768, d_sae=24576, n=16384, k=32)
+GEMMA_N4K = wl.Shape("gemma-2-2b-n4096", d_in=2304, d_sae=65536, n=4096, k=64)
+WIDE_1M = wl.Shape("2304x1m-n4096", d_in=2304, d_sae=2**20, n=4096, k=64)
+ENCODER_SHAPES = (wl.GPT2, GPT2_N16K, GEMMA_N4K, WIDE_1M)  # wl.GPT2 is 768 x 24576, N 2048, k 32
 
 PEAK_MIB = 512.0  # sparsekern's peak extra memory at every encoder shape ...
 PEAK_MIB_WIDE = 1024.0  # ... except N >= 4096 rows into 2^20 features
@@ -39,23 +39,23 @@ CALIBRATION_ELEMS = 2**24  # [rows, features] block per step: 64 MiB in fp32, ne
 
 
 # ---- plan and targets ---------------------------------------------------------------------
-def peak_target_mib(shape: C.Shape) -> float:
+def peak_target_mib(shape: wl.Shape) -> float:
     return PEAK_MIB_WIDE if shape.n >= 4096 and shape.d_sae >= 2**20 else PEAK_MIB
 
 
-def gpu_encoder_plan() -> list[tuple[C.Shape, float]]:
+def gpu_encoder_plan() -> list[tuple[wl.Shape, float]]:
     """(shape, sparsekern peak target MiB) for the encoders on cuda."""
     return [(s, peak_target_mib(s)) for s in ENCODER_SHAPES]
 
 
-def gpu_plan() -> list[tuple[C.Shape, tuple[str, ...], Optional[float]]]:
+def gpu_plan() -> list[tuple[wl.Shape, tuple[str, ...], Optional[float]]]:
     """The cuda suite: the encoder shapes, plus the CPU plan's other ops where they ran before."""
-    rest = tuple(op for op in C.OPS if op not in ENCODER_OPS)
+    rest = tuple(op for op in wl.OPS if op not in ENCODER_OPS)
     enc = gpu_encoder_plan()
-    assert enc[0][0] == C.GPT2  # its shape hosts every other op too, as in the CPU plan
+    assert enc[0][0] == wl.GPT2  # its shape hosts every other op too, as in the CPU plan
     return [
-        (C.GPT2, ENCODER_OPS + rest, enc[0][1]),
-        (C.GEMMA, ("sparse_decode",), None),
+        (wl.GPT2, ENCODER_OPS + rest, enc[0][1]),
+        (wl.GEMMA, ("sparse_decode",), None),
         *[(s, ENCODER_OPS, peak) for s, peak in enc[1:]],
     ]
 
@@ -67,7 +67,7 @@ def matmul_limit(n: int, dtype: torch.dtype) -> float:
     return 1.15 if dtype == torch.float32 else 1.3
 
 
-def sae_lens_min_ratio(shape: C.Shape, dtype: torch.dtype) -> Optional[float]:
+def sae_lens_min_ratio(shape: wl.Shape, dtype: torch.dtype) -> Optional[float]:
     return SAE_LENS_MIN_RATIO.get((shape.name, dtype))
 
 
@@ -77,7 +77,7 @@ def free_cuda_bytes(device: torch.device) -> int:
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
-def dense_peer_skip(shape: C.Shape, dtype: torch.dtype, free_bytes: float) -> Optional[str]:
+def dense_peer_skip(shape: wl.Shape, dtype: torch.dtype, free_bytes: float) -> Optional[str]:
     """Why sae_lens (dense ``[N, d_sae]`` pre-activations) cannot run in ``free_bytes``, or None."""
     dense = shape.n * shape.d_sae * torch.empty((), dtype=dtype).element_size()
     need = SAE_LENS_DENSE_COPIES * dense
@@ -85,7 +85,7 @@ def dense_peer_skip(shape: C.Shape, dtype: torch.dtype, free_bytes: float) -> Op
         return None
     gib = 2.0**30
     return (f"sae_lens skipped: it builds dense [{shape.n}, {shape.d_sae}] tensors "
-            f"({dense / gib:.1f} GiB each in {C._dtype_name(dtype)}, ~{need / gib:.0f} GiB at peak) "
+            f"({dense / gib:.1f} GiB each in {wl.dtype_name(dtype)}, ~{need / gib:.0f} GiB at peak) "
             f"and only {free_bytes / gib:.1f} GiB of GPU memory is free")
 
 
@@ -95,7 +95,7 @@ def feature_chunk(rows: int, d_sae: int, max_elems: int = CALIBRATION_ELEMS) -> 
     return max(1, min(d_sae, max_elems // max(rows, 1)))
 
 
-def per_feature_thresholds(w: C.Weights, l0: float, rows: int = CALIBRATION_ROWS,
+def per_feature_thresholds(w: wl.Weights, l0: float, rows: int = CALIBRATION_ROWS,
                            max_elems: int = CALIBRATION_ELEMS) -> Tensor:
     """fp32 ``[d_sae]`` thresholds with which a row fires ``l0`` features on average (SAELens ``pre > t``).
 
@@ -151,39 +151,39 @@ def with_strategy(fn: Callable[[], Any], strategy: str) -> Callable[[], Any]:
     return run
 
 
-def _matmul_peer(w: C.Weights) -> C.Peer:
+def _matmul_peer(w: wl.Weights) -> wl.Peer:
     limit = matmul_limit(w.shape.n, w.dtype)
-    return C.Peer("matmul", "x @ W_enc (bare matmul)", C._nograd(lambda: w.x @ w.W_enc),
+    return wl.Peer("matmul", "x @ W_enc (bare matmul)", wl.nograd(lambda: w.x @ w.W_enc),
                   min_ratio=1 / limit, target=MATMUL_TARGET.format(limit))
 
 
-def _sae_lens_peer(w: C.Weights, name: str, make: Callable[[], Any], free_bytes: Optional[float]) -> C.Peer:
+def _sae_lens_peer(w: wl.Weights, name: str, make: Callable[[], Any], free_bytes: Optional[float]) -> wl.Peer:
     """sae_lens's encode, skipped when sae_lens is missing or its dense tensors would not fit."""
     if free_bytes is None:
         free_bytes = free_cuda_bytes(w.device) if w.device.type == "cuda" else float("inf")
-    skip = C.sae_lens_missing() or dense_peer_skip(w.shape, w.dtype, free_bytes)
+    skip = wl.sae_lens_missing() or dense_peer_skip(w.shape, w.dtype, free_bytes)
     if skip:
-        return C.Peer("sae_lens", name, None, skip=skip)
+        return wl.Peer("sae_lens", name, None, skip=skip)
     model = make()
     ratio = sae_lens_min_ratio(w.shape, w.dtype)
-    return C.Peer("sae_lens", name, C._nograd(lambda: model.encode(w.x)), min_ratio=ratio,
-                  target=None if ratio is None else f">= {ratio:g}x faster", check=C._dense_diff)
+    return wl.Peer("sae_lens", name, wl.nograd(lambda: model.encode(w.x)), min_ratio=ratio,
+                  target=None if ratio is None else f">= {ratio:g}x faster", check=wl.dense_diff)
 
 
-def _per_strategy(op: str, w: C.Weights, ours: Callable[[], Any], peers: list[C.Peer], peak: float,
+def _per_strategy(op: str, w: wl.Weights, ours: Callable[[], Any], peers: list[wl.Peer], peak: float,
                   strategies: tuple[str, ...], info: dict[str, Any],
-                  info_fn: Optional[Callable[[Any], dict[str, Any]]] = None) -> list[C.Case]:
-    return [C.Case(op, w.shape, C._nograd(with_strategy(ours, s)), (op,), peers, variant=f"[{s}]",
+                  info_fn: Optional[Callable[[Any], dict[str, Any]]] = None) -> list[wl.Case]:
+    return [wl.Case(op, w.shape, wl.nograd(with_strategy(ours, s)), (op,), peers, variant=f"[{s}]",
                    peak_target_mib=peak, info={**info, "strategy": s}, info_fn=info_fn)
             for s in strategies]
 
 
-def topk_encode_cases(w: C.Weights, peak: Optional[float] = None,
+def topk_encode_cases(w: wl.Weights, peak: Optional[float] = None,
                       strategies: tuple[str, ...] = ENCODE_STRATEGIES,
-                      free_bytes: Optional[float] = None) -> list[C.Case]:
+                      free_bytes: Optional[float] = None) -> list[wl.Case]:
     """topk_encode vs bare matmul and ``sae_lens.TopKSAE.encode``, one case per encoder strategy."""
     s = w.shape
-    peers = [_matmul_peer(w), _sae_lens_peer(w, "sae_lens.TopKSAE.encode", lambda: C.topk_sae(w), free_bytes)]
+    peers = [_matmul_peer(w), _sae_lens_peer(w, "sae_lens.TopKSAE.encode", lambda: wl.topk_sae(w), free_bytes)]
 
     def ours() -> SparseActs:
         return ops.topk_encode(w.x, w.W_enc, w.b_enc, s.k, b_dec=w.b_dec)
@@ -191,14 +191,14 @@ def topk_encode_cases(w: C.Weights, peak: Optional[float] = None,
     return _per_strategy("topk_encode", w, ours, peers, peak or peak_target_mib(s), strategies, {})
 
 
-def threshold_encode_cases(w: C.Weights, l0: float = C.THRESHOLD_L0, peak: Optional[float] = None,
+def threshold_encode_cases(w: wl.Weights, l0: float = wl.THRESHOLD_L0, peak: Optional[float] = None,
                            strategies: tuple[str, ...] = ENCODE_STRATEGIES,
-                           free_bytes: Optional[float] = None) -> list[C.Case]:
+                           free_bytes: Optional[float] = None) -> list[wl.Case]:
     """threshold_encode with per-feature thresholds (L0 ≈ l0) vs bare matmul and ``JumpReLUSAE.encode``."""
     thr = per_feature_thresholds(w, l0).to(w.dtype)
     ours_thr = thr.clamp_min(0)  # SAELens: relu(pre) * (pre > thr) == ours with max(thr, 0)
     peers = [_matmul_peer(w),
-             _sae_lens_peer(w, "sae_lens.JumpReLUSAE.encode", lambda: C.jumprelu_sae(w, thr), free_bytes)]
+             _sae_lens_peer(w, "sae_lens.JumpReLUSAE.encode", lambda: wl.jumprelu_sae(w, thr), free_bytes)]
 
     def ours() -> SparseActs:
         return ops.threshold_encode(w.x, w.W_enc, w.b_enc, ours_thr, b_dec=w.b_dec)

@@ -1,4 +1,4 @@
-"""``sparsekern bench --patching``: sparsekern.patching vs transformer_lens.patching in one process.
+"""``sparsekern bench patching``: sparsekern.patching vs transformer_lens.patching in one process.
 
 Model: a GPT-2-small-shaped random ``HookedTransformer`` (12 layers, d_model 768, 12 heads, d_mlp 3072,
 d_vocab 50257, gelu_new, LayerNorm), batch 8 x 15 tokens; ``--quick``: a 2-layer toy model.
@@ -14,13 +14,13 @@ the measured ratio adds batching efficiency and load noise.
 
 from __future__ import annotations
 
-import time
 import warnings
-from typing import Any
+from typing import Any, Iterator, NamedTuple, Optional
 
 import torch
 
-from . import report
+from . import runner
+from . import table as tb
 from . import timing as T
 
 FIELDS = (
@@ -43,12 +43,28 @@ FIELDS = (
     "status",
     "note",
 )
-CASES = (  # (name, sparsekern/TL function name, target speed-up or None, metric)
-    ("resid_pre", "get_act_patch_resid_pre", 6.0, "last"),
-    ("attn_head_out_by_pos", "get_act_patch_attn_head_out_by_pos", 8.0, "last"),
+
+
+class Spec(NamedTuple):
+    """One case: its row's ``case`` label, the sparsekern / TransformerLens function, the target speed-up
+    (None: informational) and the metric (``last``: logit difference at the last position; ``all``: reads
+    every position's logits)."""
+
+    label: str
+    fn_name: str
+    target: Optional[float]
+    metric: str
+
+
+SPECS = {
+    "resid_pre": Spec("resid_pre", "get_act_patch_resid_pre", 6.0, "last"),
+    "attn_head_out_by_pos": Spec("attn_head_out_by_pos", "get_act_patch_attn_head_out_by_pos", 8.0, "last"),
     # a metric that reads every position's logits: no lazy-unembedding saving (informational)
-    ("resid_pre, all-position metric", "get_act_patch_resid_pre", None, "all"),
-)
+    "resid_pre_all": Spec("resid_pre, all-position metric", "get_act_patch_resid_pre", None, "all"),
+}
+NAME = "patching"
+CASES = tuple(SPECS)  # the ids --cases selects from
+COLUMNS = FIELDS
 
 
 def build(quick: bool, device: torch.device, seed: int = 0):
@@ -106,25 +122,19 @@ def _flops(cfg, B: int, Tn: int, rows: list[list[int]], last_only: bool, act: st
     return float(tl), float(sk)
 
 
-def run_case(
-    name: str,
-    fn_name: str,
-    target: float | None,
-    metric_kind: str,
-    quick: bool,
-    device: torch.device,
-    progress: bool,
-    built,
-) -> dict[str, Any]:
+def case_job(case: str, quick: bool, device: torch.device, progress: bool, built) -> runner.Job:
+    """The job of case ``case`` (a key of :data:`SPECS`) on the model ``built`` by :func:`build`: its row
+    names the model and the grid; running it times both libraries and compares their outputs."""
     import transformer_lens.patching as tlp
 
     import sparsekern.patching as skp
 
+    spec = SPECS[case]
     model, clean, corr, cache, metrics, model_desc = built
-    metric = metrics[metric_kind]
+    metric = metrics[spec.metric]
     cfg = model.cfg
     B, Tn = corr.shape
-    f_tl = getattr(tlp, fn_name)
+    f_tl = getattr(tlp, spec.fn_name)
     setter, act, axes = (f_tl.keywords[k] for k in ("patch_setter", "activation_name", "index_axis_names"))
     sizes = {"layer": cfg.n_layers, "pos": Tn, "head": cfg.n_heads}
     shape = [sizes[a] for a in axes]
@@ -139,16 +149,18 @@ def run_case(
         return tlp.generic_activation_patch(model, corr, cache, metric, setter, act, index_df=sub)
 
     def sk_call():
-        return getattr(skp, fn_name)(model, corr, cache, metric, progress=progress)
+        return getattr(skp, spec.fn_name)(model, corr, cache, metric, progress=progress)
 
     row: dict[str, Any] = {
-        "case": name,
+        "case": spec.label,
         "model": model_desc,
         "patches": len(grid),
         "tl_patches_timed": len(sub),
-        "target": f">= {target:g}x" if target else "-",
+        "target": f">= {spec.target:g}x" if spec.target else "-",
     }
-    try:
+
+    def measure() -> list[dict[str, Any]]:
+        target = spec.target
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             tlp.generic_activation_patch(
@@ -169,117 +181,56 @@ def run_case(
         diff = float((sk_out.reshape(-1)[picks].cpu() - ref).abs().max())
         scale = max(1.0, float(ref.abs().max()))
         late = act if device.type == "cpu" else ""  # the engine's one-position block runs are CPU-only
-        tl_fl, sk_fl = _flops(cfg, B, Tn, grid.values.tolist(), metric_kind == "last", late)
+        tl_fl, sk_fl = _flops(cfg, B, Tn, grid.values.tolist(), spec.metric == "last", late)
         ratio = tl_full / (sk_ms / 1e3)
         ok = diff <= 1e-4 * scale
-        row.update(
-            tl_s_per_patch=sum(per) / 2,
-            tl_s_per_patch_spread=abs(per[0] - per[1]) / 2,
-            tl_full_s_est=tl_full,
-            sk_s=sk_ms / 1e3,
-            ratio=ratio,
-            target_met=(ratio >= target) if target and not quick else None,
-            flop_ratio=tl_fl / sk_fl,
-            sk_peak_mib=sk_peak,
-            tl_peak_mib=tl_peak,
-            max_abs_diff=diff,
-            metric_scale=scale,
-            status="ok" if ok else "mismatch",
-            note=f"TL timed on {len(sub)} of {len(grid)} patches (before and after sparsekern), scaled linearly",
-        )
+        out = {
+            **row,
+            "tl_s_per_patch": sum(per) / 2,
+            "tl_s_per_patch_spread": abs(per[0] - per[1]) / 2,
+            "tl_full_s_est": tl_full,
+            "sk_s": sk_ms / 1e3,
+            "ratio": ratio,
+            "target_met": (ratio >= target) if target and not quick else None,
+            "flop_ratio": tl_fl / sk_fl,
+            "sk_peak_mib": sk_peak,
+            "tl_peak_mib": tl_peak,
+            "max_abs_diff": diff,
+            "metric_scale": scale,
+            "status": "ok" if ok else "mismatch",
+            "note": f"TL timed on {len(sub)} of {len(grid)} patches (before and after sparsekern), "
+                    "scaled linearly",
+        }
         if not ok and target:
-            row["target_met"] = False
-    except Exception as e:  # report, don't crash the whole bench
-        row.update(status="error", note=f"{type(e).__name__}: {e}")
-    return row
+            out["target_met"] = False
+        return [out]
+
+    return runner.Job(spec.label, measure, row)
 
 
-def format_table(rows) -> str:
-    head = (
-        "case",
-        "patches",
-        "TL s/patch",
-        "TL full s (est)",
-        "sk s",
-        "TL/sk",
-        "target",
-        "met",
-        "flop ratio",
-        "sk peak MiB",
-        "TL peak MiB",
-        "max|diff|",
-    )
-    lines = []
-    for r in rows:
-        f = lambda k, fmt: "-" if r.get(k) is None else format(r[k], fmt)
-        met = (
-            {True: "yes", False: "NO", None: "-"}[r.get("target_met")]
-            if r["status"] == "ok"
-            else r["status"].upper()
-        )
-        lines.append(
-            (
-                r["case"],
-                str(r["patches"]),
-                f("tl_s_per_patch", ".3f"),
-                f("tl_full_s_est", ".1f"),
-                f("sk_s", ".2f"),
-                f("ratio", ".2f") + ("x" if r.get("ratio") else ""),
-                r["target"],
-                met,
-                f("flop_ratio", ".2f"),
-                f("sk_peak_mib", ".0f"),
-                f("tl_peak_mib", ".0f"),
-                f("max_abs_diff", ".2e"),
-            )
-        )
-    widths = [max(len(x[i]) for x in [head, *lines]) for i in range(len(head))]
-    out = ["  ".join(c.ljust(w) for c, w in zip(head, widths))]
-    out += ["  ".join(c.ljust(w) for c, w in zip(x, widths)) for x in lines]
-    return "\n".join(out)
+# ---- the suite, as the runner sees it -------------------------------------------------------
+def jobs(opts: runner.Options) -> Iterator[runner.Job]:
+    """The model (built once, before the first case), then one job per selected case."""
+    built = build(opts.quick, opts.device, opts.seed)
+    for case in SUITE.selected(opts):
+        yield case_job(case, opts.quick, opts.device, opts.progress, built)
 
 
-def main(
-    quick: bool,
-    device: torch.device,
-    out_dir: str,
-    progress: bool,
-    seed: int = 0,
-    cases: list[str] | None = None,
-) -> int:
-    """Run the patching benchmark, print a table, write JSON/CSV; 0 ok, 1 on an error or mismatch."""
-    t0 = time.perf_counter()
-    meta: dict[str, Any] = {
-        "schema": 1,
-        "suite": "patching-quick" if quick else "patching",
-        "machine": report.machine_info(device),
-        "settings": {"seed": seed},
-    }
-    busy = report.busy_warning(report.cpu_cores()) if device.type == "cpu" else None
-    if busy:
-        meta["warning"] = busy
-        print(busy)
-    built = build(quick, device, seed)
-    rows = [
-        run_case(n, fn, tgt, mk, quick, device, progress, built)
-        for n, fn, tgt, mk in CASES
-        if cases is None or n in cases
-    ]
-    meta["elapsed_s"] = round(time.perf_counter() - t0, 2)
-    meta["loadavg_after"] = report.load_average()
-    paths = report.write_results(rows, meta, out_dir, FIELDS, quick, suite="patching")
-    m = meta["machine"]
-    print(
-        f"sparsekern bench --patching ({meta['suite']}) on {m['device']}: {m['cpu_model']}, {m['cpu_cores']} cores, "
-        f"{torch.get_num_threads()} threads, torch {m['torch']}; load average before {m['loadavg']}, "
-        f"after {meta['loadavg_after']}"
-    )
-    print(format_table(rows))
-    print(
+TABLE = (
+    tb.text("case", "case"), tb.num("patches", "patches", "d"), tb.num("TL s/patch", "tl_s_per_patch", ".3f"),
+    tb.num("TL full s (est)", "tl_full_s_est", ".1f"), tb.num("sk s", "sk_s", ".2f"),
+    tb.ratio("TL/sk", "ratio"),
+    tb.text("target", "target"), tb.MET, tb.num("flop ratio", "flop_ratio", ".2f"),
+    tb.num("sk peak MiB", "sk_peak_mib", ".0f"), tb.num("TL peak MiB", "tl_peak_mib", ".0f"),
+    tb.num("max|diff|", "max_abs_diff", ".2e"),
+)
+
+SUITE = runner.Suite(
+    name=NAME, cases=CASES, columns=COLUMNS, table=TABLE, jobs=jobs,
+    settings=lambda opts: {"seed": opts.seed},
+    description="sparsekern.patching against transformer_lens.patching (exact activation patching)",
+    footer=lambda opts, meta: [
         "TL full = TransformerLens time per patch (sub-sweep, timed before and after sparsekern) x patches; "
-        "flop ratio = matmul FLOPs TL / sparsekern (deterministic part of the speed-up)"
-    )
-    if quick:
-        print("quick model: targets are informational (they are set for the GPT-2-small shape)")
-    print(f"total {meta['elapsed_s']:.1f} s; {report.wrote_line(paths)}")
-    return 0 if all(r["status"] == "ok" for r in rows) else 1
+        "flop ratio = matmul FLOPs TL / sparsekern (deterministic part of the speed-up)"],
+    quick_note="quick model: targets are informational (they are set for the GPT-2-small shape)",
+)

@@ -1,4 +1,4 @@
-"""Machine info, the printed table, and the JSON/CSV result files."""
+"""Machine info and the JSON / CSV / HTML result files of every suite (the table is :mod:`.table`'s)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import torch
 
 from .. import __version__, backends
 from . import timing as T
+from .html import write_page
 
 
 def cpu_model() -> str:
@@ -127,65 +128,8 @@ def write_results(rows: Sequence[dict[str, Any]], meta: dict[str, Any], out_dir:
         w.writeheader()
         for r in rows:
             w.writerow({k: _csv_value(r.get(k)) for k in fields})
-    from .html import write_page  # plotly page beside the JSON; prints one line and skips without plotly
-
-    page = write_page(paths["json"])
+    page = write_page(paths["json"])  # plotly page beside the JSON; prints one line and skips without plotly
     if page is not None:
         paths["html"] = page
     return paths
 
-
-# ---- table --------------------------------------------------------------------------------
-def _num(v: Optional[float], fmt: str) -> str:
-    return "-" if v is None else format(v, fmt)
-
-
-def _ratio(v: Optional[float]) -> str:
-    return "-" if v is None else (f"{v:.1f}x" if v >= 10 else f"{v:.2f}x")
-
-
-def _spans(nums: Sequence[int]) -> str:
-    """[1, 2, 3, 5] -> '1-3, 5'."""
-    parts: list[str] = []
-    for n in nums:
-        if parts and parts[-1].split("-")[-1] == str(n - 1):
-            parts[-1] = f"{parts[-1].split('-')[0]}-{n}"
-        else:
-            parts.append(str(n))
-    return ", ".join(parts)
-
-
-def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Fixed-width table: one line per (case, peer), notes listed underneath."""
-    head = ("op", "shape", "backend", "peer", "sk ms", "peer ms", "peer/sk", "sk MiB", "peer MiB",
-            "target", "met")
-    lines: list[tuple[str, ...]] = []
-    notes: dict[str, list[int]] = {}
-    for r in rows:
-        op = r["op"] + (f" {r['variant']}" if r.get("variant") else "")
-        met = {True: "yes", False: "NO", None: "-"}[r.get("target_met")]
-        if r.get("status") != "ok":
-            met = r.get("status", "?").upper()
-        extra = r.get("info") or {}
-        if "mean_l0" in extra:
-            op += f" (L0 {extra['mean_l0']:g})"
-        lines.append((op, r["shape"], str(r.get("backend") or "-"), str(r.get("peer") or "-"),
-                      _num(r.get("sparsekern_ms"), ".3f"), _num(r.get("peer_ms"), ".3f"),
-                      _ratio(r.get("ratio")), _num(r.get("sparsekern_peak_mib"), ".1f"),
-                      _num(r.get("peer_peak_mib"), ".1f"), r.get("target") or "-", met))
-        if r.get("note"):
-            notes.setdefault(r["note"], []).append(len(lines))
-    widths = [max(len(str(x[i])) for x in [head, *lines]) for i in range(len(head))]
-    right = {4, 5, 6, 7, 8}
-
-    def fmt(cells: Sequence[str], n: str = "") -> str:
-        padded = (c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-        body = "  ".join(padded)
-        return f"{n:>3} {body}".rstrip()
-
-    out = [fmt(head, "#"), fmt(["-" * w for w in widths], "---")]
-    out += [fmt(cells, str(i + 1)) for i, cells in enumerate(lines)]
-    if notes:
-        out.append("notes:")
-        out += [f"  rows {_spans(nums)}: {note}" for note, nums in notes.items()]
-    return "\n".join(out)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..sparse_acts import SparseActs
-from . import cases as C
+from . import workload as wl
 
 CACHE_TOKENS = {True: (2, 16), False: (4, 128)}  # quick -> (batch, seq)
 
@@ -32,7 +32,7 @@ def _model_cfg(d_model: int, quick: bool) -> Any:
                                    normalization_type="LN", seed=0)
 
 
-def _sae_pair(w: C.Weights, arch: str, hook: str, acts: Optional[Tensor] = None) -> tuple[Any, Any]:
+def _sae_pair(w: wl.Weights, arch: str, hook: str, acts: Optional[Tensor] = None) -> tuple[Any, Any]:
     """(sae_lens SAE holding w's tensors, the sparsekern SAE sharing them).
 
     A JumpReLU threshold is set for L0 ≈ 64 on ``acts`` (the activations it will see; default ``w.x``).
@@ -40,41 +40,42 @@ def _sae_pair(w: C.Weights, arch: str, hook: str, acts: Optional[Tensor] = None)
     from ..saes import SAE
 
     if arch == "topk":
-        peer = C.topk_sae(w)
+        peer = wl.topk_sae(w)
     else:
-        cal = w if acts is None else C.Weights(w.shape, acts, w.W_enc, w.b_enc, w.W_dec, w.b_dec)
-        thr = torch.full((w.shape.d_sae,), C.calibrate_threshold(cal, C.THRESHOLD_L0), dtype=w.dtype,
+        cal = w if acts is None else wl.Weights(w.shape, acts, w.W_enc, w.b_enc, w.W_dec, w.b_dec)
+        thr = torch.full((w.shape.d_sae,), wl.calibrate_threshold(cal, wl.THRESHOLD_L0), dtype=w.dtype,
                          device=w.device)
-        peer = C.jumprelu_sae(w, thr)
+        peer = wl.jumprelu_sae(w, thr)
     peer.cfg.metadata.hook_name = hook
     return peer, SAE.from_sae_lens(peer)
 
 
 def _diff_dense(ours: Tensor, peer: Tensor) -> float:
-    return C._max_diff(ours, peer)
+    return wl.max_diff(ours, peer)
 
 
-def sae_forward_cases(w: C.Weights) -> list[C.Case]:
+def sae_forward_cases(w: wl.Weights) -> list[wl.Case]:
     """``SAE.forward`` (encode + decode): sae_lens vs sparsekern, TopK and JumpReLU."""
     out = []
     for arch in ("topk", "jumprelu"):
-        missing = C.sae_lens_missing()
+        missing = wl.sae_lens_missing()
         if missing:
-            out.append(C.Case("sae_forward", w.shape, lambda: None, ("topk_encode",),
-                              [C.Peer("sae_lens", "sae_lens SAE.forward", None, skip=missing)], variant=arch))
+            out.append(wl.Case("sae_forward", w.shape, lambda: None, ("topk_encode",),
+                              [wl.Peer("sae_lens", "sae_lens SAE.forward", None, skip=missing)],
+                              variant=arch))
             continue
         peer, ours = _sae_pair(w, arch, "blocks.6.hook_resid_pre")
         enc = "topk_encode" if arch == "topk" else "threshold_encode"
-        out.append(C.Case(
-            "sae_forward", w.shape, C._nograd(lambda s=ours: s(w.x)), (enc, "sparse_decode"),
-            [C.Peer("sae_lens", f"sae_lens {type(peer).__name__}.forward", C._nograd(lambda s=peer: s(w.x)),
+        out.append(wl.Case(
+            "sae_forward", w.shape, wl.nograd(lambda s=ours: s(w.x)), (enc, "sparse_decode"),
+            [wl.Peer("sae_lens", f"sae_lens {type(peer).__name__}.forward", wl.nograd(lambda s=peer: s(w.x)),
                     min_ratio=1.0, target="no slower", check=_diff_dense)],
             variant=arch,
         ))
     return out
 
 
-def _models(w: C.Weights, quick: bool) -> tuple[Any, Any, Tensor]:
+def _models(w: wl.Weights, quick: bool) -> tuple[Any, Any, Tensor]:
     """(sae_lens HookedSAETransformer, sparsekern HookedSAETransformer with the same weights, tokens)."""
     key = f"models-{quick}"
     if key not in w.cache:
@@ -93,18 +94,18 @@ def _models(w: C.Weights, quick: bool) -> tuple[Any, Any, Tensor]:
     return w.cache[key]
 
 
-def sae_cache_cases(w: C.Weights, quick: bool) -> list[C.Case]:
+def sae_cache_cases(w: wl.Weights, quick: bool) -> list[wl.Case]:
     """``run_with_cache_with_saes`` on a GPT-2-shaped model: SAELens dense cache vs sparse=True."""
     out = []
-    missing = C.sae_lens_missing()
+    missing = wl.sae_lens_missing()
     hook = "blocks.1.hook_resid_pre" if quick else "blocks.6.hook_resid_pre"
     # (variant, architecture, names_filter): the whole cache, and only the SAE's features
     only_sae = f"{hook}.hook_sae_acts_post"
     for variant, arch, names in (("topk", "topk", None), ("jumprelu", "jumprelu", None),
                                  ("topk acts_post only", "topk", only_sae)):
         if missing:
-            out.append(C.Case("sae_cache", w.shape, lambda: None, ("topk_encode",),
-                              [C.Peer("sae_lens", "sae_lens run_with_cache_with_saes", None, skip=missing)],
+            out.append(wl.Case("sae_cache", w.shape, lambda: None, ("topk_encode",),
+                              [wl.Peer("sae_lens", "sae_lens run_with_cache_with_saes", None, skip=missing)],
                               variant=variant))
             continue
         peer_model, model, toks = _models(w, quick)
@@ -121,7 +122,7 @@ def sae_cache_cases(w: C.Weights, quick: bool) -> list[C.Case]:
 
         def check(o: Any, p: Any, name: str = name) -> float:
             acts: SparseActs = o[1][name]
-            return max(C._max_diff(o[0], p[0]), C._max_diff(acts.to_dense(w.shape.d_sae), p[1][name]))
+            return max(wl.max_diff(o[0], p[0]), wl.max_diff(acts.to_dense(w.shape.d_sae), p[1][name]))
 
         def info(o: Any, name: str = name) -> dict[str, Any]:
             acts: SparseActs = o[1][name]
@@ -132,16 +133,16 @@ def sae_cache_cases(w: C.Weights, quick: bool) -> list[C.Case]:
                     "acts_post_mem_ratio": round(dense_mib / sparse_mib, 1)}
 
         enc = "topk_encode" if arch == "topk" else "threshold_encode"
-        out.append(C.Case(
-            "sae_cache", w.shape, C._nograd(ours), (enc, "sparse_decode"),
-            [C.Peer("sae_lens", "sae_lens HookedSAETransformer.run_with_cache_with_saes (dense)",
-                    C._nograd(peer), check=check)],
+        out.append(wl.Case(
+            "sae_cache", w.shape, wl.nograd(ours), (enc, "sparse_decode"),
+            [wl.Peer("sae_lens", "sae_lens HookedSAETransformer.run_with_cache_with_saes (dense)",
+                    wl.nograd(peer), check=check)],
             variant=variant, info_fn=info,
         ))
     return out
 
 
-BUILDERS: dict[str, Callable[[C.Weights, bool], list[C.Case]]] = {
+BUILDERS: dict[str, Callable[[wl.Weights, bool], list[wl.Case]]] = {
     "sae_forward": lambda w, quick: sae_forward_cases(w),
     "sae_cache": sae_cache_cases,
 }

@@ -1,4 +1,10 @@
-"""Run benchmark cases (sparsekern and peers interleaved in one process) and build result rows."""
+"""The ops suite (``sparsekern bench ops``, the default): each case of :mod:`.cases` run with sparsekern
+and its peers interleaved in one process, one result row per (case, peer).
+
+:func:`run_case` times one case; :data:`SUITE` declares the suite to :mod:`.runner` (cases are the op
+names, built per shape of :func:`.cases.plan`, weights once per shape); :func:`run_suite` runs the
+selected cases without writing files.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +13,14 @@ import gc
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
 from .. import backends
 from . import cases as C
-from . import gpu_plan
+from . import gpu_plan, runner
+from . import table as tb
 from . import timing as T
 
 _BACKEND_ERRORS = (RuntimeError, NotImplementedError)
@@ -123,12 +130,18 @@ def _finite_pos(x: Optional[float]) -> Optional[float]:
     return x if x is not None and math.isfinite(x) and x > 0 else None
 
 
+def _base(case: C.Case, st: Settings) -> dict[str, Any]:
+    """Every field of a row of ``case``, the identifying ones filled in."""
+    base = dict.fromkeys(FIELDS)
+    base.update(op=case.op, variant=case.variant, shape=case.shape.name, dims=case.shape.dims(),
+                dtype=str(st.dtype).removeprefix("torch."), device=str(st.device), info=dict(case.info))
+    return base
+
+
 def run_case(case: C.Case, st: Settings) -> list[dict[str, Any]]:
     """Benchmark one case; one row per peer (a single peer-less row with ``peers=False``)."""
     dev = st.device
-    base = dict.fromkeys(FIELDS)
-    base.update(op=case.op, variant=case.variant, shape=case.shape.name, dims=case.shape.dims(),
-                dtype=str(st.dtype).removeprefix("torch."), device=str(dev), info=dict(case.info))
+    base = _base(case, st)
     try:
         res = resolve_ours(case, dev)  # warm-up call of sparsekern
     except Exception as e:  # forced backend failed, or a bug: report, keep going
@@ -205,28 +218,72 @@ def count_cases(st: Settings) -> int:
     return sum(cases_per_op(op, st.device) for _, op, _ in iter_cases(st))
 
 
-def run_suite(st: Settings, progress: bool = True) -> tuple[list[dict[str, Any]], float]:
-    """Run every selected case; returns (rows, elapsed seconds). Weights are built once per shape."""
-    from tqdm import tqdm
-
-    t0 = time.perf_counter()
-    rows: list[dict[str, Any]] = []
+def _jobs(st: Settings) -> Iterator[runner.Job]:
+    """One job per case, in plan order; the weights are built once per shape, when its first case is due."""
     weights: Optional[C.Weights] = None
-    bar = tqdm(total=count_cases(st), desc="sparsekern bench", unit="case", disable=not progress)
-    try:
-        for shape, op, peak in iter_cases(st):
-            if weights is None or weights.shape != shape:
-                weights = None
-                gc.collect()
-                if st.device.type == "cuda":  # hand the last shape's blocks back before the next (2^20) one
-                    torch.cuda.empty_cache()
-                bar.set_postfix_str(f"building {shape.name} weights")
-                weights = C.make_weights(shape, st.device, st.dtype, st.seed)
-            for case in C.build(op, weights, peak_target_mib=peak):
-                bar.set_postfix_str(f"{case.op}{case.variant} @ {shape.name}")
-                rows.extend(run_case(case, st))
-                bar.update(1)
-                del case
-    finally:
-        bar.close()
+    for shape, op, peak in iter_cases(st):
+        if weights is None or weights.shape != shape:
+            weights = None
+            gc.collect()
+            if st.device.type == "cuda":  # hand the last shape's blocks back before the next (2^20) one
+                torch.cuda.empty_cache()
+            weights = C.make_weights(shape, st.device, st.dtype, st.seed)
+        for case in C.build(op, weights, peak_target_mib=peak):
+            yield runner.Job(f"{case.op}{case.variant} @ {shape.name}",
+                             functools.partial(run_case, case, st), _base(case, st))
+            del case
+
+
+def run_suite(st: Settings, progress: bool = True) -> tuple[list[dict[str, Any]], float]:
+    """Run every selected case (no files written); returns (rows, elapsed seconds)."""
+    t0 = time.perf_counter()
+    rows = runner.collect(SUITE, _jobs(st), count_cases(st), progress)
     return rows, time.perf_counter() - t0
+
+
+# ---- the suite, as the runner sees it -------------------------------------------------------
+def settings_for(opts: runner.Options) -> Settings:
+    """The ops suite's :class:`Settings` for the CLI's options (``--quick``: a 0.2 s budget per case)."""
+    return Settings(device=opts.device, dtype=opts.dtype, ops=opts.cases or C.OPS, quick=opts.quick,
+                    repeats=opts.repeats, peers=opts.peers, seed=opts.seed,
+                    budget_s=0.2 if opts.quick else 4.0, max_repeats=10 if opts.quick else 20)
+
+
+def _settings(opts: runner.Options) -> dict[str, Any]:
+    return {"dtype": opts.dtype_name, "ops": list(opts.cases or C.OPS), "repeats": opts.repeats,
+            "peers": opts.peers, "seed": opts.seed, "backend": backends.forced_backend()}
+
+
+def _op_cell(r: dict[str, Any]) -> str:
+    op = str(r.get("op")) + (f" {r['variant']}" if r.get("variant") else "")
+    info = r.get("info") or {}
+    return op + (f" (L0 {info['mean_l0']:g})" if "mean_l0" in info else "")
+
+
+TABLE = (
+    tb.Column("op", _op_cell), tb.text("shape", "shape"), tb.text("backend", "backend"),
+    tb.text("peer", "peer"), tb.num("sk ms", "sparsekern_ms", ".3f"), tb.num("peer ms", "peer_ms", ".3f"),
+    tb.ratio("peer/sk", "ratio"),
+    tb.num("sk MiB", "sparsekern_peak_mib", ".1f"), tb.num("peer MiB", "peer_peak_mib", ".1f"),
+    tb.text("target", "target"), tb.MET,
+)
+
+
+def _peak_line(opts: runner.Options, meta: dict[str, Any]) -> list[str]:
+    method = meta["machine"]["peak_memory_method"] or "not measured on this device"
+    return [f"peak MiB = extra memory of one call ({method})"]
+
+
+NAME = "ops"
+CASES = C.OPS
+COLUMNS = FIELDS
+SUITE = runner.Suite(
+    name=NAME, cases=CASES, columns=COLUMNS, table=TABLE, key="op",
+    description="sparsekern ops vs embedding_bag / matmul / SAELens (same process, interleaved)",
+    jobs=lambda opts: _jobs(settings_for(opts)), count=lambda opts: count_cases(settings_for(opts)),
+    settings=_settings, options=frozenset({"--dtype", "--repeats", "--ops", "--no-peer", "--backend"}),
+    labels=("default", "quick"),
+    header=lambda opts, meta: (f"{opts.dtype_name}; "
+                               f"backends available {meta['machine']['sparsekern_backends']}"),
+    footer=_peak_line,
+)

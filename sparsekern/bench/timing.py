@@ -57,6 +57,14 @@ def _status_kib(field: str) -> int:
     raise KeyError(field)
 
 
+def process_peak_rss_mib() -> Optional[float]:
+    """This process's peak resident memory so far (``VmHWM``) in MiB; None where /proc is not readable."""
+    try:
+        return _status_kib("VmHWM") / 1024.0
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 def _reset_peak_rss() -> bool:
     try:
         with open(_CLEAR_REFS, "w") as f:

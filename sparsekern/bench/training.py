@@ -1,4 +1,4 @@
-"""``sparsekern bench --training``: ``sparsekern.training.SAETrainer`` against SAELens's trainer, one process.
+"""``sparsekern bench training``: ``sparsekern.training.SAETrainer`` against SAELens's trainer, one process.
 
 The peer is SAELens 6.x's own trainer: ``sae_lens.training.sae_trainer.SAETrainer`` driving a
 ``TopKTrainingSAE`` / ``JumpReLUTrainingSAE``, stepped through its public per-step seam exactly as its
@@ -41,27 +41,28 @@ seen there): ``info.dense_ops`` for sparsekern (expected empty) and ``info.peer_
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import math
 import time
-import traceback
-import warnings
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
 
-from .. import ops
-from . import report
+from .. import backends, ops
+from . import runner
+from . import table as tb
 from . import timing as T
+from .trainers import ARCH_EXTRAS, SLStepper, copy_params, pair, sk_trainer, sl_sae
+
+__all__ = ["ARCH_EXTRAS", "CASES", "FIELDS", "PEER", "SLStepper", "SUITE", "copy_params", "dense_ops",
+           "eval_metrics", "planted_batches", "quality_case", "scale_case", "sizes", "sk_trainer", "step_case",
+           "throughput_case"]
 
 FIELDS = ("case", "shape", "dtype", "sparsekern", "peer", "steps", "sk_ms", "peer_ms", "sk_tok_s",
           "peer_tok_s", "speedup", "sk_mse", "peer_mse", "mse_rel_diff", "sk_ev", "peer_ev", "ev_rel_diff",
           "sk_peak_mib", "peer_peak_mib", "mem_ratio", "target", "target_met", "status", "note", "info")
-CASES = ("step", "throughput", "quality_topk", "quality_jumprelu", "scale")
 PEER = "sae_lens.training.sae_trainer.SAETrainer (step seam of fit())"
-NO_TRAINER = ("sparsekern.training is not importable in this tree (the trainer lands on the `train` "
-              "branch); run with it on PYTHONPATH")
 
 
 def sizes(quick: bool) -> dict[str, Any]:
@@ -92,133 +93,6 @@ def planted_batches(n_batches: int, batch: int, d_in: int, seed: int, n_true: Op
             x = ops.sparse_decode(mag, idx, D) + noise * torch.randn(batch, d_in, generator=g)
             out.append(x)
     return out
-
-
-# ---- the two trainers ----------------------------------------------------------------------
-ARCH_EXTRAS = {  # hyper-parameters set on both sides (when sparsekern's config has the field)
-    "topk": dict(),
-    "jumprelu": dict(l0_coefficient=1e-3, jumprelu_init_threshold=0.01, jumprelu_bandwidth=0.05),
-}
-
-
-def _field_names(obj_or_cls: Any) -> set[str]:
-    return {f.name for f in dataclasses.fields(obj_or_cls)} if dataclasses.is_dataclass(obj_or_cls) else set()
-
-
-def sk_trainer(arch: str, d_in: int, d_sae: int, k: int, batch: int, lr: float, seed: int,
-               device: torch.device, dtype: torch.dtype, total_steps: int = 0):
-    """(sparsekern SAETrainer, names of requested extras its config lacks)."""
-    from ..training import SAETrainer, TrainingConfig  # the `train` branch
-
-    kw = dict(architecture=arch, d_in=d_in, d_sae=d_sae, k=k, lr=lr, train_batch_size_tokens=batch,
-              seed=seed, device=str(device), dtype=str(dtype).removeprefix("torch."))
-    names = _field_names(TrainingConfig)
-    if total_steps and "training_tokens" in names:  # the lr schedule's length, as SAELens's
-        kw["training_tokens"] = total_steps * batch
-    if "checkpoint_path" in names:
-        kw["checkpoint_path"] = None
-    missing = []
-    for key, v in ARCH_EXTRAS[arch].items():
-        if not names or key in names:
-            kw[key] = v
-        else:
-            missing.append(key)
-    torch.manual_seed(seed)
-    return SAETrainer(TrainingConfig(**kw)), missing
-
-
-def _sl_classes(arch: str):
-    import sae_lens
-
-    if arch == "topk":
-        return sae_lens.TopKTrainingSAE, sae_lens.TopKTrainingSAEConfig
-    if arch == "jumprelu":
-        return sae_lens.JumpReLUTrainingSAE, sae_lens.JumpReLUTrainingSAEConfig
-    raise ValueError(f"no SAELens peer for architecture {arch!r} in this benchmark")
-
-
-def _sl_sae(arch: str, d_in: int, d_sae: int, k: int, device: torch.device, dtype: torch.dtype,
-            sk_cfg: Any, aligned: list[str]):
-    cls, cfg_cls = _sl_classes(arch)
-    kw: dict[str, Any] = dict(d_in=d_in, d_sae=d_sae, dtype=str(dtype).removeprefix("torch."),
-                              device=str(device))
-    if arch == "topk":
-        kw["k"] = k
-    for key, v in ARCH_EXTRAS[arch].items():
-        kw[key] = v
-    sk_names = _field_names(sk_cfg)
-    own = {"d_in", "d_sae", "dtype", "device", "k", "metadata"}
-    for key in sorted(_field_names(cfg_cls) & sk_names - own):
-        if getattr(sk_cfg, key) is not None:  # None: "the default", resolved by each library
-            kw[key] = getattr(sk_cfg, key)
-            aligned.append(key)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return cls(cfg_cls(**kw))
-
-
-def copy_params(src: torch.nn.Module, dst: torch.nn.Module) -> list[str]:
-    """Copy ``src``'s parameters into ``dst`` by SAELens name (``log_threshold`` -> ``threshold`` by exp).
-    Returns the names copied; raises when a parameter of ``dst`` has no source."""
-    s = dict(src.named_parameters())
-    done = []
-    with torch.no_grad():
-        for name, p in dst.named_parameters():
-            if name in s:
-                v = s[name]
-            elif name == "threshold" and "log_threshold" in s:
-                v = s["log_threshold"].exp()
-            elif name == "log_threshold" and "threshold" in s:
-                v = s["threshold"].clamp_min(1e-30).log()
-            else:
-                raise KeyError(f"sparsekern's training SAE has no parameter for SAELens's {name!r} "
-                               f"(it has {sorted(s)})")
-            if tuple(v.shape) != tuple(p.shape):
-                raise ValueError(f"{name}: sparsekern {tuple(v.shape)} vs SAELens {tuple(p.shape)}")
-            p.copy_(v.to(p.dtype))
-            done.append(name)
-    return done
-
-
-class SLStepper:
-    """SAELens's ``SAETrainer`` stepped as its ``fit()`` does, minus logging/checkpoints."""
-
-    def __init__(self, sae: torch.nn.Module, sk_cfg: Any, batch: int, total_steps: int, lr: float,
-                 device: torch.device, aligned: list[str]):
-        from sae_lens.config import SAETrainerConfig
-        from sae_lens.training.sae_trainer import SAETrainer
-
-        kw: dict[str, Any] = dict(total_training_samples=total_steps * batch, train_batch_size_samples=batch,
-                                  lr=lr, device=str(device))
-        skip = set(kw) | {"logger", "checkpoint_path", "n_checkpoints", "save_final_checkpoint"}
-        for key in sorted(_field_names(SAETrainerConfig) & _field_names(sk_cfg) - skip):
-            if getattr(sk_cfg, key) is not None:
-                kw[key] = getattr(sk_cfg, key)
-                aligned.append(key)
-        if kw.get("lr_end") is None:
-            kw["lr_end"] = kw["lr"] / 10  # LanguageModelSAERunnerConfig.__post_init__'s default
-        self.trainer = SAETrainer(SAETrainerConfig(**kw), sae, data_provider=iter(()))
-        self.sae = sae
-
-    def step(self, x: Tensor) -> Any:
-        tr = self.trainer
-        tr.maybe_reset_sparsity()
-        out = tr.step(x)
-        tr.n_training_steps += 1
-        return out
-
-
-def _pair(arch: str, d_in: int, d_sae: int, k: int, batch: int, total_steps: int, seed: int,
-          device: torch.device, dtype: torch.dtype, lr: float = 3e-4):
-    sk, missing = sk_trainer(arch, d_in, d_sae, k, batch, lr, seed, device, dtype, total_steps)
-    aligned: list[str] = []
-    sl_sae = _sl_sae(arch, d_in, d_sae, k, device, dtype, sk.cfg, aligned)
-    copied = copy_params(sk.sae, sl_sae)
-    sl = SLStepper(sl_sae, sk.cfg, batch, total_steps, lr, device, aligned)
-    info = dict(aligned=",".join(aligned), copied=",".join(copied))
-    if missing:
-        info["not_in_sk_config"] = ",".join(missing)
-    return sk, sl, info
 
 
 # ---- [N, d_sae] detector -------------------------------------------------------------------
@@ -270,7 +144,7 @@ def throughput_case(sz: dict[str, Any], seed: int, dev: torch.device, dtype: tor
                     progress: bool) -> dict[str, Any]:
     d_in, d_sae, k, B = sz["d_in"], sz["d_sae"], sz["k"], sz["batch"]
     total = sz["warmup"] + sz["steps"] + 2
-    sk, sl, info = _pair("topk", d_in, d_sae, k, B, total, seed, dev, dtype, sz["lr"])
+    sk, sl, info = pair("topk", d_in, d_sae, k, B, total, seed, dev, dtype, sz["lr"])
     data = [x.to(dev, dtype) for x in planted_batches(sz["pool"], B, d_in, seed + 1)]
     for i in range(sz["warmup"]):
         sk.step(data[i % len(data)])
@@ -311,7 +185,7 @@ def throughput_case(sz: dict[str, Any], seed: int, dev: torch.device, dtype: tor
 def quality_case(arch: str, sz: dict[str, Any], seed: int, dev: torch.device, dtype: torch.dtype,
                  progress: bool) -> dict[str, Any]:
     d_in, d_sae, k, B, n = sz["d_in"], sz["q_d_sae"], sz["k"], sz["q_batch"], sz["q_steps"]
-    sk, sl, info = _pair(arch, d_in, d_sae, k, B, n, seed, dev, dtype, sz["lr"])
+    sk, sl, info = pair(arch, d_in, d_sae, k, B, n, seed, dev, dtype, sz["lr"])
     batches = planted_batches(sz["pool"] + 1, B, d_in, seed + 2)
     held_out = batches.pop().to(dev, dtype)
     data = [x.to(dev, dtype) for x in batches]
@@ -323,7 +197,7 @@ def quality_case(arch: str, sz: dict[str, Any], seed: int, dev: torch.device, dt
         if progress and (i + 1) % max(1, n // 5) == 0:
             print(f"  quality {arch} step {i + 1}/{n}", flush=True)
     # both parameter sets through the same evaluation code: a fresh SAELens SAE of the same config
-    evaluator = _sl_sae(arch, d_in, d_sae, k, dev, dtype, sk.cfg, [])
+    evaluator = sl_sae(arch, d_in, d_sae, k, dev, dtype, sk.cfg, [])
     copy_params(sk.sae, evaluator)
     sk_mse, sk_ev = eval_metrics(evaluator, held_out)
     sl_mse, sl_ev = eval_metrics(sl.sae, held_out)
@@ -358,12 +232,8 @@ def _free_bytes(dev: torch.device) -> Optional[int]:
 
 def _process_peak_mib(dev: torch.device) -> Optional[float]:
     """The whole process's peak resident memory (weights, grads, Adam moments and all), CPU only."""
-    if dev.type != "cpu":
-        return None
-    try:
-        return round(T._status_kib("VmHWM") / 1024, 1)
-    except (OSError, KeyError, ValueError):
-        return None
+    peak = T.process_peak_rss_mib() if dev.type == "cpu" else None
+    return None if peak is None else round(peak, 1)
 
 
 def scale_case(sz: dict[str, Any], seed: int, dev: torch.device, dtype: torch.dtype) -> dict[str, Any]:
@@ -456,8 +326,6 @@ def step_case(sz: dict[str, Any], seed: int, dev: torch.device, dtype: torch.dty
     speed = dense_ms / sk_ms
     need = {torch.float32: 3.5, torch.bfloat16: 2.5}.get(dtype)
     on_gpu = dev.type == "cuda" and need is not None
-    from .. import backends
-
     return _row("step", f"topk {d_in}x{d_sae}, k {k}, N {n}", dtype, reps,
                 f">= {need}x the dense torch step (GPU)" if on_gpu else "informational (targets are GPU)",
                 sparsekern="ops.topk_encode + ops.sparse_decode, fwd+bwd",
@@ -470,72 +338,54 @@ def step_case(sz: dict[str, Any], seed: int, dev: torch.device, dtype: torch.dty
                           encoder_backward=backends.select("encode_backward_input", dev)[0]))
 
 
-# ---- driver --------------------------------------------------------------------------------
-def format_table(rows: list[dict[str, Any]]) -> str:
-    head = ("case", "shape", "dtype", "steps", "sk tok/s|ms", "peer tok/s|ms", "sk/peer", "sk MSE",
-            "peer MSE", "dMSE", "sk EV", "peer EV", "dEV", "sk MiB", "peer MiB", "target", "met")
-
-    def f(r: dict[str, Any], key: str, spec: str) -> str:
-        v = r.get(key)
-        return "-" if v is None or isinstance(v, str) else format(v, spec)
-
-    lines = [(r["case"], r.get("shape", ""), r.get("dtype", ""), str(r.get("steps", "")),
-              f(r, "sk_tok_s", ".0f") if r.get("sk_ms") is None else f(r, "sk_ms", ".2f") + " ms",
-              f(r, "peer_tok_s", ".0f") if r.get("peer_ms") is None else f(r, "peer_ms", ".2f") + " ms",
-              f(r, "speedup", ".2f") + ("x" if r.get("speedup") else ""),
-              f(r, "sk_mse", ".4g"), f(r, "peer_mse", ".4g"), f(r, "mse_rel_diff", ".2%"),
-              f(r, "sk_ev", ".4f"), f(r, "peer_ev", ".4f"), f(r, "ev_rel_diff", ".2%"),
-              f(r, "sk_peak_mib", ".0f"), f(r, "peer_peak_mib", ".0f"), r.get("target", ""),
-              {True: "yes", False: "NO", None: "-"}[r.get("target_met")] if r["status"] == "ok" else "ERROR")
-             for r in rows]
-    widths = [max(len(x[i]) for x in [head, *lines]) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(x, widths)) for x in [head, *lines])
+# ---- the suite, as the runner sees it -------------------------------------------------------
+NAME = "training"
+CASES = ("step", "throughput", "quality_topk", "quality_jumprelu", "scale")
+COLUMNS = FIELDS
 
 
-def main(quick: bool, device: torch.device, out_dir: str, progress: bool, seed: int = 0,
-         dtype: torch.dtype = torch.float32, cases: Optional[list[str]] = None) -> int:
-    """Run the training benchmark, print a table, write JSON/CSV; 0 ok, 1 on an error."""
-    t0 = time.perf_counter()
-    meta: dict[str, Any] = {"schema": 1, "suite": "training-quick" if quick else "training",
-                            "machine": report.machine_info(device),
-                            "settings": {"seed": seed, "dtype": str(dtype).removeprefix("torch.")},
-                            "peer": PEER}
-    busy = report.busy_warning(report.cpu_cores()) if device.type == "cpu" else None
-    if busy:
-        meta["warning"] = busy
-        print(busy)
-    sz = sizes(quick)
-    runners = {"throughput": lambda: throughput_case(sz, seed, device, dtype, progress),
-               "step": lambda: step_case(sz, seed, device, dtype),
-               "quality_topk": lambda: quality_case("topk", sz, seed, device, dtype, progress),
-               "quality_jumprelu": lambda: quality_case("jumprelu", sz, seed, device, dtype, progress),
-               "scale": lambda: scale_case(sz, seed, device, dtype)}
-    rows = []
-    for name in cases or CASES:
-        try:
-            rows.append(runners[name]())
-        except ImportError as e:
-            note = NO_TRAINER if "training" in str(e) else f"ImportError: {e}"
-            rows.append(dict(case=name, status="error", note=note))
-        except Exception as e:  # report, keep going
-            where = traceback.extract_tb(e.__traceback__)[-1]
-            rows.append(dict(case=name, status="error", note=f"{type(e).__name__}: {e}",
-                             info=dict(at=f"{where.filename}:{where.lineno}")))
-        if progress:
-            print(format_table(rows[-1:]).splitlines()[-1], flush=True)
-    meta["elapsed_s"] = round(time.perf_counter() - t0, 2)
-    meta["loadavg_after"] = report.load_average()
-    paths = report.write_results(rows, meta, out_dir, FIELDS, quick, suite="training")
-    m = meta["machine"]
-    print(f"sparsekern bench --training ({meta['suite']}) on {m.get('gpu') or m['cpu_model']}, "
-          f"{m['cpu_cores']} cores, {torch.get_num_threads()} threads, torch {m['torch']}; "
-          f"load average before {m['loadavg']}, after {meta['loadavg_after']}")
-    print(f"peer: {PEER}; same activations, same initial weights, same steps")
-    print(format_table(rows))
-    for r in rows:
-        if r.get("note"):
-            print(f"  {r['case']}: {r['note']}")
-    if quick:
-        print("quick shapes: targets are informational (they are set for the full-size shapes)")
-    print(f"total {meta['elapsed_s']:.1f} s; {report.wrote_line(paths)}")
-    return 0 if all(r["status"] == "ok" for r in rows) else 1
+def run_case(opts: runner.Options, name: str) -> list[dict[str, Any]]:
+    """The row of case ``name`` (one of :data:`CASES`) at ``opts.dtype``."""
+    sz, seed, dev, dtype, progress = sizes(opts.quick), opts.seed, opts.device, opts.dtype, opts.progress
+    runners: dict[str, Callable[[], dict[str, Any]]] = {
+        "throughput": lambda: throughput_case(sz, seed, dev, dtype, progress),
+        "step": lambda: step_case(sz, seed, dev, dtype),
+        "quality_topk": lambda: quality_case("topk", sz, seed, dev, dtype, progress),
+        "quality_jumprelu": lambda: quality_case("jumprelu", sz, seed, dev, dtype, progress),
+        "scale": lambda: scale_case(sz, seed, dev, dtype),
+    }
+    return [runners[name]()]
+
+
+def jobs(opts: runner.Options) -> list[runner.Job]:
+    """The selected cases, in the order given."""
+    return [runner.Job(name, functools.partial(run_case, opts, name), {"case": name})
+            for name in SUITE.selected(opts)]
+
+
+def _rate(key: str, ms_key: str) -> tb.Column:
+    """tokens/s, or the time of one step (the ``step`` case) in ms."""
+    head = "sk tok/s|ms" if key.startswith("sk") else "peer tok/s|ms"
+    return tb.Column(head, lambda r: tb.value(r.get(key), ".0f") if r.get(ms_key) is None
+                     else tb.value(r.get(ms_key), ".2f", " ms"), right=True)
+
+
+TABLE = (
+    tb.text("case", "case"), tb.text("shape", "shape"), tb.text("dtype", "dtype"),
+    tb.num("steps", "steps", "d"), _rate("sk_tok_s", "sk_ms"), _rate("peer_tok_s", "peer_ms"),
+    tb.ratio("sk/peer", "speedup"), tb.num("sk MSE", "sk_mse", ".4g"), tb.num("peer MSE", "peer_mse", ".4g"),
+    tb.num("dMSE", "mse_rel_diff", ".2%"),
+    tb.num("sk EV", "sk_ev", ".4f"), tb.num("peer EV", "peer_ev", ".4f"), tb.num("dEV", "ev_rel_diff", ".2%"),
+    tb.num("sk MiB", "sk_peak_mib", ".0f"), tb.num("peer MiB", "peer_peak_mib", ".0f"),
+    tb.text("target", "target"), tb.MET,
+)
+
+SUITE = runner.Suite(
+    name=NAME, cases=CASES, columns=COLUMNS, table=TABLE, jobs=jobs,
+    settings=lambda opts: {"seed": opts.seed, "dtype": opts.dtype_name}, meta={"peer": PEER},
+    description="sparsekern.training's SAE trainer against SAELens's trainer (throughput, quality, "
+    "d_sae 2^20 scale); --dtype applies",
+    options=frozenset({"--dtype"}),
+    header=lambda opts, meta: opts.dtype_name,
+    footer=lambda opts, meta: [f"peer: {PEER}; same activations, same initial weights, same steps"],
+)

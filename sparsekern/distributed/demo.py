@@ -46,16 +46,16 @@ def main(argv=None) -> None:
         torch.cuda.set_device(device)
     import sparsekern as sk
     from sparsekern.distributed import ShardedSAE, ShardedTrainer, shard_range
+    from sparsekern.distributed.synthetic import synthetic_shard_weights
 
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = {"architecture": "topk", "d_in": a.d_in, "d_sae": a.d_sae, "k": a.k, "dtype": a.dtype}
     if a.sae:
         sh = sk.SAE.load_from_disk(a.sae, device=str(device), shard=True)
     else:  # every rank draws the same seeded shard-sized blocks (no rank builds the full SAE)
-        from sparsekern.bench.distributed import shard_weights
-
         lo, hi = shard_range(a.d_sae, rank, world)
-        w = {k: v.to(device, getattr(torch, a.dtype)) for k, v in shard_weights(a.d_in, lo, hi, 0).items()}
+        w = {k: v.to(device, getattr(torch, a.dtype))
+             for k, v in synthetic_shard_weights(a.d_in, lo, hi, 0).items()}
         sh = ShardedSAE.from_local_state_dict({**cfg, "device": str(device)}, w)
     x = torch.randn(a.tokens, sh.cfg.d_in, generator=torch.Generator().manual_seed(1)).to(device, sh.dtype)
     with torch.no_grad():
