@@ -323,6 +323,42 @@ def _train_sae_ddp(rank):
     return hashlib.sha1(sae.W_enc.detach().numpy().tobytes()).hexdigest()
 
 
+def _ddp_nonfinite(rank):
+    """A NaN on one rank's rows: every rank refuses the step (no hang, no weight moved), or every rank
+    skips it with skip_nonfinite; the int64-token hint comes before any collective."""
+    import warnings
+
+    from sparsekern.distributed import DistributedSAETrainer
+    from sparsekern.training import NonFiniteError, TrainingConfig
+
+    out = {}
+    for skip in (False, True):
+        cfg = TrainingConfig(architecture="topk", d_in=8, d_sae=32, k=3, lr=1e-2, skip_nonfinite=skip,
+                             checkpoint_path=None)
+        tr = DistributedSAETrainer(cfg)
+        tr.step(torch.randn(12, 8, generator=torch.Generator().manual_seed(rank)))
+        before = [p.detach().clone() for p in tr.sae.parameters()]
+        x = torch.randn(12, 8)
+        if rank == 1:
+            x[3, 3] = float("nan")
+        try:
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                m = tr.step(x)
+            res = {"metrics": m, "warned": any("skipped the batch of step 1" in str(w.message) for w in seen)}
+        except NonFiniteError as e:
+            res = {"error": str(e), "what": e.what, "step": e.step}
+        res["unchanged"] = all(torch.equal(a, b) for a, b in zip(before, tr.sae.parameters()))
+        res["steps"] = tr.n_training_steps
+        tr.step(torch.randn(12, 8))  # the group is still in step
+        out["skip" if skip else "raise"] = res
+    try:
+        tr.step(torch.zeros(12, 8, dtype=torch.int64))
+    except TypeError as e:
+        out["tokens"] = str(e)
+    return out
+
+
 def _failure_inside(rank):
     """Rank 1 raises inside a data-parallel call: both ranks must raise (and the group stays usable)."""
     try:
@@ -335,7 +371,7 @@ def _failure_inside(rank):
 def _all_capabilities(rank):
     return {"topk": _topk_and_stats(rank), "sweeps": _sweeps(rank), "ablation": _ablation(rank),
             "recon_metrics": _recon_metrics(rank),
-            "ddp": _ddp(rank),
+            "ddp": _ddp(rank), "ddp_nonfinite": _ddp_nonfinite(rank),
             "train_sae_ddp": _train_sae_ddp(rank), "failure": _failure_inside(rank)}
 
 
@@ -389,6 +425,18 @@ def test_ddp_matches_full_batch(results):
         assert d["param_diff"] <= 1e-6, d
         assert d["metric_diff"] <= 1e-6, d  # step metrics: global sums, relative to max(1, |value|)
     assert results[0]["train_sae_ddp"] == results[1]["train_sae_ddp"]  # the ranks' weights are bitwise equal
+
+
+def test_ddp_refuses_or_skips_a_nonfinite_batch_on_every_rank(results):
+    for res in results:
+        r = res["ddp_nonfinite"]
+        bad = r["raise"]
+        assert "step 1 refused: the input activations x hold 1 NaN / inf" in bad["error"], bad  # summed
+        assert bad["what"] == ["x"] and bad["step"] == 1 and bad["unchanged"] and bad["steps"] == 1, bad
+        skip = r["skip"]
+        assert skip["metrics"] == {"skipped": 1.0, "skipped_batches": 1.0} and skip["warned"], skip
+        assert skip["unchanged"] and skip["steps"] == 1, skip
+        assert "did you pass tokens" in r["tokens"], r
 
 
 def test_reconstruction_metrics_global(results):

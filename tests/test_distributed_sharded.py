@@ -212,10 +212,47 @@ def s_train(rank, tmp):
                                   l1_warm_up_steps=2, skip_transcoder=True, d_out=12), pairs, pairs, {}),
             ("gated", dict(architecture="gated", l1_coefficient=0.3), batches, batches, {}),
             ("gated_data", dict(architecture="gated", l1_coefficient=0.3), batches, halves,
+             dict(group=solo, data_group=dist.group.WORLD)),
+            # b_dec from the first batch's mean: of every replica's rows
+            ("init_data", dict(b_dec_init_method="mean"), batches, halves,
              dict(group=solo, data_group=dist.group.WORLD))):
         c = _train_cfg(**kw)
         out[kind] = _train_diff(SAETrainer(c), ShardedTrainer(c, **groups), full_b, sh_b)
+    # the activation scale estimated from the norms of every replica's rows
+    c = _train_cfg(normalize_activations="expected_average_only_in")
+    one = SAETrainer(c).estimate_scaling_factor([batches[0][0]])
+    out["scale_rel_diff"] = abs(ShardedTrainer(c, group=solo, data_group=dist.group.WORLD)
+                                .estimate_scaling_factor([halves[0][0]]) / one - 1)
+    out["nonfinite"] = _nonfinite(rank, solo)
     return out
+
+
+def _nonfinite(rank, solo):
+    """NaN in one data replica's rows: every rank of both groups refuses the step (or skips it)."""
+    import warnings
+
+    import torch.distributed as dist
+    from sparsekern.distributed import ShardedTrainer
+    from sparsekern.training import NonFiniteError
+
+    res = {}
+    for skip in (False, True):
+        tr = ShardedTrainer(_train_cfg(skip_nonfinite=skip), group=solo, data_group=dist.group.WORLD)
+        x = torch.randn(16, 16, generator=torch.Generator().manual_seed(rank), dtype=torch.float64)
+        tr.step(x)
+        before = [p.detach().clone() for p in tr.sae.parameters()]
+        if rank == 0:
+            x[0, 0] = float("inf")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                r = {"metrics": tr.step(x)}
+        except NonFiniteError as e:
+            r = {"what": e.what}
+        r["unchanged"] = all(torch.equal(a, b) for a, b in zip(before, tr.sae.parameters()))
+        tr.step(torch.randn(16, 16, dtype=torch.float64))  # still in step with the other rank
+        res["skip" if skip else "raise"] = r
+    return res
 
 
 def s_checkpoint(rank, tmp):
@@ -412,6 +449,23 @@ def test_training_feature_and_data_parallel(runs):  # TopK, JumpReLU, TopK skip 
             bad = {k: v for k, v in r[kind].items() if k.endswith("_diff") and v > TOL}
             assert not bad, (kind, bad)
         assert r["jumprelu"]["threshold_moved"] > 1e-4
+
+
+def test_sharded_training_initialises_from_every_data_replica(runs):
+    for res in runs:
+        r = _ok(res, "s_train")
+        bad = {k: v for k, v in r["init_data"].items() if k.endswith("_diff") and v > TOL}
+        assert not bad, bad
+        # the norms are float32 (as SAELens): one process sums 32 of them in float32, the replicas 16 each
+        # and then add in float64; each sum is within gamma_31 = 31 * 2^-24 = 1.8e-6 of the exact one
+        assert r["scale_rel_diff"] <= 2 * 31 * 2.0**-24, r["scale_rel_diff"]
+
+
+def test_sharded_training_refuses_or_skips_nonfinite_on_every_rank(runs):
+    for res in runs:
+        r = _ok(res, "s_train")["nonfinite"]
+        assert r["raise"]["what"] == ["x"] and r["raise"]["unchanged"], r
+        assert r["skip"]["metrics"] == {"skipped": 1.0, "skipped_batches": 1.0} and r["skip"]["unchanged"], r
 
 
 def test_training_standard_and_gated(runs):  # equal to single process after 4 steps, losses all active

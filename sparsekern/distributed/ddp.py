@@ -8,7 +8,12 @@ rounding of the gradient sums, ~1e-7 relative in float32):
   scales its gradients by ``n_r / N`` and they are summed (all-reduce) before clipping and Adam;
 * the firing counts (dead-feature mask, AuxK, feature sparsity) are summed (exact integers);
 * the activation scaling factor and the ``b_dec`` initialisation use every rank's rows;
-* parameters are broadcast from rank 0 at start, checkpoints are written by rank 0 only.
+* parameters are broadcast from rank 0 at start, checkpoints are written by rank 0 only;
+* the NaN / inf checks of a step are summed too, so every rank refuses (or, with ``skip_nonfinite``,
+  skips) the same step.
+
+All of this is :class:`DataParallelReducer`, the :class:`~sparsekern.training.Reducer` that
+:class:`DistributedSAETrainer` hands to ``SAETrainer``; the trainer's own step runs unchanged.
 
 BatchTopK is refused: it selects the top ``k * N`` activations over the whole batch (and keeps an EMA of
 the batch's smallest kept one), which rank-local batches would change.
@@ -17,19 +22,19 @@ the batch's smallest kept one), which rank-local batches would change.
 from __future__ import annotations
 
 import itertools
-import math
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Union
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
-from ..training.config import TrainingConfig
-from ..training.trainer import Batch, SAETrainer, _split, geometric_median
-from .data_parallel import _all_gather, _collective, rank_and_world, sharded_range
+from ..training import Reducer, SAETrainer, StepOutput, TrainingConfig
+from ..training.trainer import Batch
+from . import _comm
+from .data_parallel import rank_and_world, sharded_range
 
-__all__ = ["DistributedSAETrainer", "shard_rows", "train_sae_ddp"]
+__all__ = ["DataParallelReducer", "DistributedSAETrainer", "shard_rows", "train_sae_ddp"]
 
 
 def shard_rows(batch: Batch, group: Optional[Any] = None) -> Batch:
@@ -41,105 +46,84 @@ def shard_rows(batch: Batch, group: Optional[Any] = None) -> Batch:
     return out if isinstance(batch, (tuple, list)) else out[0]
 
 
-class DistributedSAETrainer(SAETrainer):
-    """:class:`~sparsekern.training.SAETrainer` over the ranks of ``group`` (see the module docstring).
+def _refuse_batchtopk(cfg: TrainingConfig) -> None:
+    if cfg.architecture == "batchtopk":
+        raise ValueError(
+            "DistributedSAETrainer: architecture='batchtopk' selects over the whole batch and cannot be "
+            "split across ranks exactly; use 'topk' (or train BatchTopK on one process)"
+        )
 
-    Call ``step(x [n_r, d_in])`` / ``fit(batches)`` on every rank with this rank's rows; every rank then
-    holds the same weights. ``fit`` stops when any rank runs out of batches.
+
+def _collective(what: str, fn, *args, **kwargs):
+    """One collective; a failure (a peer raised, exited or timed out) names the operation and the rank."""
+    return _comm.collective(f"collective {what!r}", lambda: fn(*args, **kwargs))
+
+
+class DataParallelReducer(Reducer):
+    """:class:`~sparsekern.training.Reducer` of data-parallel training over the ranks of ``group`` (see
+    the module docstring): each rank holds different rows of the step's batch and a full replica of
+    the module. Losses are weighted ``n_r / N`` and the gradients all-reduced (one flat buffer);
+    firing counts, metric, evaluation and scaling sums are float64 all-reduces; the ``b_dec``
+    initialisation gathers every rank's first batch; ``batches`` stops every rank when one runs out.
+    ``attach`` refuses BatchTopK and broadcasts parameters and buffers from the group's rank 0.
+
+    Use it through :class:`DistributedSAETrainer`, or as ``SAETrainer(cfg, reducer=DataParallelReducer())``.
     """
 
-    def __init__(self, cfg: TrainingConfig, sae: Optional[Any] = None, *, group: Optional[Any] = None):
-        if cfg.architecture == "batchtopk":
-            raise ValueError(
-                "DistributedSAETrainer: architecture='batchtopk' selects over the whole batch and cannot be "
-                "split across ranks exactly; use 'topk' (or train BatchTopK on one process)"
-            )
+    def __init__(self, group: Optional[Any] = None):
         self.group = group
         self.rank, self.world_size = rank_and_world(group)
-        super().__init__(cfg, sae)
-        src = dist.get_global_rank(group, 0) if group is not None else 0
-        with torch.no_grad():  # same start everywhere, whatever each rank was given
-            for t in itertools.chain(self.sae.parameters(), self.sae.buffers()):
-                _collective("broadcast parameters", dist.broadcast, t.data, src, group=group)
+        self.device = torch.device("cpu")
 
-    # ---- collectives ---------------------------------------------------------------------------------
-    def _sum(self, values: list[float], what: str) -> list[float]:
-        """Element-wise sum over ranks of a few float64 scalars."""
-        t = torch.tensor(values, dtype=torch.float64, device=self._comm_device)
+    def attach(self, cfg: TrainingConfig, module: nn.Module) -> None:
+        _refuse_batchtopk(cfg)
+        self.device = torch.device(cfg.device)
+        self.d_out = cfg.d_out
+        src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+        with torch.no_grad():  # same start everywhere, whatever each rank was given
+            for t in itertools.chain(module.parameters(), module.buffers()):
+                _collective("broadcast parameters", dist.broadcast, t.data, src, group=self.group)
+
+    @property
+    def comm_device(self) -> torch.device:
+        """Where collectives run: the training device under NCCL, the CPU under gloo."""
+        return self.device if dist.get_backend(self.group) == "nccl" else torch.device("cpu")
+
+    def sum(self, values, what: str) -> list[float]:
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.comm_device)
         _collective(what, dist.all_reduce, t, group=self.group)
         return t.tolist()
 
-    @property
-    def _comm_device(self) -> torch.device:
-        return self.device if dist.get_backend(self.group) == "nccl" else torch.device("cpu")
-
-    # ---- whole-batch quantities ----------------------------------------------------------------------
-    @torch.no_grad()
-    def estimate_scaling_factor(self, batches: Iterable[Batch]) -> float:
-        """``sqrt(d_in) / E||x||`` over every rank's ``batches`` (sets and returns it)."""
-        total, count = 0.0, 0
-        for b in batches:
-            norms = _split(b)[0].float().norm(dim=-1)
-            total += norms.double().sum().item()
-            count += norms.numel()
-        total, count = self._sum([total, float(count)], "scaling factor")
-        if count == 0 or total == 0:
-            raise ValueError("estimate_scaling_factor: no non-zero activations to estimate the norm from")
-        self.scaling_factor = math.sqrt(self.cfg.d_in) / (total / count)
-        return self.scaling_factor
-
-    @torch.no_grad()
-    def _init_b_dec(self, y: Tensor) -> None:
-        # the first batch's targets of all ranks, in rank order (= the single-process batch)
-        n = [int(v) for v in self._sum_vec(y.shape[0])]
-        pad = y.new_zeros(max(n), y.shape[1])
-        pad[: y.shape[0]] = y
-        parts = _all_gather(pad.to(self._comm_device), "b_dec init rows", self.group)
-        full = torch.cat([p[:k].to(y.device) for p, k in zip(parts, n)])
-        m = self.cfg.b_dec_init_method
-        self.sae.b_dec.copy_(full.mean(0) if m == "mean" else geometric_median(full))
-        self.b_dec_initialized = True
-
-    def _sum_vec(self, n_local: int) -> list[float]:
+    def rows_per_rank(self, n_local: int) -> list[int]:
         """Every rank's ``n_local``, in rank order."""
         v = [0.0] * self.world_size
         v[self.rank] = float(n_local)
-        return self._sum(v, "rows per rank")
+        return [int(k) for k in self.sum(v, "rows per rank")]
 
-    # ---- training ------------------------------------------------------------------------------------
-    def _step(self, x: Tensor, y: Optional[Tensor]) -> dict[str, float]:
-        # SAETrainer._step; the hooks below put the cross-rank reductions between its stages
-        n_all = self._sum_vec(int(x.shape[0]))
+    def start_step(self, n_rows: int) -> int:
+        n_all = self.rows_per_rank(n_rows)
         if min(n_all) == 0:
             empty = [r for r, k in enumerate(n_all) if k == 0]
             raise ValueError(f"DistributedSAETrainer.step: rank(s) {empty} got no rows (each needs >= 1)")
-        self._n_step = (int(x.shape[0]), int(sum(n_all)))
-        return super()._step(x, y)
+        return sum(n_all)
 
-    def _backward(self, out) -> None:
-        n, n_total = self._n_step
-        (out.loss * (n / n_total)).backward()  # the full batch's mean loss is sum_r (n_r / N) loss_r
-        self._reduce_grads()  # before clipping: the norm is the full batch's
+    def gather_rows(self, y: Tensor) -> Tensor:
+        n = self.rows_per_rank(y.shape[0])
+        pad = y.new_zeros(max(n), y.shape[1])
+        pad[: y.shape[0]] = y
+        parts = _comm.all_gather(pad.to(self.comm_device), self.group, "collective 'b_dec init rows'")
+        return torch.cat([p[:k].to(y.device) for p, k in zip(parts, n)])
 
-    def _rows(self, x: Tensor) -> int:
-        return self._n_step[1]
+    def loss_for_backward(self, loss: Tensor, n_rows: int, n_total: int) -> Tensor:
+        return loss * (n_rows / n_total)  # the full batch's mean loss is sum_r (n_r / N) loss_r
 
-    def _fire_counts(self, out) -> Tensor:
-        counts = out.fire_counts.to(self._comm_device)
-        _collective("firing counts", dist.all_reduce, counts, group=self.group)
-        self._step_counts = counts.to(self.device)
-        return self._step_counts
-
-    def _metrics(self, out, y: Tensor) -> dict[str, float]:
-        return self._global_metrics(out, y, self._step_counts, *self._n_step)
-
-    def _reduce_grads(self) -> None:
-        """Sum the (already ``n_r / N``-scaled) gradients over ranks, one flat buffer per dtype."""
-        params = [p for p in self.sae.parameters() if p.requires_grad]
+    def reduce_gradients(self, module: nn.Module) -> None:
+        """Sum the (already ``n_r / N``-weighted) gradients over ranks, one flat buffer."""
+        params = [p for p in module.parameters() if p.requires_grad]
         for p in params:
             if p.grad is None:  # unused this step on this rank (e.g. no dead latents for AuxK): adds zeros
                 p.grad = torch.zeros_like(p)
-        flat = torch.cat([p.grad.reshape(-1) for p in params]).to(self._comm_device)
+        flat = torch.cat([p.grad.reshape(-1) for p in params]).to(self.comm_device)
         _collective("gradients", dist.all_reduce, flat, group=self.group)
         flat = flat.to(self.device)
         i = 0
@@ -147,14 +131,21 @@ class DistributedSAETrainer(SAETrainer):
             p.grad.copy_(flat[i:i + p.numel()].view_as(p.grad))
             i += p.numel()
 
-    def _global_metrics(self, out, y: Tensor, counts: Tensor, n: int, n_total: int) -> dict[str, float]:
-        """The metrics of ``SAETrainer._metrics`` over the whole batch (float64 sums over ranks)."""
-        w = n / n_total
+    def fire_counts(self, counts: Tensor) -> Tensor:
+        device = counts.device
+        counts = counts.to(self.comm_device)
+        _collective("firing counts", dist.all_reduce, counts, group=self.group)
+        return counts.to(device)
+
+    def step_metrics(self, out: StepOutput, y: Tensor, counts: Tensor, n_rows: int,
+                     n_total: int) -> dict[str, float]:
+        """The single-process metrics of the whole batch, from float64 sums over ranks."""
+        w = n_rows / n_total
         names = ["loss", *out.losses]
         local = [out.loss.item() * w, *(v.item() * w for v in out.losses.values())]
         yd = y.double()
         res = (out.sae_out.detach().double() - yd).pow(2).sum().item()
-        sums = self._sum(local + [res, yd.pow(2).sum().item()] + yd.sum(0).tolist(), "metrics")
+        sums = self.sum(local + [res, yd.pow(2).sum().item()] + yd.sum(0).tolist(), "metrics")
         m = dict(zip(names, sums[: len(names)]), **out.metrics)
         res_sum, sq = sums[len(names)], sums[len(names) + 1]
         y_sum = torch.tensor(sums[len(names) + 2:], dtype=torch.float64)
@@ -162,8 +153,36 @@ class DistributedSAETrainer(SAETrainer):
         m["mse"] = res_sum / n_total
         m["explained_variance"] = 1 - res_sum / var if var > 0 else float("nan")
         m["l0"] = counts.sum().item() / n_total
-        m["dead_fraction"] = self.dead_neurons.float().mean().item()
         return m
+
+    def batches(self, batches: Iterable[Batch]) -> Iterator[Batch]:
+        it = iter(batches)
+        while True:
+            b = next(it, None)
+            (flag,) = self.sum([0.0 if b is None else 1.0], "batch available")
+            if flag < self.world_size:
+                return
+            yield b
+
+    def reconstruction_metrics(self, model: Any, sae: Any, eval_tokens: Iterable[Tensor]):
+        from .metrics import distributed_reconstruction_metrics
+
+        return distributed_reconstruction_metrics(model, sae, eval_tokens, group=self.group, progress=False)
+
+
+class DistributedSAETrainer(SAETrainer):
+    """:class:`~sparsekern.training.SAETrainer` over the ranks of ``group`` (see the module docstring):
+    an ``SAETrainer`` with a :class:`DataParallelReducer`, whose checkpoints rank 0 writes.
+
+    Call ``step(x [n_r, d_in])`` / ``fit(batches)`` on every rank with this rank's rows; every rank then
+    holds the same weights. ``fit`` stops when any rank runs out of batches.
+    """
+
+    def __init__(self, cfg: TrainingConfig, sae: Optional[Any] = None, *, group: Optional[Any] = None):
+        _refuse_batchtopk(cfg)  # before any process-group call: the error is about the config
+        reducer = DataParallelReducer(group)
+        self.group, self.rank, self.world_size = group, reducer.rank, reducer.world_size
+        super().__init__(cfg, sae, reducer=reducer)
 
     def evaluate(self, batches: Optional[Iterable[Batch]] = None, model: Any = None,
                  eval_tokens: Optional[Iterable[Tensor]] = None) -> dict[str, float]:
@@ -175,35 +194,6 @@ class DistributedSAETrainer(SAETrainer):
         ``eval_tokens [batch, pos]`` batches) are :func:`.metrics.distributed_reconstruction_metrics`'s, over
         every rank's ``eval_tokens``."""
         return super().evaluate(batches, model=model, eval_tokens=eval_tokens)
-
-    def _reconstruction_metrics(self, model: Any, eval_tokens: Iterable[Tensor]):
-        from .metrics import distributed_reconstruction_metrics
-
-        return distributed_reconstruction_metrics(model, self.to_inference(), eval_tokens, group=self.group,
-                                                  progress=False)
-
-    def _eval_totals(
-        self, scalars: list[float], sums: Optional[Tensor]
-    ) -> tuple[list[float], Optional[Tensor]]:
-        # sums, not per-rank ratios: a mean of the ranks' explained variances is not the global one
-        d = self.cfg.d_out or self.cfg.d_in
-        vec = sums.tolist() if sums is not None else [0.0] * d  # a rank without rows adds zeros
-        tot = self._sum(scalars + vec, "evaluation sums")
-        k = len(scalars)
-        return tot[:k], (torch.tensor(tot[k:], dtype=torch.float64) if tot[1] else None)
-
-    def fit(self, batches: Iterable[Batch], *args: Any, **kwargs: Any):
-        """:meth:`SAETrainer.fit` on this rank's ``batches``; stops for all when any rank runs out."""
-        return super().fit(self._synced(batches), *args, **kwargs)
-
-    def _synced(self, batches: Iterable[Batch]) -> Iterator[Batch]:
-        it = iter(batches)
-        while True:
-            b = next(it, None)
-            (flag,) = self._sum([0.0 if b is None else 1.0], "batch available")
-            if flag < self.world_size:
-                return
-            yield b
 
     # ---- checkpoints ---------------------------------------------------------------------------------
     def save_checkpoint(self, path: Union[str, Path]) -> Path:
@@ -235,8 +225,8 @@ def train_sae_ddp(
     """
     import dataclasses
 
-    from ..training.activations import ActivationStore, check_hooks
-    from ..training.api import _with_model_info
+    from ..training import ActivationStore, with_model_info
+    from ..training.activations import check_hooks
 
     rank, world = rank_and_world(group)
     if not isinstance(tokens, Tensor) or tokens.dim() != 2:
@@ -248,7 +238,7 @@ def train_sae_ddp(
             f"cfg.train_batch_size_tokens={cfg.train_batch_size_tokens} must be divisible by "
             f"world_size={world}"
         )
-    cfg = _with_model_info(dataclasses.replace(cfg, hook_name=hook_name), model, tokens)
+    cfg = with_model_info(dataclasses.replace(cfg, hook_name=hook_name), model, tokens)
     check_hooks(model, [hook_name])
     r = sharded_range(tokens.shape[0], rank, world)
     store = ActivationStore(model, tokens[r.start:r.stop], [hook_name],

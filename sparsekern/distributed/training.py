@@ -16,9 +16,12 @@ whole batch x all features.
 
 ``data_group`` (optional): ranks holding the same features but different batches (one per data
 replica, equal batch sizes). Gradients are averaged and feature-firing counts summed over it, so a
-step equals a single-process step on the concatenated batch. With data replicas, start ``b_dec`` at
-zeros (``b_dec_init_method="zeros"``, the default) and use ``normalize_activations="none"`` (both
-would otherwise be estimated from the local batch).
+step equals a single-process step on the concatenated batch; the activation scaling factor and the
+``b_dec`` initialisation use every replica's rows too.
+
+The trainer is ``SAETrainer``'s own step: what is sharded is the training module (the public
+:class:`~sparsekern.training.TrainingModule` base, one subclass per architecture below) and what the
+step combines across ranks is :class:`ShardedReducer` (a :class:`~sparsekern.training.Reducer`).
 
 Launch: one process per (data replica, feature shard), e.g. ``torchrun --nproc_per_node=8`` with
 ``group``/``data_group`` from ``torch.distributed.new_group`` (README: "Scale out").
@@ -34,18 +37,21 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from torch import nn
+
 from ..ops import sparse_decode, threshold_encode, topk_encode
-from ..training._base import StepOutput, fire_counts_sparse, mse_loss
+from ..training import Reducer, SAETrainer, TrainingConfig, build_module
 from ..training import checkpoint as ckpt
-from ..training.config import TrainingConfig
+from ..training.base import StepOutput, fire_counts_sparse, mse_loss
 from ..training.export import inference_state
 from ..training.gated import GatedTrainingModule
-from ..training.jumprelu import JumpReLUTrainingModule, _ThresholdSTE
+from ..training.jumprelu import JumpReLUTrainingModule, ThresholdSTE
+from ..training.reducer import local_step_metrics
 from ..training.standard import StandardTrainingModule
 from ..training.topk import TopKTrainingModule
-from ..training.trainer import SAETrainer, build_module
 from . import _comm
 from ._autograd import copy_to_group, reduce_from_group
+from .ddp import DataParallelReducer
 from .sharded_sae import FEATURE_DIM, ShardedSAE, merge_topk, shard_range
 
 
@@ -189,7 +195,7 @@ class ShardedJumpReLUTrainingModule(_Shard, JumpReLUTrainingModule):
         b_in = copy_to_group(self.b_dec, self.group) if self.cfg.apply_b_dec_to_input else None
         acts = threshold_encode(x, self.W_enc, self.b_enc, t, b_dec=b_in)  # local indices
         l0_rows = (acts.values.detach() != 0).sum(-1).to(x.dtype)
-        zero, l0_ste = _ThresholdSTE.apply(self.threshold, self.sae_in(x).detach(), self.W_enc.detach(),
+        zero, l0_ste = ThresholdSTE.apply(self.threshold, self.sae_in(x).detach(), self.W_enc.detach(),
                                            self.b_enc.detach(), self.W_dec.detach(), l0_rows,
                                            self.cfg.jumprelu_bandwidth)
         part = reduce_from_group(sparse_decode(acts.values, acts.indices, self.W_dec), self.group)
@@ -279,9 +285,85 @@ _MODULES = {"topk": ShardedTopKTrainingModule, "jumprelu": ShardedJumpReLUTraini
             "standard": ShardedStandardTrainingModule, "gated": ShardedGatedTrainingModule}
 
 
+class ShardedReducer(Reducer):
+    """The :class:`~sparsekern.training.Reducer` of feature-sharded training (see the module docstring).
+
+    ``group``: the ranks that split the features; they see the same batch, and the sharded modules
+    already combine the forward (merged top-k, all-reduced decode, L0 and firing counts over data
+    replicas). What is left for the step: the gradient norm over the feature shards (clipping), the
+    dead fraction over every feature, and, with ``data_group`` (replicas of this shard, equal batch
+    sizes), the mean gradient, the row count and the mean metrics of all replicas; sums and the
+    ``b_dec`` initialisation rows over replicas go through a :class:`~.ddp.DataParallelReducer` of
+    ``data_group``.
+    """
+
+    def __init__(self, group: _comm.Group = None, data_group: _comm.Group = None):
+        self.group, self.data_group = group, data_group
+        self.data = DataParallelReducer(data_group) if data_group is not None else None
+        self.d_sae = 0
+
+    def attach(self, cfg: TrainingConfig, module: nn.Module) -> None:
+        self.d_sae = cfg.d_sae  # the run's, not the shard's
+        if self.data is not None:
+            self.data.device = torch.device(cfg.device)
+
+    def start_step(self, n_rows: int) -> int:
+        return n_rows * (self.data.world_size if self.data is not None else 1)
+
+    def sum(self, values, what: str) -> list[float]:
+        return self.data.sum(values, what) if self.data is not None else super().sum(values, what)
+
+    def gather_rows(self, y: Tensor) -> Tensor:
+        return self.data.gather_rows(y) if self.data is not None else y
+
+    def reduce_gradients(self, module: nn.Module) -> None:
+        if self.data is None:
+            return
+        world = self.data.world_size
+        for p in module.parameters():  # mean over replicas (equal batch sizes: the mean loss's gradient)
+            if p.grad is not None:
+                _comm.all_reduce_(p.grad, self.data_group, "all_reduce (data-parallel grads)").div_(world)
+
+    def clip_gradients(self, module: nn.Module, max_norm: float) -> float:
+        """Clip by the norm of the whole model's gradient: the feature-sharded parameters' squared norms
+        summed over ``group``, the replicated ones counted once."""
+        params = [p for p in module.parameters() if p.grad is not None]
+        sharded = {id(p) for n, p in module.named_parameters() if n in FEATURE_DIM}
+        # per-tensor norms in the grads' dtype (as clip_grad_norm_), squared and summed in float64
+        norm2 = {id(p): torch.linalg.vector_norm(p.grad.detach()).double() ** 2 for p in params}
+        sq = [v for i, v in norm2.items() if i in sharded]
+        rep = [v for i, v in norm2.items() if i not in sharded]
+        dev = params[0].device if params else torch.device("cpu")
+        local = torch.stack(sq).sum() if sq else torch.zeros((), dtype=torch.float64, device=dev)
+        total = _comm.all_reduce_(local.reshape(1), self.group, "all_reduce (grad norm)")[0]
+        total = total + (torch.stack(rep).sum() if rep else 0.0)  # replicated: counted once
+        norm = float(total.sqrt())
+        coef = max_norm / (norm + 1e-6)  # as torch.nn.utils.clip_grad_norm_
+        if coef < 1:
+            for p in params:
+                p.grad.detach().mul_(coef)
+        return norm
+
+    def step_metrics(self, out: StepOutput, y: Tensor, counts: Tensor, n_rows: int,
+                     n_total: int) -> dict[str, float]:
+        m = local_step_metrics(out, y)  # the forward is already global over the feature group
+        if self.data is not None:  # means over rows: the mean of equal-size replicas' means
+            keys = ["loss", "mse", *out.losses]
+            t = torch.tensor([m[k] for k in keys], dtype=torch.float64, device=y.device)
+            t = _comm.all_reduce_(t, self.data_group, "all_reduce (metrics)")
+            t = t / self.data.world_size
+            m.update(zip(keys, t.tolist()))
+        return m
+
+    def dead_fraction(self, dead: Tensor) -> float:
+        n = dead.sum().reshape(1).to(torch.float64)
+        return float(_comm.all_reduce_(n, self.group)[0]) / self.d_sae
+
+
 class ShardedTrainer(SAETrainer):
     """``SAETrainer`` over a feature-sharded TopK / JumpReLU / standard / gated module (see the module
-    docstring).
+    docstring): the trainer's own step, with this rank's sharded training module and a
+    :class:`ShardedReducer`.
 
     ``group``: the ranks that split the features (default: WORLD). ``data_group``: optional data
     replicas of this shard. ``step``/``fit`` are called on every rank (same batch within ``group``).
@@ -301,48 +383,8 @@ class ShardedTrainer(SAETrainer):
         _comm.check_agree("the training config", same, group)
         module = _MODULES[cfg.architecture](cfg, group, data_group).to(torch.device(cfg.device))
         module.initialize_weights(cfg.seed)
-        super().__init__(cfg, module)
+        super().__init__(cfg, module, reducer=ShardedReducer(group, data_group))
         self.group, self.data_group = group, data_group
-        d = module.d_sae_local
-        self.n_forward_passes_since_fired = torch.zeros(d, device=self.device)
-        self.act_freq_scores = torch.zeros(d, device=self.device)
-
-    def _rows(self, x: Tensor) -> int:
-        return x.shape[0] * (_comm.rank_world(self.data_group)[1] if self.data_group is not None else 1)
-
-    def _clip_grads(self) -> None:
-        params = [p for p in self.sae.parameters() if p.grad is not None]
-        if self.data_group is not None:
-            world = _comm.rank_world(self.data_group)[1]
-            for p in params:  # mean over data replicas (equal batch sizes: the gradient of the mean loss)
-                _comm.all_reduce_(p.grad, self.data_group, "all_reduce (data-parallel grads)").div_(world)
-        if self.cfg.max_grad_norm is None:
-            return
-        sharded = {id(p) for n, p in self.sae.named_parameters() if n in FEATURE_DIM}
-        # per-tensor norms in the grads' dtype (as clip_grad_norm_), squared and summed in float64
-        norm2 = {id(p): torch.linalg.vector_norm(p.grad.detach()).double() ** 2 for p in params}
-        sq = [v for i, v in norm2.items() if i in sharded]
-        rep = [v for i, v in norm2.items() if i not in sharded]
-        local = torch.stack(sq).sum() if sq else torch.zeros((), dtype=torch.float64, device=self.device)
-        total = _comm.all_reduce_(local.reshape(1), self.group, "all_reduce (grad norm)")[0]
-        total = total + (torch.stack(rep).sum() if rep else 0.0)  # replicated: counted once
-        norm = float(total.sqrt())
-        coef = self.cfg.max_grad_norm / (norm + 1e-6)  # as torch.nn.utils.clip_grad_norm_
-        if coef < 1:
-            for p in params:
-                p.grad.detach().mul_(coef)
-
-    def _metrics(self, out, y: Tensor) -> dict[str, float]:
-        m = super()._metrics(out, y)
-        if self.data_group is not None:  # means over rows: the mean of equal-size replicas' means
-            keys = ["loss", "mse", *out.losses]
-            t = torch.tensor([m[k] for k in keys], dtype=torch.float64, device=self.device)
-            t = _comm.all_reduce_(t, self.data_group, "all_reduce (metrics)")
-            t = t / _comm.rank_world(self.data_group)[1]
-            m.update(zip(keys, t.tolist()))
-        dead = self.dead_neurons.sum().reshape(1).to(torch.float64)
-        m["dead_fraction"] = float(_comm.all_reduce_(dead, self.group)[0]) / self.cfg.d_sae
-        return m
 
     def to_inference(self) -> ShardedSAE:
         """This rank's shard of the inference SAE (folded as ``SAETrainer.to_inference``)."""
@@ -358,7 +400,7 @@ class ShardedTrainer(SAETrainer):
         """Each rank writes its state (shard, Adam moments, counters, RNG) to ``path/rank<r>-of-<R>``
         (safetensors + JSON, atomically); collective. The SAE itself: ``to_inference().save_model``."""
         _comm.require_initialized()
-        tensors, meta = self._state()
+        tensors, meta = self.trainer_state()
         meta.update(format="sparsekern-sharded-trainer/1", feature_offset=self.sae.feature_offset,
                     d_sae_local=self.sae.d_sae_local)
         out = ckpt.write_atomic(self._folder(path), lambda f: ckpt.save_state(f, tensors, meta))
@@ -385,5 +427,5 @@ class ShardedTrainer(SAETrainer):
             raise ValueError(f"{folder} holds features at offset {meta['feature_offset']} "
                              f"(x{meta['d_sae_local']}); this rank's group gives {tr.sae.feature_offset} "
                              f"(x{tr.sae.d_sae_local}): resume with the groups of the saved run")
-        tr._load_state(tensors, meta)
+        ckpt.checked(folder, lambda: tr.load_trainer_state(tensors, meta))
         return tr

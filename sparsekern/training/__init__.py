@@ -5,7 +5,10 @@
   ``SAETrainer.resume(path)``;
 * ``ActivationStore``: TransformerLens activations (or cached safetensors shards) through a bounded
   shuffling buffer; ``cache_activations`` writes such shards;
-* ``MultiSAETrainer`` / ``train_saes``: several SAEs from one forward pass; ``train_sae``: one call.
+* ``MultiSAETrainer`` / ``train_saes``: several SAEs from one forward pass; ``train_sae``: one call;
+* seams for extensions (``sparsekern.distributed`` uses only these): ``TrainingModule`` / ``StepOutput``
+  (:mod:`.base`, the training modules' base), ``Reducer`` (what a step combines across processes),
+  ``split_batch``, ``with_model_info``, ``build_module``; ``NonFiniteError`` (a refused step).
 
 Example::
 
@@ -20,17 +23,27 @@ Example::
 """
 
 from .activations import ActivationStore, cache_activations
-from .api import train_sae, train_saes
+from .api import train_sae, train_saes, with_model_info
+from .base import StepOutput, TrainingModule
 from .config import TrainingConfig
+from .guards import NonFiniteError
 from .multi import MultiSAETrainer
-from .trainer import SAETrainer
+from .reducer import Reducer
+from .trainer import SAETrainer, build_module, split_batch
 
 __all__ = [
     "ActivationStore",
     "MultiSAETrainer",
+    "NonFiniteError",
+    "Reducer",
     "SAETrainer",
+    "StepOutput",
     "TrainingConfig",
+    "TrainingModule",
+    "build_module",
     "cache_activations",
+    "split_batch",
     "train_sae",
     "train_saes",
+    "with_model_info",
 ]

@@ -52,14 +52,35 @@ def check_hooks(model: Any, hook_names: Sequence[str]) -> None:
             raise ValueError(f"hook {h!r} is not a hook of this model{hint}")
 
 
-def _token_chunks(tokens: TokenSource, batch: int, key: str) -> Callable[[], Iterator[Tensor]]:
-    """A function returning a fresh iterator of ``[b, ctx]`` token chunks (one epoch)."""
+def check_context(model: Any, ctx: int, where: str = "tokens") -> None:
+    """Raise a ``ValueError`` if sequences of ``ctx`` positions exceed ``model.cfg.n_ctx`` (the model
+    could not embed them: positional embeddings stop at ``n_ctx``). Models without ``cfg.n_ctx`` pass."""
+    n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
+    if isinstance(n_ctx, int) and not isinstance(n_ctx, bool) and ctx > n_ctx:
+        raise ValueError(
+            f"{where}: sequences of {ctx} positions are longer than the model's n_ctx={n_ctx}; cut them to "
+            f"at most {n_ctx} positions (e.g. tokens[:, :{n_ctx}]) or split them into shorter sequences"
+        )
+
+
+def _unreadable(path: Path, what: str, e: BaseException) -> ValueError:
+    """The error for a file that exists but cannot be read: names the file and what went wrong."""
+    return ValueError(
+        f"{path}: cannot read {what} ({type(e).__name__}: {e}); is the file truncated or corrupted?"
+    )
+
+
+def _token_chunks(
+    tokens: TokenSource, batch: int, key: str
+) -> tuple[Callable[[], Iterator[Tensor]], Optional[int]]:
+    """``(function returning a fresh iterator of [b, ctx] token chunks (one epoch), ctx or None)``; ``ctx``
+    is known up front for tensors and files, not for iterables."""
     if isinstance(tokens, Tensor):
         if tokens.dim() != 2 or tokens.dtype.is_floating_point:
             raise ValueError(
                 f"tokens must be an int tensor [n_seq, ctx], got {tokens.dtype} {tuple(tokens.shape)}"
             )
-        return lambda: (tokens[i : i + batch] for i in range(0, tokens.shape[0], batch))
+        return (lambda: (tokens[i : i + batch] for i in range(0, tokens.shape[0], batch))), tokens.shape[1]
     if isinstance(tokens, (str, Path)):
         path = Path(tokens)
         if not path.is_file():
@@ -67,34 +88,43 @@ def _token_chunks(tokens: TokenSource, batch: int, key: str) -> Callable[[], Ite
         if path.suffix == ".npy":
             import numpy as np
 
-            arr = np.load(path, mmap_mode="r")
+            try:
+                arr = np.load(path, mmap_mode="r")
+            except (OSError, ValueError, EOFError) as e:
+                raise _unreadable(path, "the tokens", e) from e
             if arr.ndim != 2:
                 raise ValueError(f"{path}: tokens must be [n_seq, ctx], got shape {arr.shape}")
-            return lambda: (
+            return (lambda: (
                 torch.from_numpy(np.array(arr[i : i + batch])).long() for i in range(0, arr.shape[0], batch)
-            )
+            )), int(arr.shape[1])
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
+            from safetensors import SafetensorError, safe_open
 
-            with safe_open(str(path), framework="pt") as f:
-                keys = list(f.keys())
-                name = key if key in keys else (keys[0] if len(keys) == 1 else None)
-                if name is None:
-                    raise ValueError(f"{path}: no tensor {key!r} and more than one tensor ({keys})")
-                shape = f.get_slice(name).get_shape()
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    keys = list(f.keys())
+                    name = key if key in keys else (keys[0] if len(keys) == 1 else None)
+                    if name is None:
+                        raise ValueError(f"{path}: no tensor {key!r} and more than one tensor ({keys})")
+                    shape = f.get_slice(name).get_shape()
+            except (SafetensorError, OSError) as e:
+                raise _unreadable(path, "the tokens", e) from e
             if len(shape) != 2:
                 raise ValueError(f"{path}: tokens must be [n_seq, ctx], got shape {shape}")
 
             def gen() -> Iterator[Tensor]:
-                with safe_open(str(path), framework="pt") as f:
-                    sl = f.get_slice(name)
-                    for i in range(0, shape[0], batch):
-                        yield sl[i : i + batch].long()
+                try:
+                    with safe_open(str(path), framework="pt") as f:
+                        sl = f.get_slice(name)
+                        for i in range(0, shape[0], batch):
+                            yield sl[i : i + batch].long()
+                except (SafetensorError, OSError) as e:
+                    raise _unreadable(path, "the tokens", e) from e
 
-            return gen
+            return gen, int(shape[1])
         raise ValueError(f"token file {path}: expected .npy or .safetensors")
     once = iter(tokens)
-    return lambda: (t if t.dim() == 2 else t.unsqueeze(0) for t in once)
+    return (lambda: (t if t.dim() == 2 else t.unsqueeze(0) for t in once)), None
 
 
 class ActivationStore:
@@ -147,7 +177,9 @@ class ActivationStore:
         if _rows_source is not None:
             self._rows = _rows_source
         else:
-            self._tokens = _token_chunks(tokens, store_batch_size_prompts, tokens_key)
+            self._tokens, ctx = _token_chunks(tokens, store_batch_size_prompts, tokens_key)
+            if ctx is not None:
+                check_context(model, ctx)  # before any work, not as a shape error deep in the model
             self._special = self._special_ids(exclude_special_tokens)
             self._rows = self._model_rows
 
@@ -170,6 +202,7 @@ class ActivationStore:
     def _model_rows(self) -> Iterator[Tensor]:
         stop = stop_layer(self.hook_names)
         for toks in self._tokens():
+            check_context(self.model, int(toks.shape[-1]), "a batch of tokens")
             dev = getattr(getattr(self.model, "cfg", None), "device", None) or "cpu"
             toks = toks.to(dev)
             kw = {"stop_at_layer": stop} if stop is not None else {}
@@ -248,7 +281,7 @@ class ActivationStore:
         Each shard holds one ``[rows, d_h]`` tensor per hook in ``hook_names`` (same rows); they are
         read ``read_rows`` rows at a time.
         """
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         if isinstance(shards, (str, Path)) and Path(shards).is_dir():
             files = sorted(Path(shards).glob("*.safetensors"))
@@ -261,11 +294,17 @@ class ActivationStore:
         names = [hook_names] if isinstance(hook_names, str) else list(hook_names)
         dims = None
         for fpath in files:
-            with safe_open(str(fpath), framework="pt") as f:
-                missing = [h for h in names if h not in f.keys()]
-                if missing:
-                    raise ValueError(f"{fpath}: no activations for hooks {missing} (has {list(f.keys())})")
-                shapes = [f.get_slice(h).get_shape() for h in names]
+            if not fpath.is_file():
+                raise FileNotFoundError(f"activation shard {fpath} not found")
+            try:
+                with safe_open(str(fpath), framework="pt") as f:
+                    keys = list(f.keys())
+                    shapes = [f.get_slice(h).get_shape() for h in names if h in keys]
+            except (SafetensorError, OSError) as e:
+                raise _unreadable(fpath, "the cached activations", e) from e
+            missing = [h for h in names if h not in keys]
+            if missing:
+                raise ValueError(f"{fpath}: no activations for hooks {missing} (has {keys})")
             if len({s[0] for s in shapes}) != 1 or any(len(s) != 2 for s in shapes):
                 raise ValueError(f"{fpath}: hook tensors must be [rows, d] with equal rows, got {shapes}")
             d = [s[1] for s in shapes]
@@ -275,11 +314,14 @@ class ActivationStore:
 
         def rows() -> Iterator[Tensor]:
             for fpath in files:
-                with safe_open(str(fpath), framework="pt") as f:
-                    sls = [f.get_slice(h) for h in names]
-                    n = sls[0].get_shape()[0]
-                    for i in range(0, n, read_rows):
-                        yield torch.cat([s[i : i + read_rows] for s in sls], dim=1)
+                try:
+                    with safe_open(str(fpath), framework="pt") as f:
+                        sls = [f.get_slice(h) for h in names]
+                        n = sls[0].get_shape()[0]
+                        for i in range(0, n, read_rows):
+                            yield torch.cat([s[i : i + read_rows] for s in sls], dim=1)
+                except (SafetensorError, OSError) as e:  # e.g. a shard cut short after the check above
+                    raise _unreadable(fpath, "the cached activations", e) from e
 
         return cls(None, None, names, _rows_source=rows, _dims=dims, **kwargs)
 

@@ -13,7 +13,10 @@ from .multi import MultiSAETrainer, hooks_of
 from .trainer import SAETrainer
 
 
-def _with_model_info(cfg: TrainingConfig, model: Any, tokens: Any) -> TrainingConfig:
+def with_model_info(cfg: TrainingConfig, model: Any, tokens: Any) -> TrainingConfig:
+    """``cfg`` with what the model and the tokens tell: ``model_name`` (from ``model.cfg.model_name``,
+    if ``cfg`` has the default ``"unknown"``) and ``context_size`` (``tokens.shape[1]`` of a
+    ``[n_seq, ctx]`` tensor, if unset). A copy when anything changes; ``cfg`` itself otherwise."""
     upd: dict[str, Any] = {}
     name = getattr(getattr(model, "cfg", None), "model_name", None)
     if cfg.model_name == "unknown" and name:
@@ -22,6 +25,9 @@ def _with_model_info(cfg: TrainingConfig, model: Any, tokens: Any) -> TrainingCo
     if cfg.context_size is None and shape is not None and len(shape) == 2:
         upd["context_size"] = int(shape[1])
     return dataclasses.replace(cfg, **upd) if upd else cfg
+
+
+_with_model_info = with_model_info  # deprecated private name, kept for old imports
 
 
 def train_sae(
@@ -38,10 +44,12 @@ def train_sae(
     inference SAE. A transcoder (``cfg.transcoder``) reconstructs ``cfg.hook_name_out`` (default
     ``hook_name``).
 
-    Hooks are checked before anything runs. ``store_kwargs`` go to :class:`ActivationStore`
-    (``store_batch_size_prompts``, ``buffer_size_tokens``, ``exclude_special_tokens``, ...).
+    Hooks, and token sequences no longer than the model's ``n_ctx``, are checked before anything runs
+    (an iterable of token batches: as each batch arrives, before the model sees it). ``store_kwargs``
+    go to :class:`ActivationStore` (``store_batch_size_prompts``, ``buffer_size_tokens``,
+    ``exclude_special_tokens``, ...).
     """
-    cfg = _with_model_info(dataclasses.replace(cfg, hook_name=hook_name), model, tokens)
+    cfg = with_model_info(dataclasses.replace(cfg, hook_name=hook_name), model, tokens)
     hooks = hooks_of([cfg])
     check_hooks(model, hooks)
     store = ActivationStore(
@@ -70,7 +78,7 @@ def train_saes(
 ) -> list:
     """Train several SAEs / transcoders (any hooks, widths, architectures) from one forward pass per
     batch of tokens; returns their inference SAEs in ``cfgs`` order."""
-    cfgs = [_with_model_info(c, model, tokens) for c in cfgs]
+    cfgs = [with_model_info(c, model, tokens) for c in cfgs]
     hooks = hooks_of(cfgs)
     check_hooks(model, hooks)
     multi = MultiSAETrainer(cfgs, hooks)

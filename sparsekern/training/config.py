@@ -14,7 +14,8 @@ Field names follow SAELens 6.54 (``LanguageModelSAERunnerConfig`` and the archit
 sparsekern additions (SAELens has no equivalent): transcoders (``transcoder``, ``skip_transcoder``,
 ``d_out``, ``hook_name_out``), ``b_dec_init_method`` (SAELens 6 always starts b_dec at zero, which is
 our default), ``max_grad_norm`` (SAELens hard-codes 1.0, our default), ``normalize_sae_decoder`` (unit
-decoder rows after every step; off as in SAELens 6) and ``eval_every_n_steps``.
+decoder rows after every step; off as in SAELens 6), ``eval_every_n_steps``, ``flush_denormal`` and
+``skip_nonfinite`` (skip a batch whose inputs, loss or gradient hold NaN / inf instead of raising).
 """
 
 from __future__ import annotations
@@ -99,6 +100,9 @@ class TrainingConfig:
     dtype: str = "float32"
     seed: int = 42
     flush_denormal: bool = True  # flush CPU denormals during steps (see SAETrainer.step)
+    # NaN / inf in a batch's inputs, loss or gradient: False = raise NonFiniteError (nothing changes);
+    # True = skip the batch (warn, count it in SAETrainer.n_skipped_batches / the skipped_batches metric)
+    skip_nonfinite: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # free-form, saved in the trainer state
 
     def __post_init__(self) -> None:
@@ -129,6 +133,8 @@ class TrainingConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"TrainingConfig.{name} must be a non-negative int, got {v!r}")
+        if not isinstance(self.skip_nonfinite, bool):
+            raise ValueError(f"TrainingConfig.skip_nonfinite must be a bool, got {self.skip_nonfinite!r}")
         if self.skip_transcoder:
             self.transcoder = True
         if self.d_out is None:

@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 import torch
 
-from ._base import TrainingModule
+from .base import TrainingModule
 
 
 def inference_architecture(cfg) -> str:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._base import StepOutput, TrainingModule, mse_loss
+from .base import StepOutput, TrainingModule, mse_loss
 
 
 class GatedTrainingModule(TrainingModule):

@@ -17,7 +17,7 @@ straight-through estimates, with ``rect(u) = 1{-1/2 < u < 1/2}`` and bandwidth `
     d/dt  from the JumpReLU:  -sum_n (t/eps) rect((h - t)/eps) * dL/df[n, f],  dL/df = dL/dsae_out @ W_dec.T
     d/dt  from the L0 step:   -sum_n (1/eps) rect((h - t)/eps) * dL/dL0[n]
 
-Both need ``h`` in the band ``|h - t| < eps/2``, inactive entries included. ``_ThresholdSTE`` recomputes
+Both need ``h`` in the band ``|h - t| < eps/2``, inactive entries included. :class:`ThresholdSTE` recomputes
 ``h`` in column blocks of ``[N, block]`` (``block * N <= 2**22`` elements) in its backward: the forward
 adds an exact zero ``[N, d_out]`` to ``sae_out`` (so the backward receives ``dL/dsae_out``) and returns
 the per-row L0 (so it receives ``dL/dL0``). Extra memory: one ``[N, block]`` buffer, never ``[N, d_sae]``.
@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ._base import StepOutput, TrainingModule, fire_counts_sparse, mse_loss
+from .base import StepOutput, TrainingModule, fire_counts_sparse, mse_loss
 
 _BLOCK_ELEMS = 1 << 22
 
@@ -41,10 +41,15 @@ def rectangle(u: Tensor) -> Tensor:
     return ((u > -0.5) & (u < 0.5)).to(u)
 
 
-class _ThresholdSTE(torch.autograd.Function):
+class ThresholdSTE(torch.autograd.Function):
     """``(threshold, sae_in, W_enc, b_enc, W_dec, l0_rows, bandwidth) -> (zeros [N, d_out], l0_rows [N])``.
 
-    Only ``threshold`` gets a gradient (the two STE terms above); the other inputs are detached.
+    The straight-through threshold gradients of the module docstring, as an autograd function: add the
+    exact zero ``[N, d_out]`` to ``sae_out`` and use the returned ``l0_rows [N]`` in the L0 loss.
+    ``threshold [d_sae]`` (float32), ``sae_in [N, d_in]`` (``x - b_dec*apply``), ``W_enc [d_in, d_sae]``,
+    ``b_enc [d_sae]``, ``W_dec [d_sae, d_out]``, ``l0_rows [N]``, ``bandwidth`` a float. Only
+    ``threshold`` gets a gradient (the two STE terms above); pass the other tensors detached. A feature
+    shard (``sparsekern.distributed``) applies it to its own columns, with the replicated gradients.
     """
 
     @staticmethod
@@ -90,7 +95,7 @@ class JumpReLUTrainingModule(TrainingModule):
         t = self.threshold.detach().to(x.dtype)
         acts = ops.threshold_encode(x, self.W_enc, self.b_enc, t, b_dec=self.b_dec_in())
         l0_rows = (acts.values.detach() != 0).sum(-1).to(x.dtype)
-        zero, l0_ste = _ThresholdSTE.apply(
+        zero, l0_ste = ThresholdSTE.apply(
             self.threshold,
             self.sae_in(x).detach(),
             self.W_enc.detach(),
@@ -112,3 +117,6 @@ class JumpReLUTrainingModule(TrainingModule):
             fire_counts=counts,
             l0=l0_rows.mean(),
         )
+
+
+_ThresholdSTE = ThresholdSTE  # deprecated private name, kept for old imports

@@ -78,5 +78,7 @@ class MultiSAETrainer:
                 ms = self.step(batch)
                 pbar.update(1)
                 if (i + 1) % 10 == 0:
-                    pbar.set_postfix({f"ev{j}": f"{m['explained_variance']:.3f}" for j, m in enumerate(ms)})
+                    # a trainer that skipped this batch (skip_nonfinite) has no explained variance
+                    pbar.set_postfix({f"ev{j}": f"{m.get('explained_variance', float('nan')):.3f}"
+                                      for j, m in enumerate(ms)})
         return [t.to_inference() for t in self.trainers]

@@ -14,7 +14,7 @@ would be larger than the dense one. ``l1_coefficient`` warms up linearly over ``
 
 from __future__ import annotations
 
-from ._base import StepOutput, TrainingModule, mse_loss
+from .base import StepOutput, TrainingModule, mse_loss
 
 
 class StandardTrainingModule(TrainingModule):

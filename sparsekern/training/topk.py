@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ._base import StepOutput, TrainingModule, fire_counts_sparse, mse_loss
+from .base import StepOutput, TrainingModule, fire_counts_sparse, mse_loss
 
 
 class TopKTrainingModule(TrainingModule):

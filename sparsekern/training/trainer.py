@@ -14,13 +14,22 @@ Per ``step(x [N, d_in], y [N, d_out] | None)``, as SAELens 6.54's ``SAETrainer._
 
 Returned metrics: ``loss``, each named loss, ``mse`` (per-row squared error summed over dims, mean
 over rows: SAELens's convention), ``l0``, ``explained_variance`` (SAELens's training formula
-``1 - mean_rows ||y - y_hat||^2 / mean_rows ||y - mean(y)||^2``), ``dead_fraction``, ``lr``.
+``1 - mean_rows ||y - y_hat||^2 / mean_rows ||y - mean(y)||^2``), ``dead_fraction``, ``lr`` (and
+``skipped_batches`` with ``skip_nonfinite``).
+
+Bad input is refused before the optimiser runs (:mod:`.guards`): non-float activations (tokens passed by
+mistake), and NaN / inf in the inputs, the loss terms or the gradient norm (:class:`NonFiniteError`
+naming the step and what was not finite; ``TrainingConfig.skip_nonfinite`` skips such a batch instead).
+
+Across processes, the trainer combines what it must through its :class:`~.reducer.Reducer` (gradients,
+firing counts, metric and evaluation sums); the default one is local and does nothing.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
@@ -28,9 +37,11 @@ import torch
 from torch import Tensor
 
 from . import checkpoint as ckpt
-from ._base import TrainingModule
+from .base import TrainingModule
 from .config import TrainingConfig
 from .export import to_inference
+from .guards import NonFiniteError, check_float, nonfinite_inputs, nonfinite_results, refusal
+from .reducer import LOCAL, Reducer
 from .schedule import coefficient, lr_factor
 
 Batch = Union[Tensor, tuple[Tensor, Tensor]]
@@ -68,7 +79,9 @@ def geometric_median(points: Tensor, max_iter: int = 100, tol: float = 1e-7) -> 
     return m.to(points.dtype)
 
 
-def _split(batch: Batch) -> tuple[Tensor, Optional[Tensor]]:
+def split_batch(batch: Batch) -> tuple[Tensor, Optional[Tensor]]:
+    """``(x [N, d_in], y [N, d_out] or None)`` of a batch: a tensor ``x``, or an ``(x, y)`` pair
+    (transcoders)."""
     if isinstance(batch, (tuple, list)):
         if len(batch) != 2:
             raise ValueError(f"a batch must be a tensor or an (x, y) pair, got a sequence of {len(batch)}")
@@ -76,17 +89,24 @@ def _split(batch: Batch) -> tuple[Tensor, Optional[Tensor]]:
     return batch, None
 
 
+_split = split_batch  # deprecated private name, kept for old imports
+
+
 class SAETrainer:
     """Trains one SAE / transcoder described by a :class:`TrainingConfig` (see the module docstring).
 
-    ``sae``: optional starting weights: a training module of the same architecture, or a sparsekern
-    inference SAE whose parameters (``W_enc``, ``b_enc``, ``W_dec``, ``b_dec``, ``threshold``, ...) are
-    copied (unfolded: use it with ``rescale_acts_by_decoder_norm=False`` / no activation scaling).
+    ``sae``: optional starting weights: a training module of the same architecture (used as is, e.g. a
+    feature shard of ``sparsekern.distributed``), or a sparsekern inference SAE whose parameters
+    (``W_enc``, ``b_enc``, ``W_dec``, ``b_dec``, ``threshold``, ...) are copied (unfolded: use it with
+    ``rescale_acts_by_decoder_norm=False`` / no activation scaling).
+    ``reducer``: how the step combines across processes (:class:`~.reducer.Reducer`; default: one
+    process, nothing to combine).
     """
 
-    def __init__(self, cfg: TrainingConfig, sae: Optional[Any] = None):
+    def __init__(self, cfg: TrainingConfig, sae: Optional[Any] = None, *, reducer: Optional[Reducer] = None):
         self.cfg = cfg
         self.device = torch.device(cfg.device)
+        self.reducer = LOCAL if reducer is None else reducer
         if isinstance(sae, TrainingModule):
             self.sae = sae.to(self.device)
         else:
@@ -99,25 +119,27 @@ class SAETrainer:
         self.optimizer = torch.optim.Adam(
             self.sae.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2)
         )
-        d_sae = cfg.d_sae
+        n_latents = self.sae.n_latents  # a feature shard counts its own latents
         self.n_training_steps = 0
         self.n_training_tokens = 0
-        self.n_forward_passes_since_fired = torch.zeros(d_sae, device=self.device)
-        self.act_freq_scores = torch.zeros(d_sae, device=self.device)
+        self.n_skipped_batches = 0
+        self.n_forward_passes_since_fired = torch.zeros(n_latents, device=self.device)
+        self.act_freq_scores = torch.zeros(n_latents, device=self.device)
         self.n_frac_active_samples = 0
         self.scaling_factor: Optional[float] = None
         self.b_dec_initialized = cfg.b_dec_init_method == "zeros"
         self.last_eval: dict[str, float] = {}
+        self.reducer.attach(cfg, self.sae)
 
     # ---- state -----------------------------------------------------------------------------------
     @property
     def dead_neurons(self) -> Tensor:
-        """``[d_sae]`` bool: not fired for more than ``dead_feature_window`` steps (SAELens)."""
+        """``[n_latents]`` bool: not fired for more than ``dead_feature_window`` steps (SAELens)."""
         return self.n_forward_passes_since_fired > self.cfg.dead_feature_window
 
     @property
     def feature_sparsity(self) -> Tensor:
-        """``[d_sae]`` firing frequency over the current sampling window."""
+        """``[n_latents]`` firing frequency over the current sampling window."""
         return self.act_freq_scores / max(self.n_frac_active_samples, 1)
 
     @property
@@ -135,44 +157,77 @@ class SAETrainer:
     # ---- data preparation ------------------------------------------------------------------------
     @torch.no_grad()
     def estimate_scaling_factor(self, batches: Iterable[Batch]) -> float:
-        """``sqrt(d_in) / E||x||`` over ``batches`` (SAELens's ``ActivationScaler``); sets and returns it."""
-        total, count = 0.0, 0
+        """``sqrt(d_in) / E||x||`` over ``batches`` (SAELens's ``ActivationScaler``) of every process;
+        sets and returns it. A batch with NaN / inf norms raises :class:`NonFiniteError` (with
+        ``skip_nonfinite``: is left out of the estimate)."""
+        total, count, bad = 0.0, 0, 0
         for b in batches:
-            x = _split(b)[0]
-            norms = x.float().norm(dim=-1)
-            total += norms.sum().item()
+            x = split_batch(b)[0]
+            check_float(x, "x", f"[N, d_in={self.cfg.d_in}]")
+            norms = x.float().norm(dim=-1)  # float32 norms, as SAELens
+            s = norms.sum().item()
+            if not math.isfinite(s):
+                bad += 1
+                continue
+            total += s
             count += norms.numel()
+        total, count, bad = self.reducer.sum([total, float(count), float(bad)], "scaling factor")
+        if bad and not self.cfg.skip_nonfinite:
+            raise NonFiniteError(
+                f"SAETrainer.estimate_scaling_factor: {int(bad)} batch(es) have NaN / inf activation norms "
+                "(NaN / inf values, or values too large for float32); clean the activations, or set "
+                "TrainingConfig(skip_nonfinite=True) to leave them out",
+                self.n_training_steps, ["norm estimate"])
         if count == 0 or total == 0:
             raise ValueError("estimate_scaling_factor: no non-zero activations to estimate the norm from")
         self.scaling_factor = math.sqrt(self.cfg.d_in) / (total / count)
         return self.scaling_factor
 
-    def _prepare(self, x: Tensor, y: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    def _validate(self, x: Tensor, y: Optional[Tensor]) -> None:
         cfg = self.cfg
+        check_float(x, "x", f"[N, d_in={cfg.d_in}]")
         if x.dim() != 2 or x.shape[1] != cfg.d_in:
             raise ValueError(f"x must be [N, d_in={cfg.d_in}], got {tuple(x.shape)}")
         if y is None:
             if cfg.transcoder:
                 raise ValueError("a transcoder needs targets: pass y [N, d_out] (or (x, y) batches)")
-        elif y.shape != (x.shape[0], cfg.d_out):
+            return
+        check_float(y, "y", f"[N, d_out={cfg.d_out}]")
+        if y.shape != (x.shape[0], cfg.d_out):
             raise ValueError(f"y must be [N={x.shape[0]}, d_out={cfg.d_out}], got {tuple(y.shape)}")
-        x = x.to(self.device, cfg.torch_dtype)
-        y = x if y is None else y.to(self.device, cfg.torch_dtype)
-        if cfg.normalize_activations == "expected_average_only_in":
+
+    def _to_device(self, x: Tensor, y: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        dt = self.cfg.torch_dtype
+        x = x.to(self.device, dt)
+        return x, (x if y is None else y.to(self.device, dt))
+
+    def _scale(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        if self.cfg.normalize_activations == "expected_average_only_in":
             if self.scaling_factor is None:
                 self.estimate_scaling_factor([x])
             x, y = x * self.scaling_factor, y * self.scaling_factor
         return x, y
 
+    def _prepare(self, x: Tensor, y: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        """Checked, on the device in the training dtype, scaled: ``(x [N, d_in], y [N, d_out])``."""
+        self._validate(x, y)
+        return self._scale(*self._to_device(x, y))
+
     @torch.no_grad()
     def _init_b_dec(self, y: Tensor) -> None:
         m = self.cfg.b_dec_init_method
+        y = self.reducer.gather_rows(y)  # the first batch of every process, in rank order
         self.sae.b_dec.copy_(y.mean(0) if m == "mean" else geometric_median(y))
         self.b_dec_initialized = True
 
     # ---- training --------------------------------------------------------------------------------
     def step(self, x: Tensor, y: Optional[Tensor] = None) -> dict[str, float]:
         """One optimiser step on ``x [N, d_in]`` (``y [N, d_out]`` for transcoders); returns metrics.
+
+        Refuses non-float activations (``TypeError``) and, before the optimiser runs, NaN / inf in ``x``,
+        ``y``, a loss term or the gradient norm (:class:`NonFiniteError`; nothing changes). With
+        ``cfg.skip_nonfinite`` such a batch is skipped instead: the step returns ``{"skipped": 1.0,
+        "skipped_batches": n}`` and warns, and ``n_training_steps`` does not advance.
 
         With ``cfg.flush_denormal`` (default) CPU denormals are flushed to zero during the step (and
         the flag is cleared after): Adam's second moments of rarely firing latents decay into the
@@ -186,14 +241,28 @@ class SAETrainer:
                 torch.set_flush_denormal(False)
 
     def _step(self, x: Tensor, y: Optional[Tensor]) -> dict[str, float]:
-        cfg, sae = self.cfg, self.sae
-        x, y = self._prepare(x, y)
+        cfg, sae, red = self.cfg, self.sae, self.reducer
+        self._validate(x, y)
+        n_rows = int(x.shape[0])
+        n_total = red.start_step(n_rows)
+        x, y = self._to_device(x, y)
+        bad = nonfinite_inputs(red, x, y if cfg.transcoder else None)
+        if bad:
+            return self._refuse(*bad)
+        saved = self._snapshot()
+        x, y = self._scale(x, y)
         if not self.b_dec_initialized:
             self._init_b_dec(y)
         sae.train()
         out = sae.forward_train(x, y, self.dead_neurons, self.coefficients())
-        self._backward(out)
-        self._clip_grads()
+        red.loss_for_backward(out.loss, n_rows, n_total).backward()
+        red.reduce_gradients(sae)  # before clipping: the norm is the whole batch's
+        norm = red.clip_gradients(sae, cfg.max_grad_norm) if cfg.max_grad_norm is not None else None
+        bad = nonfinite_results(red, out, norm)
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._restore(saved)
+            return self._refuse(*bad)
         lr = cfg.lr * lr_factor(self.n_training_steps, cfg)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
@@ -202,45 +271,52 @@ class SAETrainer:
         with torch.no_grad():
             if cfg.normalize_sae_decoder:
                 sae.W_dec.data /= sae.W_dec.data.norm(dim=-1, keepdim=True).clamp(min=1e-8)
-            counts = self._fire_counts(out)
+            counts = red.fire_counts(out.fire_counts)
             self.n_forward_passes_since_fired += 1
             self.n_forward_passes_since_fired[counts > 0] = 0
             self.act_freq_scores += counts
-            self.n_frac_active_samples += self._rows(x)
-            metrics = self._metrics(out, y)
+            self.n_frac_active_samples += n_total
+            metrics = red.step_metrics(out, y, counts, n_rows, n_total)
+            metrics["dead_fraction"] = red.dead_fraction(self.dead_neurons)
         self.n_training_steps += 1
-        self.n_training_tokens += self._rows(x)
+        self.n_training_tokens += n_total
         metrics["lr"] = lr
+        if cfg.skip_nonfinite:
+            metrics["skipped_batches"] = float(self.n_skipped_batches)
         if self.n_training_steps % cfg.feature_sampling_window == 0:
             self.act_freq_scores.zero_()
             self.n_frac_active_samples = 0
         return metrics
 
-    # hooks of _step, overridden by sparsekern.distributed: ShardedTrainer (global norm; rows of every data
-    # replica) and DistributedSAETrainer (scaled loss + all-reduced grads; counts and metrics of all ranks)
-    def _backward(self, out) -> None:
-        out.loss.backward()
+    # ---- refusing non-finite steps -----------------------------------------------------------------
+    def _snapshot(self) -> tuple[Any, ...]:
+        """What a step may change before the optimiser runs: the scaling factor (a bare first step
+        estimates it), ``b_dec`` (initialised from the first batch), the module's buffers (BatchTopK's
+        threshold EMA is updated by the forward) and JumpReLU's ``threshold [d_sae]`` (clamped to >= 0
+        by the forward). All small: ``[d_out]``, ``[d_sae]`` or scalars."""
+        b_dec = None if self.b_dec_initialized else self.sae.b_dec.detach().clone()
+        small = {n: b.detach().clone() for n, b in self.sae.named_buffers()}
+        if isinstance(getattr(self.sae, "threshold", None), torch.nn.Parameter):
+            small["threshold"] = self.sae.threshold.detach().clone()
+        return self.scaling_factor, self.b_dec_initialized, b_dec, small
 
-    def _fire_counts(self, out) -> Tensor:
-        """``[d_sae]`` firings in this step's batch (what the dead-feature counters see)."""
-        return out.fire_counts
+    @torch.no_grad()
+    def _restore(self, saved: tuple[Any, ...]) -> None:
+        self.scaling_factor, self.b_dec_initialized, b_dec, buffers = saved
+        if b_dec is not None:
+            self.sae.b_dec.copy_(b_dec)
+        for name, value in buffers.items():
+            target = self.sae.threshold if name == "threshold" else self.sae.get_buffer(name)
+            target.copy_(value)
 
-    def _clip_grads(self) -> None:
-        if self.cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.cfg.max_grad_norm)
-
-    def _rows(self, x: Tensor) -> int:
-        return x.shape[0]
-
-    def _metrics(self, out, y: Tensor) -> dict[str, float]:
-        res = (out.sae_out.detach() - y).pow(2).sum(-1)
-        var = (y - y.mean(0)).pow(2).sum(-1)
-        m = {"loss": out.loss.item(), **{k: v.item() for k, v in out.losses.items()}, **out.metrics}
-        m["mse"] = res.mean().item()
-        m["explained_variance"] = 1 - (res.mean() / var.mean()).item() if var.mean() > 0 else float("nan")
-        m["l0"] = out.l0.item()
-        m["dead_fraction"] = self.dead_neurons.float().mean().item()
-        return m
+    def _refuse(self, what: list[str], detail: str) -> dict[str, float]:
+        step = self.n_training_steps
+        if not self.cfg.skip_nonfinite:
+            raise NonFiniteError(refusal(step, what, detail, skip=False), step, what)
+        self.n_skipped_batches += 1
+        warnings.warn(refusal(step, what, detail, skip=True) + f"; {self.n_skipped_batches} skipped so far",
+                      RuntimeWarning, stacklevel=4)
+        return {"skipped": 1.0, "skipped_batches": float(self.n_skipped_batches)}
 
     def fit(
         self,
@@ -264,7 +340,7 @@ class SAETrainer:
         cfg = self.cfg
         if n_steps is None:
             n_steps = max(0, cfg.total_training_steps - self.n_training_steps)
-        it = iter(batches)
+        it = self.reducer.batches(batches)
         if cfg.normalize_activations == "expected_average_only_in" and self.scaling_factor is None:
             head = list(itertools.islice(it, cfg.n_batches_for_norm_estimate))
             self.estimate_scaling_factor(head)
@@ -276,8 +352,11 @@ class SAETrainer:
             for batch in it:
                 if done >= n_steps:
                     break
-                x, y = _split(batch)
+                x, y = split_batch(batch)
                 m = self.step(x, y)
+                if m.get("skipped"):  # skip_nonfinite: no step was taken
+                    pbar.set_postfix(skipped=self.n_skipped_batches)
+                    continue
                 done += 1
                 pbar.update(1)
                 if done % 10 == 0 or done == n_steps:
@@ -306,14 +385,16 @@ class SAETrainer:
         """Held-out metrics: ``mse``, ``explained_variance`` (over all rows: ``1 - sum res / sum ||y -
         mean||^2``, SAELens's eval formula), ``l0``, ``dead_fraction``; with ``model`` and
         ``eval_tokens``, ``sparsekern.features.metrics.reconstruction_metrics``'s CE / KL scores too
-        (``ce_loss_score`` = CE loss recovered)."""
+        (``ce_loss_score`` = CE loss recovered). Up to ``cfg.n_eval_batches`` batches; the sums go
+        through the reducer (data parallel: over every process's rows, so every process reports what
+        one process reports on all of them)."""
         res_sum, n, l0_sum = 0.0, 0, 0.0
         sums, sq = None, 0.0
         self.sae.eval()
         for i, b in enumerate(batches or []):
             if i >= self.cfg.n_eval_batches:
                 break
-            x, y = self._prepare(*_split(b))
+            x, y = self._prepare(*split_batch(b))
             out = self.sae.forward_train(x, y, None, self.coefficients())
             yd = y.double()
             res_sum += (out.sae_out.double() - yd).pow(2).sum().item()
@@ -322,32 +403,22 @@ class SAETrainer:
             sq += yd.pow(2).sum().item()
             n += x.shape[0]
         self.sae.train()
-        (res_sum, n, l0_sum, sq), sums = self._eval_totals([res_sum, float(n), l0_sum, sq], sums)
-        m: dict[str, float] = {"dead_fraction": self.dead_neurons.float().mean().item()}
+        # sums, not per-process ratios: a mean of the processes' explained variances is not the whole's
+        vec = sums.tolist() if sums is not None else [0.0] * self.cfg.d_out  # no rows here: adds zeros
+        tot = self.reducer.sum([res_sum, float(n), l0_sum, sq, *vec], "evaluation sums")
+        res_sum, n, l0_sum, sq = tot[:4]
+        m: dict[str, float] = {"dead_fraction": self.reducer.dead_fraction(self.dead_neurons)}
         if n:
-            var = sq - (sums.pow(2).sum().item() / n)
+            var = sq - (torch.tensor(tot[4:], dtype=torch.float64).pow(2).sum().item() / n)
             m.update(
                 mse=res_sum / n,
                 l0=l0_sum / n,
                 explained_variance=1 - res_sum / var if var > 0 else float("nan"),
             )
         if model is not None and eval_tokens is not None:
-            r = self._reconstruction_metrics(model, eval_tokens)
+            r = self.reducer.reconstruction_metrics(model, self.to_inference(), eval_tokens)
             m.update({f"model_{k}": v for k, v in r.to_dict().items() if isinstance(v, float)})
         return m
-
-    def _reconstruction_metrics(self, model: Any, eval_tokens: Iterable[Tensor]):
-        """:meth:`evaluate`'s model metrics (``DistributedSAETrainer``: over every rank's ``eval_tokens``)."""
-        from ..features.metrics import reconstruction_metrics
-
-        return reconstruction_metrics(model, self.to_inference(), eval_tokens, progress=False)
-
-    def _eval_totals(
-        self, scalars: list[float], sums: Optional[Tensor]
-    ) -> tuple[list[float], Optional[Tensor]]:
-        """:meth:`evaluate`'s sums ``[res, n_rows, l0 * rows, sum ||y||^2]`` and ``sum_rows y [d_out]``
-        (None without rows); ``DistributedSAETrainer`` adds them up over ranks."""
-        return scalars, sums
 
     # ---- export / checkpoints --------------------------------------------------------------------
     def to_inference(self):
@@ -360,63 +431,36 @@ class SAETrainer:
 
         def write(folder: Path) -> None:
             sae_inf.save_model(folder, sparsity=self.log_feature_sparsity)
-            ckpt.save_state(folder, *self._state())
+            ckpt.save_state(folder, *self.trainer_state())
 
         return ckpt.write_atomic(Path(path), write)
 
-    def _state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        """(tensors, meta) of the trainer state (module, optimiser, counters, RNG) for a checkpoint."""
-        tensors = {f"sae.{k}": v for k, v in self.sae.state_dict().items()}
-        opt_t, opt_meta = ckpt.optimizer_to_flat(self.optimizer)
-        tensors.update(opt_t)
-        tensors["n_forward_passes_since_fired"] = self.n_forward_passes_since_fired
-        tensors["act_freq_scores"] = self.act_freq_scores
-        tensors["rng.cpu"] = torch.get_rng_state()
-        if torch.cuda.is_available() and self.device.type == "cuda":
-            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
-        meta = {
-            "format": "sparsekern-trainer/1",
-            "cfg": self.cfg.to_dict(),
-            "n_training_steps": self.n_training_steps,
-            "n_training_tokens": self.n_training_tokens,
-            "n_frac_active_samples": self.n_frac_active_samples,
-            "scaling_factor": self.scaling_factor,
-            "b_dec_initialized": self.b_dec_initialized,
-            "optimizer": opt_meta,
-        }
-        return tensors, meta
-
     checkpoint = save_checkpoint
+
+    def trainer_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """``(tensors, meta)`` of the trainer state (module, optimiser, counters, RNG) for a checkpoint:
+        :func:`.checkpoint.trainer_state`; :meth:`load_trainer_state` restores it."""
+        return ckpt.trainer_state(self)
+
+    def load_trainer_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        """Restore what :meth:`trainer_state` returned (:func:`.checkpoint.load_trainer_state`)."""
+        ckpt.load_trainer_state(self, tensors, meta)
 
     @classmethod
     def resume(cls, path: Union[str, Path], device: Optional[str] = None) -> "SAETrainer":
-        """A trainer continuing exactly where :meth:`save_checkpoint` left off."""
-        tensors, meta = ckpt.load_state(Path(path))
+        """A trainer continuing exactly where :meth:`save_checkpoint` left off. A file of the checkpoint
+        that cannot be read, or a state that does not fit, raises an error naming it."""
+        path = Path(path)
+        tensors, meta = ckpt.load_state(path)
         cfg_d = dict(meta["cfg"])
         if device is not None:
             cfg_d["device"] = device
-        tr = cls(TrainingConfig.from_dict(cfg_d))
-        tr._load_state(tensors, meta)
+        tr = cls(ckpt.checked(path / ckpt.STATE_JSON, lambda: TrainingConfig.from_dict(cfg_d)))
+        ckpt.checked(path, lambda: tr.load_trainer_state(tensors, meta))
         return tr
 
-    def _load_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-        """Restore what :meth:`_state` saved."""
-        dev = self.device
-        sd = {k[4:]: v.to(dev) for k, v in tensors.items() if k.startswith("sae.")}
-        self.sae.load_state_dict(sd)
-        self.optimizer_load(tensors, meta)
-        self.n_forward_passes_since_fired = tensors["n_forward_passes_since_fired"].to(dev)
-        self.act_freq_scores = tensors["act_freq_scores"].to(dev)
-        self.n_training_steps = meta["n_training_steps"]
-        self.n_training_tokens = meta["n_training_tokens"]
-        self.n_frac_active_samples = meta["n_frac_active_samples"]
-        self.scaling_factor = meta["scaling_factor"]
-        self.b_dec_initialized = meta["b_dec_initialized"]
-        torch.set_rng_state(tensors["rng.cpu"])
-        if "rng.cuda" in tensors and dev.type == "cuda":
-            torch.cuda.set_rng_state(tensors["rng.cuda"], dev)
-
     def optimizer_load(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        """Restore the Adam state from a checkpoint's flat ``optim.<i>.<key>`` tensors and ``meta``."""
         opt = {
             k: v.to(self.device) if not k.endswith(".step") else v
             for k, v in tensors.items()
