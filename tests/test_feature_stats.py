@@ -229,7 +229,8 @@ def test_conditioned_paths():
         seen.append((acts, y))
         cond = s.accumulators["conditioned"]
         if i == 1:
-            assert cond.pending_rows and s.cond_act_sum is not None and not cond.pending_rows  # read -> flushed
+            # read -> flushed
+            assert cond.pending_rows and s.cond_act_sum is not None and not cond.pending_rows
         if i == 2:
             assert not cond.pending_rows  # 100 rows x 4 slots >= 8 F: reduced at once
         D = torch.cat([dense(a, F) for a, _ in seen])

@@ -53,7 +53,8 @@ def test_merge_of_splits_equals_one_pass():
     got = merged.finish()
     assert_metrics_close(got, one)
     assert got.n_tokens == 36 and got.n_sequences == 12 and got.dead_features.tolist() == [16, 17, 18, 19]
-    # the variance about a centre near the data is accurate; about 0, E||x||^2 - ||E x||^2 would lose ~8 digits
+    # the variance about a centre near the data is accurate; about 0, E||x||^2 - ||E x||^2 would lose
+    # ~8 digits
     x = torch.cat([b[0] for b in batches])
     want_ev = 1 - (x - torch.cat([b[1] for b in batches])).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
     assert got.explained_variance == pytest.approx(float(want_ev), rel=1e-10)

@@ -57,4 +57,5 @@ def feature_tuple(name: str, feats: FeatureList, d_sae: int) -> Optional[tuple[i
 def memory(what: str, nbytes: int, budget: int, hint: str) -> None:
     """ValueError if ``nbytes`` exceed the ``memory_budget``."""
     if nbytes > budget:
-        raise ValueError(f"{what} needs {nbytes / GiB:.2f} GiB > memory_budget={budget / GiB:.2f} GiB; {hint}")
+        raise ValueError(
+            f"{what} needs {nbytes / GiB:.2f} GiB > memory_budget={budget / GiB:.2f} GiB; {hint}")

@@ -164,7 +164,8 @@ class FeatureStats:
         self._moments = MomentsAccumulator(cfg, device)
         self._co: Optional[Accumulator] = None
         if cfg.cooccurrence in ("dense", "subset"):
-            self._co = PairTableAccumulator(cfg, device, memory_budget=self.memory_budget, default_n=self._top_n)
+            self._co = PairTableAccumulator(cfg, device, memory_budget=self.memory_budget,
+                                            default_n=self._top_n)
         elif cfg.cooccurrence == "sketch":
             self._co = PartnerSketchAccumulator(cfg, device, default_n=self._top_n)
         self._cond = ConditionedAccumulator(cfg, device) if cfg.conditioned_on is not None else None
@@ -206,7 +207,8 @@ class FeatureStats:
         """Bytes held by the state tensors."""
         return sum(acc.nbytes for _, acc in self._parts())
 
-    counts = property(lambda self: self._moments.counts, doc="``[F]`` int64 tokens on which each feature fires")
+    counts = property(lambda self: self._moments.counts,
+                      doc="``[F]`` int64 tokens on which each feature fires")
     act_sum = property(lambda self: self._moments.act_sum, doc="``[F]`` sum of the firing activations")
     act_sq_sum = property(lambda self: self._moments.act_sq_sum, doc="``[F]`` sum of their squares")
     act_max = property(lambda self: self._moments.act_max, doc="``[F]`` max firing activation (0: never)")
@@ -231,12 +233,14 @@ class FeatureStats:
         return None if self._cond is None else getattr(self._cond, name)
 
     cond_act_sum = property(lambda self: self._cond_get("cond_act_sum"),
-                            doc="``[F, d_y]`` float64 ``sum_t a_f(t) y(t)`` (None without ``conditioned_on``).")
+                            doc="``[F, d_y]`` float64 ``sum_t a_f(t) y(t)`` (None without "
+                                "``conditioned_on``).")
     cond_pos_count = property(lambda self: self._cond_get("cond_pos_count"),
                               doc="``[F, d_y]`` int64 ``#{t: f fires and y(t) > 0}`` (None without "
                                   "``conditioned_on`` or with ``conditioned_counts=False``).")
     cond_sum = property(lambda self: self._cond_get("cond_sum"),
-                        doc="``[F, d_y]`` float64 ``sum_{t: f fires} y(t)`` (None without ``conditioned_sum``).")
+                        doc="``[F, d_y]`` float64 ``sum_{t: f fires} y(t)`` (None without "
+                            "``conditioned_sum``).")
     cond_second_moment = property(lambda self: self._cond_get("cond_second_moment"),
                                   doc="``[S, d_y, d_y]`` for :attr:`second_moment_features` (or None).")
 
@@ -367,7 +371,8 @@ class FeatureStats:
         """
         missing = [k for k in ("config", "n_tokens", "tensors") if k not in state]
         if missing:
-            raise ValueError(f"a FeatureStats state_dict needs the keys {list(STATE_KEYS)}; missing {missing}")
+            raise ValueError(
+                f"a FeatureStats state_dict needs the keys {list(STATE_KEYS)}; missing {missing}")
         cfg = FeatureStatsConfig.from_dict(state["config"])
         n_tokens = _checks.int_arg("state['n_tokens']", state["n_tokens"], 0)
         obj = cls.__new__(cls)
@@ -386,7 +391,8 @@ class FeatureStats:
             kinds.append(("_cond", ConditionedAccumulator, {}))
         known = {k for _, kind, _ in kinds for k in kind.layout(cfg)}
         if set(tensors) - known:
-            raise ValueError(f"the state holds tensors this configuration does not: {sorted(set(tensors) - known)}")
+            extra = sorted(set(tensors) - known)
+            raise ValueError(f"the state holds tensors this configuration does not: {extra}")
         obj._co = obj._cond = None
         for attr, kind, options in kinds:
             part = {k: tensors[k] for k in kind.layout(cfg) if k in tensors}

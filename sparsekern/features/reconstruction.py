@@ -154,8 +154,8 @@ class ReconstructionSums:
         ))
         self.n_tokens += x.shape[0]
 
-    def add_downstream(self, ce_clean: Tensor, ce_sae: Tensor, ce_zero: Tensor, kl_sae: Tensor, kl_zero: Tensor,
-                       keep: Optional[Tensor] = None) -> None:
+    def add_downstream(self, ce_clean: Tensor, ce_sae: Tensor, ce_zero: Tensor, kl_sae: Tensor,
+                       kl_zero: Tensor, keep: Optional[Tensor] = None) -> None:
         """Add per-token next-token CE losses ``[batch, pos - 1]`` (clean, SAE spliced, zero ablated) and
         KL(clean || patched) ``[batch, pos]``; ``keep [batch, pos]`` bool: positions that count (a CE term
         counts iff its predicting token is kept). Summed in float64."""
@@ -282,12 +282,13 @@ class ReconstructionSums:
             raise ValueError("state['centre'] is required when n_tokens > 0")
         return out
 
-    # ---- the result -----------------------------------------------------------------------------------------
+    # ---- the result -------------------------------------------------------------------------------------
     def finish(self) -> ReconstructionMetrics:
         """:class:`ReconstructionMetrics` from the sums; ValueError if no token was added."""
         n = self.n_tokens
         if n == 0:
-            raise ValueError("no tokens to evaluate: tokens_batches was empty or every token is in ignore_tokens")
+            raise ValueError(
+                "no tokens to evaluate: tokens_batches was empty or every token is in ignore_tokens")
         s = dict(zip(RECON_SUMS, self.sums.tolist(), strict=True))
         mse = s["res"] / n
         mean_c = self.sum_xc / n

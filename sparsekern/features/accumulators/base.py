@@ -125,7 +125,8 @@ class Accumulator:
         names = set(state)
         if names != set(layout):
             raise ValueError(f"{cls.__name__} under this configuration keeps {sorted(layout)}; the state "
-                             f"misses {sorted(set(layout) - names)} and holds unknown {sorted(names - set(layout))}")
+                             f"misses {sorted(set(layout) - names)} and holds unknown "
+                             f"{sorted(names - set(layout))}")
         if device is None:
             device = next(iter(state.values())).device if state else torch.device("cpu")
         dev = torch.device(device)
@@ -139,8 +140,8 @@ class Accumulator:
             want = {"float": float_dtype(dev), "int64": torch.int64,
                     "count": t.dtype if t.dtype in (torch.int32, torch.int64) else None}[f.dtype]
             if want is None or t.is_floating_point() != (f.dtype == "float"):
-                raise TypeError(f"state[{name!r}] must be {'floating point' if f.dtype == 'float' else 'an int'}"
-                                f" tensor, got {t.dtype}")
+                kind = "floating point" if f.dtype == "float" else "an int"
+                raise TypeError(f"state[{name!r}] must be {kind} tensor, got {t.dtype}")
             out[name] = t.to(dev, want, copy=copy)
         obj = cls.__new__(cls)
         obj._init(config, out, n_tokens, options)
@@ -176,7 +177,8 @@ class Accumulator:
         return sum(t.numel() * t.element_size() for t in self._state.values())
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(n_tokens={self.n_tokens}, tensors={sorted(self._state)}, device={self.device})"
+        return (f"{type(self).__name__}(n_tokens={self.n_tokens}, tensors={sorted(self._state)}, "
+                f"device={self.device})")
 
 
 def need(flag: str, t: Optional[Tensor]) -> Tensor:

@@ -1,4 +1,4 @@
-"""Statistics of another activation ``y`` conditioned on each feature firing (:class:`ConditionedAccumulator`).
+"""Statistics of another activation ``y`` given each feature fires (:class:`ConditionedAccumulator`).
 
 ``cond_act_sum[f] = sum_t a_f(t) y(t)`` and the counts ``#{t: f fires, y(t) > 0}`` are segmented
 reductions over the code: the ``sparse_decode`` weight gradient (:func:`sparsekern.ops.
@@ -95,7 +95,8 @@ class ConditionedAccumulator(Accumulator):
     cond_act_sum = property(lambda self: self._get("cond_act_sum"), doc="``[F, d_y]`` sum_t a_f(t) y(t)")
     cond_pos_count = property(lambda self: self._get("cond_pos_count"),
                               doc="``[F, d_y]`` int64 #{t: f fires and y(t) > 0} (None if not kept)")
-    cond_sum = property(lambda self: self._get("cond_sum"), doc="``[F, d_y]`` sum_{t: f fires} y(t) (or None)")
+    cond_sum = property(lambda self: self._get("cond_sum"),
+                        doc="``[F, d_y]`` sum_{t: f fires} y(t) (or None)")
     cond_second_moment = property(lambda self: self._state.get("cond_second_moment"),
                                   doc="``[S, d_y, d_y]`` second moments given the chosen features (or None)")
 
@@ -175,8 +176,8 @@ class ConditionedAccumulator(Accumulator):
             ypos = (y_c > 0).to(torch.float32)
             for r0 in range(0, a.shape[0], COUNT_ROWS):  # float32 sums of 0/1 are exact below 2^24
                 r = slice(r0, r0 + COUNT_ROWS)
-                accumulate(s["cond_pos_count"], sparse_decode_backward_weight(ypos[r], fire[r], local[r], n_out),
-                           feats)
+                counts = sparse_decode_backward_weight(ypos[r], fire[r], local[r], n_out)
+                accumulate(s["cond_pos_count"], counts, feats)
         if "cond_sum" in s:
             accumulate(s["cond_sum"], sparse_decode_backward_weight(y_c, fire.to(cdt), local, n_out), feats)
 

@@ -62,7 +62,8 @@ class FeatureStatsConfig:
             if d[key] is not None:
                 d[key] = tuple(d[key])
         if d["cooccurrence"] not in COOCCURRENCE_MODES:
-            raise ValueError(f"config cooccurrence must be one of {COOCCURRENCE_MODES}, got {d['cooccurrence']!r}")
+            raise ValueError(
+                f"config cooccurrence must be one of {COOCCURRENCE_MODES}, got {d['cooccurrence']!r}")
         return cls(**d)
 
     @classmethod

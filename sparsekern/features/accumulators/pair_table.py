@@ -52,7 +52,8 @@ class PairTableAccumulator(Accumulator):
     @classmethod
     def layout(cls, config: FeatureStatsConfig) -> dict[str, Field]:
         if config.cooccurrence not in ("dense", "subset"):
-            raise ValueError(f"a pair table needs cooccurrence 'dense' or 'subset', got {config.cooccurrence!r}")
+            raise ValueError(
+                f"a pair table needs cooccurrence 'dense' or 'subset', got {config.cooccurrence!r}")
         side = config.pair_side
         return {"pairs": Field((side, side), "count")}
 
