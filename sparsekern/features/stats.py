@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from ..hook_names import stop_layer
 from .accumulators import FeatureStatsConfig, PartnerCounts
-from .accumulators.pair_table import INT32_MAX  # noqa: F401  (names this module had before the split)
+from .accumulators.pair_table import INT32_MAX  # noqa: F401  (a name this module had; read there)
 from .feature_statistics import FeatureStats
 
 __all__ = ["FeatureStats", "FeatureStatsConfig", "PartnerCounts", "feature_stats", "sae_fingerprint"]

@@ -71,6 +71,7 @@ class PairTableAccumulator(Accumulator):
         # firing counts of the rows (the diagonal); a table from a state_dict is symmetric
         self._diag = self._state["pairs"].diagonal().to(torch.int64, copy=True)
         self._synced = True
+        self._reserved: Optional[Tensor] = None
 
     def _rows_of(self, counts: Tensor) -> Tensor:
         return counts if self._pos is None else counts[self.features]
@@ -79,6 +80,7 @@ class PairTableAccumulator(Accumulator):
         """Promote the table now if the batch's counts require it: OverflowError before anything of the
         batch is added anywhere (``FeatureStats.update`` calls this first)."""
         self._promote(self._rows_of(batch.counts))
+        self._reserved = batch.counts  # _update need not check this batch again (a host sync)
 
     def _promote(self, added: Tensor, force: bool = False) -> None:
         """Promote the int32 table to int64 if a count could pass 2^31 - 1 once ``added [R]`` row counts are
@@ -99,7 +101,9 @@ class PairTableAccumulator(Accumulator):
         self._state["pairs"] = t.to(torch.int64)
 
     def _update(self, batch: FiringBatch) -> None:
-        self.reserve(batch)
+        if self._reserved is not batch.counts:
+            self.reserve(batch)
+        self._reserved = None
         side = self._diag.shape[0]
         key = batch.key
         if self._pos is not None:
