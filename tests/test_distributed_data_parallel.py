@@ -546,7 +546,6 @@ def test_feature_stats_rebuilt_from_tensors_merges_like_the_original():
     import copy
 
     from sparsekern import SparseActs
-    from sparsekern.distributed.data_parallel import _stats_from_tensors
     from sparsekern.features.stats import FeatureStats
 
     g = torch.Generator().manual_seed(2)
@@ -560,10 +559,9 @@ def test_feature_stats_rebuilt_from_tensors_merges_like_the_original():
         return st
 
     a, b = part(), part()
-    meta = {"n_tokens": b.n_tokens, "memory_budget": b.memory_budget, "top_n": b._top_n}
-    rebuilt = _stats_from_tensors(b._cfg, meta, {k: v.clone() for k, v in b._state_tensors().items()})
+    rebuilt = FeatureStats.from_state_dict(b.state_dict())  # what all_gather_feature_stats does per rank
     want = copy.deepcopy(a).merge(b)
     got = copy.deepcopy(a).merge(rebuilt)
-    for k, v in want._state_tensors().items():
-        assert torch.equal(v, got._state_tensors()[k]), k
+    for k, v in want.state_dict()["tensors"].items():
+        assert torch.equal(v, got.state_dict()["tensors"][k]), k
     assert got.n_tokens == 40

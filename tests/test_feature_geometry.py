@@ -224,6 +224,8 @@ def test_encoder_decoder_neighbours_gaussian_and_reverse():
     torch.testing.assert_close(got.values, v, rtol=0, atol=1e-12)
     own = torch.nn.functional.cosine_similarity(W_enc.T, W_dec)  # SAELens's encoder_decoder_cosine_sim
     full = encoder_decoder_neighbours(W_enc, W_dec, 90, progress=False)
+    # float64 on both sides, d = 20: each is within (ceil(log2 d) + 4) eps64 ~ 2e-15 of the exact cosine
+    # (a dot and two norms over d, a division); assert_close's float64 default (rtol 1e-7) is far above
     torch.testing.assert_close(full.values[full.indices == torch.arange(90)[:, None]], own)
     rev = cosine_neighbours(W_dec, W_enc.T, 5, progress=False)  # decoder -> encoders
     v, i = ref_neighbours(W_dec, W_enc.T, 5)

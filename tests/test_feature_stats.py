@@ -11,7 +11,7 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-import sparsekern.features.stats as S
+import sparsekern.features.accumulators.pair_table as pair_table
 from sparsekern import SparseActs
 from sparsekern.features.stats import FeatureStats, feature_stats
 
@@ -227,10 +227,12 @@ def test_conditioned_paths():
         s.update(acts, y)
         sums.update(acts, y)
         seen.append((acts, y))
+        cond = s.accumulators["conditioned"]
         if i == 1:
-            assert s._pending and s.cond_act_sum is not None and not s._pending  # read -> flushed
+            # read -> flushed
+            assert cond.pending_rows and s.cond_act_sum is not None and not cond.pending_rows
         if i == 2:
-            assert not s._pending  # 100 rows x 4 slots >= 8 F: reduced at once
+            assert not cond.pending_rows  # 100 rows x 4 slots >= 8 F: reduced at once
         D = torch.cat([dense(a, F) for a, _ in seen])
         y_all = torch.cat([yy for _, yy in seen])
         Bi = (D > 0).double()
@@ -332,7 +334,7 @@ def test_sketch_with_room_for_every_partner_is_exact():
 
 # ---- overflow, save/load, errors ------------------------------------------------------------------
 def test_pair_table_promotes_before_int32_overflow(monkeypatch):
-    monkeypatch.setattr(S, "INT32_MAX", 5)
+    monkeypatch.setattr(pair_table, "INT32_MAX", 5)
     F = 4
     acts = SparseActs(torch.ones(8, 2), torch.tensor([[0, 1]] * 8))
     s = FeatureStats(F, cooccurrence=True).update(SparseActs(acts.values[:4], acts.indices[:4]))
@@ -359,8 +361,8 @@ def test_save_load_roundtrip(tmp_path, kind):
     s.save(tmp_path / "stats.safetensors")
     t = FeatureStats.load(tmp_path / "stats.safetensors")
     assert t.config == s.config and t.n_tokens == s.n_tokens
-    for name, v in s._state_tensors().items():
-        assert torch.equal(t._state_tensors()[name], v), name
+    for name, v in s.state_dict()["tensors"].items():
+        assert torch.equal(t.state_dict()["tensors"][name], v), name
     rest = SparseActs(acts.values[25:], acts.indices[25:])
     s.update(rest, y[25:])
     t.update(rest, y[25:])

@@ -18,13 +18,14 @@ Collectives go through the default process group (or ``group``); NCCL needs the 
 
 from __future__ import annotations
 
+import json
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..features.stats import FeatureStats, _Config, feature_stats
+from ..features.stats import FeatureStats, feature_stats
 from ..features.top_examples import top_activating_examples
 from ..ops.feature_topk import FeatureTopKState, feature_topk_update
 from ..sparse_acts import SparseActs
@@ -206,24 +207,6 @@ def distributed_top_activating_examples(
 
 
 # ---- feature statistics ----------------------------------------------------------------------------
-def _stats_from_tensors(cfg: _Config, meta: dict, tensors: dict[str, Tensor]) -> FeatureStats:
-    """A FeatureStats holding ``tensors`` (``_state_tensors`` keys), built as ``FeatureStats.load`` does."""
-    from ..features._pairs import Sketch
-
-    obj = FeatureStats.__new__(FeatureStats)
-    obj._setup(cfg, meta["memory_budget"], meta["top_n"])
-    obj._alloc_meta(next(iter(tensors.values())).device)
-    for name in FeatureStats._TENSORS:
-        if getattr(obj, name) is not None:
-            setattr(obj, name, tensors[name.lstrip("_")])
-    if obj._sketch is not None:
-        obj._sketch = Sketch(*(tensors[f"sketch_{f}"] for f in Sketch._fields))
-    obj.n_tokens = meta["n_tokens"]
-    obj._pairs_synced = False  # the lower triangle of a gathered table may be stale: mirror on read
-    obj._bound = True
-    return obj
-
-
 @torch.no_grad()
 def all_gather_feature_stats(stats: FeatureStats, group: Optional[Any] = None) -> FeatureStats:
     """Gather every rank's :class:`FeatureStats` and merge them in rank order into a new state.
@@ -231,29 +214,35 @@ def all_gather_feature_stats(stats: FeatureStats, group: Optional[Any] = None) -
     Every rank gets the same result. Integer statistics are exact; float64 sums equal the single-process
     stream's up to the order of the additions (see the module docstring). Raises ValueError if the ranks'
     configurations differ (different SAE, hooks or options).
+
+    Through the public state only: each rank's :meth:`FeatureStats.state_dict` travels as JSON (config,
+    counts, the tensors' layout) plus one all-gather per tensor, and each part is rebuilt with
+    :meth:`FeatureStats.from_state_dict` and merged.
     """
     if not isinstance(stats, FeatureStats):
         raise TypeError(f"stats must be a FeatureStats, got {type(stats).__name__}")
-    local = stats._state_tensors()
-    meta = {
-        "config": stats._cfg.to_json(), "n_tokens": stats.n_tokens, "memory_budget": stats.memory_budget,
-        "top_n": stats._top_n,
-        "layout": {k: (tuple(v.shape), str(v.dtype)) for k, v in sorted(local.items())},
-    }
+    rank, _ = rank_and_world(group)
+    meta = stats.state_dict()
+    local = meta.pop("tensors")
+    meta["layout"] = {k: (list(v.shape), str(v.dtype)) for k, v in sorted(local.items())}
     metas = gather_objects(meta, "FeatureStats layout", group)
+    mine = metas[rank]  # this rank's metadata after the JSON round trip, like everyone else's
     for r, m in enumerate(metas):
-        if m["config"] != meta["config"]:
+        if m["config"] != mine["config"]:
+            theirs, ours = (json.dumps(c, sort_keys=True) for c in (m["config"], mine["config"]))
             raise ValueError(
-                f"rank {r}'s FeatureStats configuration differs from this rank's:\n  {m['config']}\n  "
-                f"{meta['config']}\n(same SAE, hooks and FeatureStats options on every rank)"
+                f"rank {r}'s FeatureStats configuration differs from this rank's:\n  {theirs}\n  {ours}\n"
+                "(same SAE, hooks and FeatureStats options on every rank)"
             )
     # a pair table promoted to int64 on one rank travels as int64 from all
     wide = {k for m in metas for k, (_, dt) in m["layout"].items() if dt == "torch.int64"}
     gathered = {k: _all_gather(v.to(torch.int64) if k in wide else v, f"FeatureStats.{k}", group)
                 for k, v in sorted(local.items())}
-    cfg = _Config.from_json(meta["config"])
-    parts = [_stats_from_tensors(cfg, metas[r], {k: g[r] for k, g in gathered.items()})
-             for r in range(len(metas))]
+    parts = []
+    for r, m in enumerate(metas):
+        state = {k: v for k, v in m.items() if k != "layout"}
+        state["tensors"] = {k: g[r] for k, g in gathered.items()}
+        parts.append(FeatureStats.from_state_dict(state, copy=False))  # freshly gathered: no copy needed
     out = parts[0]
     for p in parts[1:]:
         out.merge(p)

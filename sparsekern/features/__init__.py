@@ -5,7 +5,9 @@
   quantiles, co-occurrence, statistics of another activation conditioned on each feature);
 - ``geometry``: :func:`decoder_neighbours`, :func:`encoder_decoder_neighbours`,
   :func:`cosine_neighbours`, :func:`feature_logits` (top-k without a ``d_sae x d_sae`` matrix);
-- ``metrics``: :func:`reconstruction_metrics` (SAELens's eval metrics in one pass).
+- ``accumulators``: the mergeable parts of ``FeatureStats`` (moments, co-occurrence, conditioned);
+- ``metrics``: :func:`reconstruction_metrics` (SAELens's eval metrics in one pass) and
+  :func:`reconstruction_sums` / :class:`ReconstructionSums` (its mergeable sums: merge, all-reduce, finish).
 
 Feature ablation sweeps live with the patching engine: ``sparsekern.patching.feature_ablation``.
 """
@@ -18,12 +20,13 @@ from .geometry import (
     encoder_decoder_neighbours,
     feature_logits,
 )
-from .metrics import ReconstructionMetrics, reconstruction_metrics
-from .stats import FeatureStats, PartnerCounts, feature_stats, sae_fingerprint
+from .metrics import ReconstructionMetrics, ReconstructionSums, reconstruction_metrics, reconstruction_sums
+from .stats import FeatureStats, FeatureStatsConfig, PartnerCounts, feature_stats, sae_fingerprint
 from .top_examples import top_activating_examples
 
 __all__ = [
-    "FeatureLogits", "FeatureStats", "Neighbours", "PartnerCounts", "ReconstructionMetrics",
-    "cosine_neighbours", "decoder_neighbours", "encoder_decoder_neighbours", "feature_logits",
-    "feature_stats", "reconstruction_metrics", "sae_fingerprint", "top_activating_examples",
+    "FeatureLogits", "FeatureStats", "FeatureStatsConfig", "Neighbours", "PartnerCounts",
+    "ReconstructionMetrics", "ReconstructionSums", "cosine_neighbours", "decoder_neighbours",
+    "encoder_decoder_neighbours", "feature_logits", "feature_stats", "reconstruction_metrics",
+    "reconstruction_sums", "sae_fingerprint", "top_activating_examples",
 ]

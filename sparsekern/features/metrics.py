@@ -41,134 +41,25 @@ CE/KL two more forwards. Those two start from the cached residual stream at the 
 (``start_at_layer``), so the layers before the hook are not recomputed, and the splice writes the
 reconstruction already computed from the clean activations (the activation reaching the hook is the
 clean one, so this equals running the SAE at the hook).
+
+Mergeable: :func:`reconstruction_sums` is the same pass returning its float64
+:class:`~sparsekern.features.reconstruction.ReconstructionSums` (``merge``, ``all_reduce``, ``state_dict``,
+``finish``); the metrics of several streams are ``finish()`` of their merged sums.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
-from dataclasses import dataclass, fields
-from typing import Any, Iterable, NamedTuple, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..hook_names import layer_of
+from .reconstruction import ReconstructionMetrics, ReconstructionSums
 
-__all__ = ["ReconstructionMetrics", "reconstruction_metrics"]
-
-
-@dataclass
-class ReconstructionMetrics:
-    """Result of :func:`reconstruction_metrics` (definitions in the module docstring).
-
-    Scalars are Python floats; the CE/KL fields are None when ``compute_downstream=False``.
-    ``feature_density`` is ``[d_sae]`` float64; ``dead_features`` / ``dense_features`` are int64 feature
-    ids (ascending). ``n_tokens`` counts the tokens the metrics cover (ignored tokens excluded).
-    """
-
-    n_tokens: int
-    n_sequences: int
-    explained_variance: float
-    explained_variance_legacy: float
-    mse: float
-    cossim: float
-    l2_norm_in: float
-    l2_norm_out: float
-    l2_ratio: float
-    relative_reconstruction_bias: float
-    l0: float
-    l1: float
-    feature_density: Tensor
-    dead_features: Tensor
-    dense_features: Tensor
-    dense_threshold: float
-    ce_loss_without_sae: Optional[float] = None
-    ce_loss_with_sae: Optional[float] = None
-    ce_loss_with_ablation: Optional[float] = None
-    ce_loss_score: Optional[float] = None
-    kl_div_with_sae: Optional[float] = None
-    kl_div_with_ablation: Optional[float] = None
-    kl_div_score: Optional[float] = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """Scalars only (plus ``n_dead_features`` / ``n_dense_features``), e.g. for logging."""
-        out = {f.name: getattr(self, f.name) for f in fields(self)}
-        out = {k: v for k, v in out.items() if not isinstance(v, Tensor)}
-        out["n_dead_features"] = int(self.dead_features.numel())
-        out["n_dense_features"] = int(self.dense_features.numel())
-        return out
-
-
-# ---- streaming accumulators ------------------------------------------------------------------------
-_SUMS = ("sq_c", "res", "legacy", "cos", "norm_in", "norm_out", "ratio", "sq_out", "dot", "l0", "l1")
-
-
-class _Recon:
-    """Float64 sums over tokens of the reconstruction metrics (x, x_hat: ``[rows, d]``), kept on the
-    activations' device: no host sync per batch."""
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.shift: Optional[Tensor] = None  # first batch's mean: E||x-c||^2 - ||E[x-c]||^2 cancels less
-        self.sum_xc: Optional[Tensor] = None
-        self.sums: Optional[Tensor] = None  # [len(_SUMS)]
-
-    def add(self, x: Tensor, xh: Tensor, code_values: Tensor) -> None:
-        if x.shape[0] == 0:
-            return
-        x, xh = x.double(), xh.double()
-        if self.shift is None:
-            self.shift = x.mean(0)
-            self.sum_xc = torch.zeros_like(self.shift)
-            self.sums = x.new_zeros(len(_SUMS))
-        xc = x - self.shift
-        res = (x - xh).pow(2).sum(-1)
-        dot = (x * xh).sum(-1)
-        norm_in, norm_out = x.norm(dim=-1), xh.norm(dim=-1)
-        self.sum_xc += xc.sum(0)
-        self.sums += torch.stack((
-            xc.pow(2).sum(),
-            res.sum(),
-            (1 - res / (x - x.mean(0)).pow(2).sum(-1)).sum(),  # legacy: this batch's mean
-            (dot / (norm_in * norm_out)).sum(),
-            norm_in.sum(),
-            norm_out.sum(),
-            (norm_out / torch.where(norm_in.abs() < 1e-4, 1.0, norm_in)).sum(),
-            norm_out.pow(2).sum(),
-            dot.sum(),
-            # != 0, not > 0: TopK slots clamped to 0 and threshold padding are not active (as SAELens)
-            (code_values != 0).sum().to(x.device, torch.float64),
-            code_values.double().abs().sum().to(x.device),
-        ))
-        self.n += x.shape[0]
-
-    def result(self) -> dict[str, float]:
-        n, s = self.n, dict(zip(_SUMS, self.sums.tolist(), strict=True))
-        mse = s["res"] / n
-        mean_c = self.sum_xc / n
-        total_var = s["sq_c"] / n - mean_c.pow(2).sum().item()
-        if total_var < 1e-10:  # SAELens's convention for constant activations
-            ev = 1.0 if mse < 1e-10 else 0.0
-        else:
-            ev = 1.0 - mse / total_var
-        return {
-            "explained_variance": ev,
-            "explained_variance_legacy": s["legacy"] / n,
-            "mse": mse,
-            "cossim": s["cos"] / n,
-            "l2_norm_in": s["norm_in"] / n,
-            "l2_norm_out": s["norm_out"] / n,
-            "l2_ratio": s["ratio"] / n,
-            "relative_reconstruction_bias": _ratio(s["sq_out"], s["dot"]),
-            "l0": s["l0"] / n,
-            "l1": s["l1"] / n,
-        }
-
-
-def _ratio(a: float, b: float) -> float:
-    return a / b if b != 0 else math.nan
+__all__ = ["ReconstructionMetrics", "ReconstructionSums", "reconstruction_metrics", "reconstruction_sums"]
 
 
 def _kl(clean_logits: Tensor, new_logits: Tensor) -> Tensor:
@@ -250,42 +141,31 @@ def reconstruction_metrics(
 
     Returns :class:`ReconstructionMetrics`.
     """
-    return _finish(_reconstruction_sums(
+    return reconstruction_sums(
         model, sae, tokens_batches, hook_name=hook_name, hook_name_out=hook_name_out,
         compute_downstream=compute_downstream, ignore_tokens=ignore_tokens, dense_threshold=dense_threshold,
         skip_early_layers=skip_early_layers, progress=progress, total=total,
-    ))
-
-
-class _Sums(NamedTuple):
-    """What :func:`_reconstruction_sums` accumulated (data parallel: summed over ranks before
-    :func:`_finish`). recon: the reconstruction sums; counts ``[d_sae]`` int64 firing counts; ce: CE / KL
-    sums and counts (floats or 0-d tensors); n_seq: sequences seen."""
-
-    recon: "_Recon"
-    counts: Tensor
-    ce: dict
-    n_seq: int
-    dense_threshold: float
-    compute_downstream: bool
+    ).finish()
 
 
 @torch.no_grad()
-def _reconstruction_sums(
+def reconstruction_sums(
     model: Any,
     sae: Any,
     tokens_batches: Iterable[Tensor],
     *,
-    hook_name: Optional[str],
-    hook_name_out: Optional[str],
-    compute_downstream: bool,
-    ignore_tokens: Optional[Sequence[int]],
-    dense_threshold: float,
-    skip_early_layers: bool,
-    progress: bool,
-    total: Optional[int],
-) -> _Sums:
-    """The pass of :func:`reconstruction_metrics` (same arguments): sums only, no result yet."""
+    hook_name: Optional[str] = None,
+    hook_name_out: Optional[str] = None,
+    compute_downstream: bool = True,
+    ignore_tokens: Optional[Sequence[int]] = None,
+    dense_threshold: float = 0.1,
+    skip_early_layers: bool = True,
+    progress: bool = True,
+    total: Optional[int] = None,
+) -> ReconstructionSums:
+    """The pass of :func:`reconstruction_metrics` (same arguments), returning its mergeable
+    :class:`ReconstructionSums` (``.finish()`` gives the metrics): sums of several token streams (other
+    batches, other processes) combine with ``merge`` / ``all_reduce`` before ``finish``."""
     from ..hooked_sae_transformer import as_sparsekern_sae  # imports transformer_lens: keep it lazy
 
     sae = as_sparsekern_sae(sae)
@@ -297,10 +177,8 @@ def _reconstruction_sums(
         raise ValueError("hook_name is required: the SAE's metadata names no hook_name")
     hook_out = hook_name_out or (meta.get("hook_name_out") if sae._is_transcoder else None) or hook_in
     _check_hooks(model, [("hook_name", hook_in), ("hook_name_out", hook_out)])
-    if isinstance(dense_threshold, bool) or not isinstance(dense_threshold, numbers.Real) or not (
-        0 <= dense_threshold <= 1
-    ):
-        raise ValueError(f"dense_threshold must be a fraction in [0, 1], got {dense_threshold!r}")
+    sums = ReconstructionSums(sae.cfg.d_sae, math.prod(sae.W_dec.shape[1:]), dense_threshold=dense_threshold,
+                              compute_downstream=compute_downstream, device=sae.W_dec.device)
     ignore = None
     if ignore_tokens is not None:
         ignore = torch.as_tensor(list(ignore_tokens), dtype=torch.int64)
@@ -322,13 +200,7 @@ def _reconstruction_sums(
         layers = [layer_of(h, n_layers) for h in (hook_in, hook_out)]
         stop = None if any(x is None or x >= n_layers for x in layers) else max(layers) + 1
 
-    d_sae = sae.cfg.d_sae
     sae_device = sae.W_dec.device
-    counts = torch.zeros(d_sae, dtype=torch.int64, device=sae_device)
-    recon = _Recon()
-    # CE / KL sums and counts: 0-d float64 tensors after the first batch (summed on device, no sync)
-    ce: dict[str, Any] = dict.fromkeys(("clean", "sae", "zero", "kl_sae", "kl_zero", "n_ce", "n_kl"), 0.0)
-    n_seq = 0
     if total is None and hasattr(tokens_batches, "__len__"):
         total = len(tokens_batches)  # type: ignore[arg-type]
     for tokens in tqdm(tokens_batches, total=total, disable=not progress, desc="reconstruction metrics"):
@@ -336,7 +208,7 @@ def _reconstruction_sums(
             got = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
             raise ValueError(f"tokens_batches must yield int token tensors [batch, pos], got {got}")
         tokens = tokens.to(model.cfg.device)
-        n_seq += tokens.shape[0]
+        sums.add_sequences(tokens.shape[0])
         keep = None if ignore is None else ~torch.isin(tokens, ignore.to(tokens.device))  # [batch, pos]
 
         if compute_downstream:
@@ -363,8 +235,7 @@ def _reconstruction_sums(
         idx = _flat(code.indices)
         if rows is not None:
             x_rows, xh_rows, vals, idx = x_rows[rows], xh_rows[rows], vals[rows], idx[rows]
-        recon.add(x_rows, xh_rows, vals)
-        counts += torch.bincount(idx[vals != 0], minlength=d_sae)
+        sums.add_reconstruction(x_rows, xh_rows, vals, idx)
 
         if not compute_downstream:
             continue
@@ -390,51 +261,11 @@ def _reconstruction_sums(
             if shortformer:
                 kw["shortformer_pos_embed"] = cache["hook_pos_embed"]
         del cache
-        ce_keep = None if keep is None else keep[:, :-1]  # the loss at t is that of predicting t+1 from t
+        runs = {}
         for name, fn in (("sae", replace), ("zero", zero)):
             logits, loss = model.run_with_hooks(run_in, fwd_hooks=[(hook_out, fn)], **kw)
-            kl = _kl(clean_logits, logits)
-            ce[name] += _masked_sum(loss, ce_keep)
-            ce["kl_" + name] += _masked_sum(kl, keep)
+            runs[name] = (loss, _kl(clean_logits, logits))
             del logits
-        ce["clean"] += _masked_sum(clean_ce, ce_keep)
-        ce["n_ce"] += clean_ce.numel() if ce_keep is None else ce_keep.sum()
-        ce["n_kl"] += clean_logits.shape[0] * clean_logits.shape[1] if keep is None else keep.sum()
+        sums.add_downstream(clean_ce, runs["sae"][0], runs["zero"][0], runs["sae"][1], runs["zero"][1], keep)
 
-    return _Sums(recon, counts, ce, n_seq, float(dense_threshold), bool(compute_downstream))
-
-
-def _finish(sums: _Sums) -> ReconstructionMetrics:
-    """:class:`ReconstructionMetrics` from the accumulated sums."""
-    recon, counts, ce, n_seq = sums.recon, sums.counts, sums.ce, sums.n_seq
-    dense_threshold, compute_downstream = sums.dense_threshold, sums.compute_downstream
-    if recon.n == 0:
-        raise ValueError("no tokens to evaluate: tokens_batches was empty or every token is in ignore_tokens")
-    density = counts.double().cpu() / recon.n
-    out = ReconstructionMetrics(
-        n_tokens=recon.n,
-        n_sequences=n_seq,
-        **recon.result(),
-        feature_density=density,
-        dead_features=(counts == 0).nonzero().flatten().cpu(),
-        dense_features=(density > dense_threshold).nonzero().flatten(),
-        dense_threshold=float(dense_threshold),
-    )
-    if compute_downstream:
-        s = {k: float(v) for k, v in ce.items()}  # one sync per value, once
-        # sequences of one token have no next-token loss: CE is NaN if no batch had any
-        c = {k: _ratio(s[k], s["n_ce"]) for k in ("clean", "sae", "zero")}
-        kl_sae, kl_zero = _ratio(s["kl_sae"], s["n_kl"]), _ratio(s["kl_zero"], s["n_kl"])
-        out.ce_loss_without_sae, out.ce_loss_with_sae = c["clean"], c["sae"]
-        out.ce_loss_with_ablation = c["zero"]
-        out.ce_loss_score = _ratio(c["zero"] - c["sae"], c["zero"] - c["clean"])
-        out.kl_div_with_sae, out.kl_div_with_ablation = kl_sae, kl_zero
-        out.kl_div_score = _ratio(kl_zero - kl_sae, kl_zero)
-    return out
-
-
-def _masked_sum(t: Tensor, keep: Optional[Tensor]) -> Tensor:
-    """Float64 sum of ``t`` where ``keep`` (all of it if None), as a 0-d tensor."""
-    t = t.double()
-    return t.sum() if keep is None else torch.where(keep.to(t.device), t, 0).sum()
-
+    return sums

@@ -4,7 +4,7 @@ from ..sparse_acts import SparseActs
 from .dense_encode import dense_encode
 from .feature_topk import FeatureTopKState, feature_topk_update
 from .gram_topk import gram_topk
-from .sparse_decode import sparse_decode
+from .sparse_decode import sparse_decode, sparse_decode_backward_weight
 from .threshold_encode import threshold_encode
 from .topk_encode import topk_encode
 
@@ -15,6 +15,7 @@ __all__ = [
     "feature_topk_update",
     "gram_topk",
     "sparse_decode",
+    "sparse_decode_backward_weight",
     "threshold_encode",
     "topk_encode",
 ]

@@ -2,7 +2,8 @@
 
 Custom ops: ``sparsekern::sparse_decode`` and its two backward ops, each dispatched to the
 best registered backend. Backward never builds an ``N*k*d`` buffer and uses no atomics:
-``dW_dec`` is a per-feature segmented reduction.
+``dW_dec`` is a per-feature segmented reduction, public as :func:`sparse_decode_backward_weight`
+(``FeatureStats`` uses it for its conditioned sums).
 """
 
 import math
@@ -178,3 +179,40 @@ def sparse_decode(
     n = math.prod(lead)
     out = _sparse_decode(values.reshape(n, k), indices.reshape(n, k), W_dec, b_dec)
     return out.reshape(*lead, d_out)
+
+
+def sparse_decode_backward_weight(
+    grad_out: Float[Tensor, "n d_out"],
+    values: Float[Tensor, "n k"],
+    indices: Int[Tensor, "n k"],
+    d_sae: int,
+) -> Float[Tensor, "d_sae d_out"]:
+    """The weight gradient of :func:`sparse_decode`, a per-feature segmented reduction:
+    ``out[f] = sum over (n, j) with indices[n, j] == f of values[n, j] * grad_out[n]``.
+
+    Equals ``dense(values, indices).T @ grad_out`` (duplicate indices in a row add up) without building
+    the dense ``[n, d_sae]`` code, with no atomics (the ``sparsekern::sparse_decode_backward_weight``
+    custom op, on the best registered backend).
+
+    Args:
+        grad_out: ``[n, d_out]`` float rows (the gradient of the decoder output, or any ``y`` to sum).
+        values:   ``[n, k]`` float weights of the slots (any float dtype; taken at the accumulation
+            precision of ``grad_out``).
+        indices:  ``[n, k]`` int64 (or int32) feature ids in ``[0, d_sae)``, on the device of ``grad_out``.
+        d_sae:    number of output rows (features), an int ``>= 0``.
+
+    Returns ``[d_sae, d_out]`` in ``grad_out.dtype`` (bf16/fp16 accumulate in fp32); rows of features that
+    no slot names are 0.
+    """
+    V.tensor("grad_out", grad_out, dim=2)
+    V.floating("grad_out", grad_out)
+    V.tensor("values", values, dim=2)
+    V.floating("values", values)
+    V.same_device("values", values, "grad_out", grad_out)
+    if values.shape[0] != grad_out.shape[0]:
+        raise ValueError(f"values [n, k]={tuple(values.shape)} and grad_out [n, d_out]="
+                         f"{tuple(grad_out.shape)} must have the same number of rows n")
+    d_sae = V.int_arg("d_sae", d_sae, 0, 2**62)
+    indices = V.indices("indices", indices, values.shape, d_sae, values.device)
+    V.index_range("indices", indices, d_sae)
+    return _backward_weight(grad_out, values, indices, d_sae)
