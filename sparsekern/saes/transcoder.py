@@ -10,13 +10,16 @@ call ``hook_sae_output``, and decode skips the run-time de-normalisation.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 from jaxtyping import Float
 from torch import Tensor
-from .jumprelu import _JumpReLU
-from .sae import SAE, SAEConfig
-from .topk import _TopK
+
+from .config import SAEConfig
+from .jumprelu import JumpReLUMixin
+from .normalize import NormState
+from .sae import SAE
+from .topk import TopKMixin
 
 
 @dataclass
@@ -107,7 +110,7 @@ class Transcoder(SAE):
         """Output dimension."""
         return self.cfg.d_out
 
-    def _finish_decode(self, recon: Tensor, norm: Any, hooks: bool) -> tuple[Tensor, bool]:
+    def _finish_decode(self, recon: Tensor, norm: NormState, hooks: bool) -> tuple[Tensor, bool]:
         # SAELens: hook_sae_recons only (no de-normalisation, no hook_z reshape: d_out differs)
         return self._hook("hook_sae_recons", recon, hooks)
 
@@ -148,7 +151,7 @@ class SkipTranscoder(Transcoder):
         return x.to(self.dtype) @ self.W_skip.T
 
 
-class JumpReLUTranscoder(_JumpReLU, Transcoder):
+class JumpReLUTranscoder(JumpReLUMixin, Transcoder):
     """JumpReLU transcoder (Gemma Scope / circuit-tracer)."""
 
     cfg: JumpReLUTranscoderConfig
@@ -163,7 +166,7 @@ class JumpReLUSkipTranscoder(JumpReLUTranscoder, SkipTranscoder):
     cfg: JumpReLUSkipTranscoderConfig
 
 
-class TopKTranscoder(_TopK, Transcoder):
+class TopKTranscoder(TopKMixin, Transcoder):
     """Top-k transcoder (sparsekern addition; sparsify / circuit-tracer)."""
 
     cfg: TopKTranscoderConfig
