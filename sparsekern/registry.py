@@ -15,7 +15,8 @@ import importlib
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
-    from .saes.sae import SAE, SAEConfig
+    from .saes.config import SAEConfig
+    from .saes.sae import SAE
 
 _REGISTRY: dict[str, tuple[type["SAE"], type["SAEConfig"]]] = {}
 

@@ -85,6 +85,9 @@ class SAEPipeline(RunTimeNormalization, HookedRootModule):
 
     cfg: SAEConfig
     _is_transcoder: ClassVar[bool] = False
+    # SAELens: an SAE's decode undoes the run-time normalisation and drops its statistics; a transcoder's
+    # decode (d_out != d_in) does neither, so they stay readable after its forward
+    _decode_undoes_norm: ClassVar[bool] = True
     HOOK_NAMES: ClassVar[tuple[str, ...]] = (
         "hook_sae_input",
         "hook_sae_acts_pre",
@@ -387,7 +390,9 @@ class SAEPipeline(RunTimeNormalization, HookedRootModule):
 
         Then ``hook_sae_recons``, run-time de-normalisation and hook_z reshaping, as SAELens.
         """
-        norm, self._norm_state = self._norm_state, None
+        norm = self._norm_state
+        if self._decode_undoes_norm:
+            self._norm_state = None
         return self._finish_decode(self._decode_raw(feature_acts), norm, True)[0]
 
     def forward(self, x: Float[Tensor, "*batch d_in"]) -> Float[Tensor, "*batch d_in"]:
@@ -419,6 +424,7 @@ class SAEPipeline(RunTimeNormalization, HookedRootModule):
         differently).
         """
         c = self._encode(x)
+        self._norm_state = None if self._decode_undoes_norm else c.norm  # where SAELens's forward leaves it
         recon = self._decode_raw(c.acts)
         v = _version(recon)
         out, recons_edited = self._finish_decode(recon, c.norm, True)

@@ -100,6 +100,7 @@ class Transcoder(SAE):
 
     cfg: TranscoderConfig
     _is_transcoder = True
+    _decode_undoes_norm = False
 
     @property
     def _d_out(self) -> int:
@@ -122,6 +123,7 @@ class Transcoder(SAE):
     ) -> tuple[Float[Tensor, "*batch d_out"], Float[Tensor, "*batch d_sae"]]:
         """``(output [..., d_out], dense feature activations [..., d_sae])``."""
         c = self._encode(x)
+        self._norm_state = c.norm  # kept, as SAELens's encode keeps them (its decode does not undo them)
         out = self._finish_decode(self._decode_raw(c.acts), c.norm, True)[0]
         skip = self._skip(x)
         dense = (
@@ -134,6 +136,7 @@ class Transcoder(SAE):
     def forward(self, x: Float[Tensor, "*batch d_in"]) -> Float[Tensor, "*batch d_out"]:
         """Output ``[..., d_out]`` (no error term / ``hook_sae_output``, as SAELens transcoders)."""
         c = self._encode(x)
+        self._norm_state = c.norm  # kept, as SAELens's encode keeps them (its decode does not undo them)
         out = self._finish_decode(self._decode_raw(c.acts), c.norm, True)[0]
         skip = self._skip(x)
         return out if skip is None else out + skip
