@@ -341,7 +341,7 @@ class ShardedSAE(SAE):
         # forward / HookedSAETransformer: if nothing looks at the code (no hook on acts_post, no sparse
         # capture), a threshold code stays local (global indices, this rank's features only): the
         # encode then needs no communication at all, the decode's all-reduce sums the ranks' parts
-        self._decode_only = not has_hooks(self.hook_sae_acts_post) and self._sparse_sink is None
+        self._decode_only = not has_hooks(self.hook_sae_acts_post) and self.sparse_sink is None
         try:
             return super()._reconstruct(x, *args, **kwargs)
         finally:

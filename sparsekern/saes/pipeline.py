@@ -290,6 +290,23 @@ class SAEPipeline(RunTimeNormalization, HookedRootModule):
         return _Code(acts, dense, None if edited else code, post_edited, norm)
 
     # ---- sparse activation capture (HookedSAETransformer.run_with_cache_with_saes(sparse=True)) ----
+    @property
+    def sparse_sink(self) -> Optional[Callable[[str, SparseActs], None]]:
+        """Receiver of the code as :class:`SparseActs` on each hooked encode, or None (the default).
+
+        When set, every encode with hooks calls ``sink("hook_sae_acts_post", code)`` and
+        ``sink("hook_sae_acts_pre", pre)`` (``[..., k]``; pre-activations at the code's features only),
+        without building any ``[..., d_sae]`` tensor. ``HookedSAETransformer`` sets it for
+        ``run_with_cache_with_saes(sparse=True)`` and resets it to None afterwards.
+        """
+        return self.__dict__.get("_sparse_sink")
+
+    @sparse_sink.setter
+    def sparse_sink(self, sink: Optional[Callable[[str, SparseActs], None]]) -> None:
+        if sink is not None and not callable(sink):
+            raise TypeError(f"sparse_sink must be callable (name, SparseActs) -> None or None, got {sink!r}")
+        self._sparse_sink = sink
+
     def _emit_sparse(
         self, sink: Callable[[str, SparseActs], None], acts: Union[Tensor, SparseActs],
         pre: Optional[Tensor], sae_in: Tensor, b_in: Optional[Tensor],
@@ -404,6 +421,22 @@ class SAEPipeline(RunTimeNormalization, HookedRootModule):
         """
         out = self._reconstruct(x, x if self.use_error_term else None, self.hook_sae_error)
         return self._hook("hook_sae_output", out, True)[0]
+
+    def reconstruct(
+        self,
+        x: Float[Tensor, "*batch d_in"],
+        error_target: Optional[Float[Tensor, "*batch d_out"]] = None,
+        error_hook: Optional[Callable[[Tensor], Tensor]] = None,
+        error_mask: Optional[Tensor] = None,
+    ) -> Float[Tensor, "*batch d_out"]:
+        """``decode(encode(x))`` with every hook, plus ``error_hook(error_target - clean reconstruction)``
+        when ``error_target`` is given (``error_mask``, broadcast over the last dim: no error where true).
+
+        What ``forward`` (``error_target=x``) and ``HookedSAETransformer`` (the activation at the output
+        hook) run; without hook edits the result is ``error_target`` up to one rounding. No
+        ``hook_sae_output`` and no transcoder skip connection.
+        """
+        return self._reconstruct(x, error_target, error_hook, error_mask)
 
     def _reconstruct(
         self,
