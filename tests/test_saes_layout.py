@@ -44,6 +44,14 @@ def test_loading_never_imports_the_sae_family(path):
     assert not bad, f"{path.name} imports {bad}"
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "loading").glob("*.py")), ids=lambda p: p.name)
+def test_loading_never_needs_the_registry(path):
+    # readers return data: the class name in an error or a config's fields come in as arguments
+    mods = _imported_modules(path)
+    bad = sorted(m for m in mods if m.startswith(("sparsekern.registry", "sparsekern._registry")))
+    assert not bad, f"{path.name} imports {bad}"
+
+
 @pytest.mark.parametrize("leaf", ["_registry.py", "_constants.py"])
 def test_leaves_import_nothing_of_the_sae_family(leaf):
     src = (ROOT / leaf).read_text()
