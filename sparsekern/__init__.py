@@ -33,6 +33,20 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'sparsekern' has no attribute {name!r}")
 
 
+def _load_shard(path, device="cpu", dtype=None, *, group=None, fold_W_dec_norm=False):
+    """``SAE.load_from_disk(path, shard=True)``'s loader (the extension point is
+    :func:`sparsekern.registry.register_shard_loader`): the SAE family sits below ``distributed`` and never
+    imports it, so the root wires it in, importing ``sparsekern.distributed`` only when first called."""
+    from .distributed import ShardedSAE
+
+    return ShardedSAE.load_from_disk(path, device, dtype, group=group, fold_W_dec_norm=fold_W_dec_norm)
+
+
+from . import registry as _registry  # noqa: E402  (a leaf: imports no SAE class)
+
+_registry.register_shard_loader(_load_shard, replace=True)  # the default; a plug-in may replace it
+
+
 # import the native extension now so a missing build is reported once, at import
 from .backends import native as _native  # noqa: E402
 

@@ -136,9 +136,7 @@ class SAEWrapper(nn.Module):
         mask = self.token_mask
         if mask is not None:
             mask = mask.reshape(*mask.shape, *([1] * (act.dim() - mask.dim())))
-        out = self.sae._reconstruct(
-            x, act if self.use_error_term else None, self.hook_sae_error, mask
-        )
+        out = self.sae.reconstruct(x, act if self.use_error_term else None, self.hook_sae_error, mask)
         if mask is not None:
             out = torch.where(mask, act, out)
         return self.hook_sae_output(out)
@@ -331,7 +329,7 @@ class HookedSAETransformer(HookedTransformer):
             sparse_names.update(names.values())
             names = {h: n for h, n in names.items() if wanted(n)}
             if names:
-                w.sae._sparse_sink = _sink(captured, names)
+                w.sae.sparse_sink = _sink(captured, names)
                 sinks.append(w.sae)
         try:
             out, cache = self.run_with_cache(
@@ -339,7 +337,7 @@ class HookedSAETransformer(HookedTransformer):
                 names_filter=lambda n: wanted(n) and n not in sparse_names, **kwargs)
         finally:
             for sae in sinks:
-                sae._sparse_sink = None
+                sae.sparse_sink = None
         if remove_batch_dim:
             captured = {k: SparseActs(v.values[0], v.indices[0]) for k, v in captured.items()}
         merged = _in_run_order(dict(cache), captured)

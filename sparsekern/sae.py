@@ -12,23 +12,22 @@ from .constants import (  # noqa: F401
 )
 from .constants import sae_lens_version as _sae_lens_version  # noqa: F401
 from .registry import _REGISTRY, get_sae_class, register_sae_class  # noqa: F401
+from .saes.config import SPARSEKERN_ONLY_FIELDS as _SPARSEKERN_ONLY_FIELDS  # noqa: F401
+from .saes.config import SAEConfig, SAEMetadata  # noqa: F401
 from .saes.gated import GatedSAE, GatedSAEConfig  # noqa: F401
-from .saes.jumprelu import JumpReLUSAE, JumpReLUSAEConfig, _JumpReLU  # noqa: F401
-from .saes.sae import (  # noqa: F401
-    _SPARSEKERN_ONLY_FIELDS,
-    SAE,
-    SAEConfig,
-    SAEMetadata,
-    T,
-    _check_cls,
+from .saes.io import check_class as _check_cls  # noqa: F401
+from .saes.jumprelu import JumpReLUMixin as _JumpReLU  # noqa: F401
+from .saes.jumprelu import JumpReLUSAE, JumpReLUSAEConfig  # noqa: F401
+from .saes.pipeline import (  # noqa: F401
     _Code,
-    _has_hooks,
     _identity,
     _identity_out,
     _unflatten_heads,
     _version,
-    dense_to_sparse,
 )
+from .saes.pipeline import has_hooks as _has_hooks  # noqa: F401
+from .saes.sae import SAE, T  # noqa: F401
 from .saes.standard import StandardSAE, StandardSAEConfig  # noqa: F401
-from .saes.topk import TopKSAE, TopKSAEConfig, _TopK  # noqa: F401
-from .sparse_acts import SparseActs  # noqa: F401
+from .saes.topk import TopKMixin as _TopK  # noqa: F401
+from .saes.topk import TopKSAE, TopKSAEConfig  # noqa: F401
+from .sparse_acts import SparseActs, dense_to_sparse  # noqa: F401

@@ -47,6 +47,8 @@ ALIASES = {"_backend": "backends", "_constants": "constants", "_registry": "regi
 SHIMS: dict[str, str] = {
     "sae.py": "sparsekern.sae re-exports every name the module had before saes/ (tests/test_saes_layout.py)",
     "transcoder.py": "sparsekern.transcoder likewise",
+    "loading/deprecated.py": "sparsekern.loading(.formats).load_* built SAEs before saes/; now deprecated "
+    "aliases of the SAE classmethods, reached through the package root (tests/test_saes_layout.py)",
 }
 
 

@@ -36,6 +36,10 @@ ARCHS = [
     ("topk_no_b_dec_in", sl.TopKSAE, sl.TopKSAEConfig, {"k": 8, "apply_b_dec_to_input": False}),
 ]
 ARCH_IDS = [a[0] for a in ARCHS]
+# fp32 on both sides, summed in different orders (tests/fp_tolerance.py): encoder values are sums of
+# n = d_in + 1 = 33 terms with ||t||_2 <= 3.7 (|W| ~ 0.3, x ~ N(0, 1)), sigma <= 1.0e-6; decoder outputs sums
+# over <= 73 active features with ||t||_2 <= 6.6 (TopK: 9 terms, ||t||_2 <= 12), sigma <= 2.6e-6. So 1e-5 +
+# 1e-5 |value| is >= 4.8 sigma at the worst element of any architecture here (>= 12 sigma for the codes).
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 # SPARSEKERN_BACKEND narrows the backend matrix (e.g. while the C++ extension is being rebuilt)
 BACKENDS = (
@@ -172,7 +176,8 @@ def test_use_error_term_with_editing_hooks_matches_sae_lens(arch, point, how):
     expected = ref.run_with_hooks(x, fwd_hooks=[(point, hook_fn)])
     got = ours.run_with_hooks(x, fwd_hooks=[(point, hook_fn)])
     torch.testing.assert_close(got, expected, **TOL)
-    assert not torch.allclose(got, x, atol=1e-4)  # the edit shows through the error term
+    # the edit shows through the error term: zeroing / doubling codes moves outputs by O(0.1), not rounding
+    assert not torch.allclose(got, x, atol=1e-4)
     # the error term itself equals SAELens's
     err_ref, err = [], []
     ref.run_with_hooks(x, fwd_hooks=[(point, hook_fn), ("hook_sae_error", lambda t, hook: err_ref.append(t))])
@@ -224,6 +229,10 @@ def test_gradients_match_sae_lens(arch, backend):
     x1, x2 = inputs().requires_grad_(), inputs().requires_grad_()
     ref(x1).square().sum().backward()
     ours(x2).square().sum().backward()
+    # Gradients are fp32 sums of the same kind, scaled by 2 |out| <= 26: |grad| reaches 1.1e3 (rms 20 to
+    # 400). An input gradient sums ~73 terms of rms ~4 (2 out @ W_dec.T, then @ W_enc.T), so sigma ~
+    # sqrt(2) * u * sqrt(73 / 3) * 4 * sqrt(73) ~ 2e-5 at an entry that cancels to ~0; parameter gradients
+    # add the 15 rows alike. atol 1e-4 is ~5 sigma there, and rtol 1e-4 is >= 100 sigma wherever |grad| > 10.
     torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-4, atol=1e-4)
     ours_params = dict(ours.named_parameters())
     for name, p in ref.named_parameters():
@@ -280,6 +289,7 @@ def test_input_is_cast_to_the_sae_dtype_like_sae_lens():
     ours.to(torch.float64)
     assert ours.cfg.dtype == ref.cfg.dtype == "float64" and ours.dtype == torch.float64
     assert ours.W_enc.dtype == torch.float64
+    # float64: u = 1.1e-16, so even the worst case gamma_129 * sum|t| (sum|t| <= 40) is 6e-13 << 1e-10
     torch.testing.assert_close(ours(x.float()), ref(x.float()), rtol=1e-10, atol=1e-10)
     ours.to("cpu")
     assert ours.cfg.device == "cpu"

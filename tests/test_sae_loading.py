@@ -21,6 +21,9 @@ warnings.filterwarnings("ignore", module="sae_lens")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:sae_lens.saes.sae")
 
 D_IN, D_SAE = 32, 128
+# fp32 against SAELens on the architectures and scales of tests/test_sae_api.py (sigma <= 2.6e-6 at the
+# worst decoder output, tests/fp_tolerance.py): 1e-5 + 1e-5 |value| is >= 4.8 sigma. The float64 checks
+# (1e-9) have u = 1.1e-16: even the worst case gamma_n * sum|t| (n <= 129, sum|t| <= 40) is 6e-13.
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 SL_CASES = {
     "standard": (sl.StandardSAE, sl.StandardSAEConfig, {}),
@@ -151,6 +154,29 @@ def test_pre_6_config_is_upgraded_like_sae_lens(tmp_path):
     assert ours.cfg.metadata.hook_name == ref.cfg.metadata.hook_name == "blocks.2.hook_resid_pre"
     x = x_in()
     torch.testing.assert_close(ours(x), ref(x), **TOL)
+
+
+def test_pre_6_config_dict_is_sae_lens_and_loading_needs_no_class():
+    """loading's upgrade keeps every key (it knows no config class); saes' trims to the architecture's
+    config fields as SAELens does; both build the same config."""
+    from sae_lens.loading.pretrained_sae_loaders import handle_config_defaulting as sl_upgrade
+
+    import sparsekern.saes as saes
+    from sparsekern.loading import handle_config_defaulting as raw_upgrade
+
+    old = {"d_in": 8, "d_sae": 16, "model_name": "gpt2", "hook_point": "blocks.2.hook_z", "lr": 3e-4,
+           "activation_fn_str": "topk", "activation_fn_kwargs": {"k": 7}, "normalize_activations": True,
+           "context_size": 128, "sae_lens_training_version": "3.13.0"}
+    theirs, ours = sl_upgrade(dict(old)), saes.handle_config_defaulting(dict(old))
+    raw = raw_upgrade(dict(old))
+    top = lambda d: {k: v for k, v in d.items() if k != "metadata"}  # noqa: E731
+    assert top(ours) == top(theirs)
+    # SAELens also writes neuronpedia_id=None into metadata; a missing SAEMetadata key reads None
+    assert ours["metadata"] == {k: v for k, v in theirs["metadata"].items() if k != "neuronpedia_id"}
+    assert ours["reshape_activations"] == "hook_z"
+    assert ours["normalize_activations"] == "expected_average_only_in"
+    assert {"lr", "activation_fn", "hook_name"} <= set(raw) - set(ours)
+    assert saes.config_from_dict(old) == saes.SAEConfig.from_dict(raw) == saes.SAEConfig.from_dict(ours)
 
 
 def test_disk_converter_is_accepted(tmp_path):

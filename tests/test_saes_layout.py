@@ -44,6 +44,14 @@ def test_loading_never_imports_the_sae_family(path):
     assert not bad, f"{path.name} imports {bad}"
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "loading").glob("*.py")), ids=lambda p: p.name)
+def test_loading_never_needs_the_registry(path):
+    # readers return data: the class name in an error or a config's fields come in as arguments
+    mods = _imported_modules(path)
+    bad = sorted(m for m in mods if m.startswith(("sparsekern.registry", "sparsekern._registry")))
+    assert not bad, f"{path.name} imports {bad}"
+
+
 @pytest.mark.parametrize("leaf", ["_registry.py", "_constants.py"])
 def test_leaves_import_nothing_of_the_sae_family(leaf):
     src = (ROOT / leaf).read_text()
@@ -133,3 +141,87 @@ def test_loading_aliases_are_the_classmethods():
         assert getattr(L, name) == getattr(F, name) == getattr(sk.SAE, name)
     with pytest.raises(AttributeError):
         L.no_such_thing  # noqa: B018
+
+
+# ---- the shard loader: saes/ never imports distributed/, the package root wires it in -------------
+def test_saes_never_import_distributed():
+    bad = {
+        p.name: sorted(m for m in _imported_modules(p) if m.startswith("sparsekern.distributed"))
+        for p in sorted((ROOT / "saes").glob("*.py"))
+    }
+    assert {k: v for k, v in bad.items() if v} == {}
+
+
+def test_shard_loader_is_an_extension_point(tmp_path, monkeypatch):
+    from sparsekern import registry
+
+    default = registry.shard_loader()
+    assert default.__module__ == "sparsekern"  # the root's, which imports distributed when called
+    calls = []
+
+    def fake(path, device, dtype, *, group, fold_W_dec_norm):
+        calls.append((str(path), device, dtype, group, fold_W_dec_norm))
+        return sk.SAE.load_from_disk(path)
+
+    sk.StandardSAE(sk.StandardSAEConfig(d_in=4, d_sae=8)).save_model(tmp_path)
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register_shard_loader(fake)
+    with pytest.raises(TypeError, match="must be callable"):
+        registry.register_shard_loader("not a function", replace=True)
+    try:
+        registry.register_shard_loader(fake, replace=True)
+        registry.register_shard_loader(fake)  # the same one again: fine
+        got = sk.SAE.load_from_disk(tmp_path, "cpu", "float64", shard=True, group="G", fold_W_dec_norm=True)
+        assert isinstance(got, sk.StandardSAE)
+        assert calls == [(str(tmp_path), "cpu", "float64", "G", True)]
+        with pytest.raises(ValueError, match="Loaded SAE is not of type TopKSAE"):
+            sk.TopKSAE.load_from_disk(tmp_path, shard=True)
+        with pytest.raises(ValueError, match="no converter"):
+            sk.SAE.load_from_disk(tmp_path, converter=lambda *a, **k: None, shard=True)
+    finally:
+        registry.register_shard_loader(default, replace=True)
+    monkeypatch.setattr(registry, "_SHARD_LOADER", [])
+    with pytest.raises(RuntimeError, match="needs a shard loader and none is registered"):
+        sk.SAE.load_from_disk(tmp_path, shard=True)
+
+
+def test_default_shard_loader_imports_distributed_on_first_use(tmp_path):
+    code = (
+        "import sys, torch, torch.distributed as dist\n"
+        "import sparsekern as sk\n"
+        "sae = sk.TopKSAE(sk.TopKSAEConfig(d_in=6, d_sae=10, k=3))\n"
+        f"sae.save_model({str(tmp_path / 'sae')!r})\n"
+        "print('sparsekern.distributed' in sys.modules)\n"
+        f"dist.init_process_group('gloo', init_method='file://{tmp_path / 'pg'}', rank=0, world_size=1)\n"
+        f"sh = sk.SAE.load_from_disk({str(tmp_path / 'sae')!r}, shard=True)\n"
+        "from sparsekern.distributed import ShardedSAE\n"
+        "x = torch.randn(5, 6)\n"
+        "print(isinstance(sh, ShardedSAE) and isinstance(sh, sk.TopKSAE), torch.equal(sh(x), sae(x)))\n"
+        "dist.destroy_process_group()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT.parent)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "True", "True"]
+
+
+def test_public_seams_for_derived_saes():
+    import sparsekern.saes as saes
+
+    assert issubclass(sk.TopKSAE, saes.TopKMixin) and issubclass(sk.TopKSkipTranscoder, saes.TopKMixin)
+    assert issubclass(sk.JumpReLUTranscoder, saes.JumpReLUMixin)
+    assert not issubclass(sk.TopKSAE, saes.JumpReLUMixin)
+    sae = sk.StandardSAE(sk.StandardSAEConfig(d_in=4, d_sae=8))
+    assert not saes.has_hooks(sae.hook_sae_acts_post)
+    sae.hook_sae_acts_post.add_hook(lambda t, hook: None)
+    assert saes.has_hooks(sae.hook_sae_acts_post) and not saes.has_hooks(sae.hook_sae_acts_pre)
+    # build_sae's factory: the module a derived class wants, holding the state dict's tensors
+    made = []
+
+    class Tagged(sk.StandardSAE):
+        pass
+
+    state = {k: v.clone() for k, v in sae.state_dict().items()}
+    cfg_dict = sae.cfg.to_dict()
+    out = saes.build_sae(sk.SAE, cfg_dict, state, factory=lambda c, cfg: made.append(c) or Tagged(cfg))
+    assert type(out) is Tagged and made == [sk.StandardSAE] and out.cfg.device == "cpu"
+    assert all(getattr(out, k).data_ptr() == t.data_ptr() for k, t in state.items())  # used as they are

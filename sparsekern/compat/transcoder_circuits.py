@@ -430,9 +430,7 @@ class SparseAutoencoder(nn.Module):
         plain SAE; for a transcoder all but the folded ``b_enc``, which is recomputed from ``b_enc``,
         ``b_dec`` and ``W_enc`` at conversion (``HookedSAETransformer.add_sae`` converts this way).
         """
-        import sparsekern  # lazy: the SAE classes live in the package root
-
-        sk = sparsekern
+        from .. import saes as sk  # lazy: the SAE family imports transformer_lens
         if self.b_dec_out is not None:
             return self._folded_transcoder(
                 sk.Transcoder, sk.TranscoderConfig, sk.SAEMetadata, share_weights

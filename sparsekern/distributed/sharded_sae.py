@@ -32,10 +32,9 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
-from ..constants import str_to_dtype
 from ..ops import topk_encode
-from ..saes.sae import SAE
-from ..saes.topk import _TopK
+from ..saes import SAE, SAEConfig, TopKMixin, build_sae, handle_config_defaulting, has_hooks
+from ..saes.io import class_label
 from ..sparse_acts import SparseActs
 from . import _comm
 from ._autograd import copy_to_group, gather_last, pick, reduce_from_group
@@ -201,28 +200,16 @@ class ShardedSAE(SAE):
     @classmethod
     def _build(cls, base: type, cfg_dict: dict[str, Any], local: dict[str, Tensor], group: _comm.Group,
                device: str) -> "ShardedSAE":
-        from ..saes.sae import SAEConfig
-
+        # the SAE family's one build (saes.io.build_sae), with a factory making the sharded twin of `base`;
+        # the config is taken as given (no pre-6.0 upgrade: these dicts come from configs, not files)
         rank, world = _comm.rank_world(group)
-        cfg = SAEConfig.from_dict(dict(cfg_dict))
+        cfg = SAEConfig.from_dict({**cfg_dict, "device": device})
         start, stop = shard_range(cfg.d_sae, rank, world)
-        dtype = cfg.dtype
-        cfg.device = "meta"  # allocate nothing; load_state_dict(assign=True) brings the local tensors
-        out = _sharded_class(base)(cfg, group=group, start=start, stop=stop)
-        out.cfg.device = device
-        out.process_state_dict_for_loading(local)
-        want = out._param_shapes()
-        bad = {k: (tuple(v.shape), want.get(k)) for k, v in local.items() if tuple(v.shape) != want.get(k)}
-        missing = sorted(set(want) - set(local))
-        if bad or missing:
-            detail = ", ".join(f"{k}: got {g}, expected {w}" for k, (g, w) in bad.items())
-            raise ValueError(
-                f"rank {rank}: shard does not fit features [{start}, {stop}) of a d_sae={cfg.d_sae} "
-                f"{base.__name__} over {world} ranks ({detail}"
-                f"{'; missing ' + str(missing) if missing else ''})"
-            )
-        out.load_state_dict(local, assign=True)
-        return out.to(device=device, dtype=str_to_dtype(dtype))
+
+        def make(sae_cls: type, meta_cfg: SAEConfig) -> "ShardedSAE":
+            return _sharded_class(base)(meta_cfg, group=group, start=start, stop=stop)
+
+        return build_sae(SAE, cfg, local, factory=make)
 
     @classmethod
     def load_from_disk(  # type: ignore[override]
@@ -234,7 +221,7 @@ class ShardedSAE(SAE):
 
         from ..constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
         from ..loading.sae_lens_format import (
-            check_cfg, check_dtype, check_shapes, handle_config_defaulting, read_json, safetensors_shapes)
+            check_cfg, check_dtype, check_shapes, read_json, safetensors_shapes)
 
         path = Path(path)
         cfg_dict = read_json(path / SAE_CFG_FILENAME)
@@ -243,7 +230,7 @@ class ShardedSAE(SAE):
             cfg_dict["dtype"] = dtype
         check_cfg(cfg_dict, path / SAE_CFG_FILENAME)
         wpath = path / SAE_WEIGHTS_FILENAME
-        check_shapes(cfg_dict, safetensors_shapes(wpath), wpath)
+        check_shapes(cfg_dict, safetensors_shapes(wpath), wpath, class_label)
         cfg_dict = handle_config_defaulting(cfg_dict)
         dt = check_dtype(cfg_dict.get("dtype", "float32"), wpath)
         rank, world = _comm.rank_world(group)
@@ -310,7 +297,7 @@ class ShardedSAE(SAE):
                            self.rank)
 
     def _dense_act(self, xc: Tensor, pre: Tensor) -> Tensor:
-        if isinstance(self, _TopK):  # the top-k runs over every feature: on the gathered pre
+        if isinstance(self, TopKMixin):  # the top-k runs over every feature: on the gathered pre
             if self.cfg.rescale_acts_by_decoder_norm:
                 n = gather_last(self.W_dec.norm(dim=-1), self.group, self._sizes(), self.rank)
                 pre = pre * n
@@ -326,7 +313,7 @@ class ShardedSAE(SAE):
         x = copy_to_group(sae_in, self.group)
         b = copy_to_group(b_in, self.group) if b_in is not None else None
         lead = x.shape[:-1]
-        if isinstance(self, _TopK):
+        if isinstance(self, TopKMixin):
             W, bias = self.W_enc, self.b_enc
             if self.cfg.rescale_acts_by_decoder_norm:
                 n = self.W_dec.norm(dim=-1)
@@ -354,9 +341,7 @@ class ShardedSAE(SAE):
         # forward / HookedSAETransformer: if nothing looks at the code (no hook on acts_post, no sparse
         # capture), a threshold code stays local (global indices, this rank's features only): the
         # encode then needs no communication at all, the decode's all-reduce sums the ranks' parts
-        from ..saes.sae import _has_hooks
-
-        self._decode_only = not _has_hooks(self.hook_sae_acts_post) and self._sparse_sink is None
+        self._decode_only = not has_hooks(self.hook_sae_acts_post) and self.sparse_sink is None
         try:
             return super()._reconstruct(x, *args, **kwargs)
         finally:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..constants import dtype_to_str, sae_lens_version
+from .deprecated import sae_alias
 from .sae_lens_format import check_device, read_json, read_safetensors, safetensors_shapes
 
 SPARSIFY_CFG_FILENAME = "cfg.json"
@@ -43,6 +44,9 @@ def _metadata(**meta: Any) -> dict[str, Any]:
 
 
 def _finish(cfg: dict[str, Any], state: dict[str, Tensor], device: str) -> CfgAndState:
+    # contiguous: the renamed tensors include transposed views (W_enc = encoder.weight.T), and a module's
+    # parameters should not be views of another layout
+    state = {k: v.contiguous() for k, v in state.items()}
     return {**cfg, "dtype": dtype_to_str(state["W_enc"].dtype), "device": device}, state
 
 
@@ -245,9 +249,5 @@ def read_gemma_scope_npz(
 
 
 def __getattr__(name: str) -> Any:
-    # the old names (they built SAEs here): lazy aliases of the SAE classmethods, via the package root
-    if name in ("load_sparsify", "load_circuit_tracer", "load_gemma_scope_npz"):
-        import importlib
-
-        return getattr(importlib.import_module("sparsekern").SAE, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    # the old load_* names (they built SAEs here): deprecated aliases of the SAE classmethods
+    return sae_alias(__name__, name)

@@ -17,7 +17,14 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 from torch import Tensor
 
 from ..constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_FILENAME
-from .sae_lens_format import check_device, handle_config_defaulting, read_sae_lens_dir, read_sparsity
+from .sae_lens_format import (
+    ConfigFields,
+    Label,
+    check_device,
+    handle_config_defaulting,
+    read_sae_lens_dir,
+    read_sparsity,
+)
 
 try:  # so SAELens's loaders, which catch EntryNotFoundError for optional files, treat "not cached" alike
     from huggingface_hub.errors import EntryNotFoundError as _EntryNotFound
@@ -165,11 +172,14 @@ def read_pretrained(
     dtype: str = "float32",
     force_download: bool = False,
     converter: Optional[Callable[..., Any]] = None,
+    label: Optional[Label] = None,
+    config_fields: Optional[ConfigFields] = None,
 ) -> tuple[dict[str, Any], dict[str, Tensor], Optional[Tensor]]:
     """(cfg_dict, state_dict, log_sparsity) of a registry SAE, from the local cache only.
 
-    The cfg dict is upgraded by ``handle_config_defaulting``; the SAE-building steps (norm scaling factor,
-    dtype, ``fold_W_dec_norm``) are ``SAE.from_pretrained_with_cfg_and_sparsity``'s.
+    The cfg dict is upgraded by ``handle_config_defaulting`` (``config_fields``: see there; ``label``:
+    see ``read_sae_lens_dir``); the SAE-building steps (norm scaling factor, dtype, ``fold_W_dec_norm``)
+    are ``SAE.from_pretrained_with_cfg_and_sparsity``'s.
     """
     if force_download:
         raise ValueError(
@@ -190,7 +200,7 @@ def read_pretrained(
         folder_path = Path(found[needed[0]]).parent
         if Path(found[needed[1]]).parent != folder_path:
             raise ValueError(f"cached {needed[0]} and {needed[1]} of {repo_id} belong to different snapshots")
-        cfg_dict, state_dict = read_sae_lens_dir(folder_path, device, overrides)
+        cfg_dict, state_dict = read_sae_lens_dir(folder_path, device, overrides, label=label)
         sparsity_file = cached_file(repo_id, f"{folder}/{SPARSITY_FILENAME}", cache_dir)
         log_sparsity = read_sparsity(sparsity_file, device) if sparsity_file else None
     else:
@@ -209,7 +219,7 @@ def read_pretrained(
                 force_download=False,
                 cfg_overrides=overrides,
             )
-    return handle_config_defaulting(cfg_dict), state_dict, log_sparsity
+    return handle_config_defaulting(cfg_dict, config_fields), state_dict, log_sparsity
 
 
 def pretrained_source(release: str, sae_id: str) -> str:

@@ -5,20 +5,27 @@ clear errors naming the file (missing, not JSON, truncated/corrupt safetensors, 
 the tensors, a device that is not there) instead of whatever the parser throws, and check the config
 against the tensor shapes in the safetensors header before reading any tensor. ``handle_config_defaulting``
 upgrades pre-6.0 SAELens configs as SAELens does.
+
+Nothing here knows the SAE classes: where a step needs them (the class name in an error, the fields of an
+architecture's config) the caller passes a function (``label``, ``config_fields``);
+:mod:`sparsekern.saes.io` passes the registry's.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import fields
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Collection, Optional, Union
 
 import torch
 from torch import Tensor
 
 from ..constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, str_to_dtype
-from ..registry import get_sae_class
+
+# architecture name -> what to call it in an error message (e.g. its class name, "StandardSAE")
+Label = Callable[[str], str]
+# architecture name -> the field names of its config class
+ConfigFields = Callable[[str], Collection[str]]
 
 # top-level keys of a pre-6.0 cfg.json that SAELens moves into ``metadata``
 LLM_METADATA_KEYS = {
@@ -126,19 +133,22 @@ def safetensors_shapes(path: Union[str, Path]) -> dict[str, tuple[int, ...]]:
 
 
 def check_shapes(
-    cfg_dict: dict[str, Any], shapes: dict[str, tuple[int, ...]], source: Union[str, Path]
+    cfg_dict: dict[str, Any],
+    shapes: dict[str, tuple[int, ...]],
+    source: Union[str, Path],
+    label: Optional[Label] = None,
 ) -> None:
-    """``W_enc`` must be ``[d_in, d_sae]``, ``W_dec`` ``[d_sae, d_out]`` (``d_out`` = ``d_in`` for an SAE)."""
+    """``W_enc`` must be ``[d_in, d_sae]``, ``W_dec`` ``[d_sae, d_out]`` (``d_out`` = ``d_in`` for an SAE).
+
+    ``label(architecture)`` names the architecture in the error (default: ``'<architecture>' SAE``).
+    """
     d_in, d_sae = cfg_dict["d_in"], cfg_dict["d_sae"]
     d_out = cfg_dict.get("d_out") or d_in
     want = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_out)}
     bad = {k: v for k, v in shapes.items() if k in want and tuple(v) != want[k]}
     if bad:
         arch = cfg_dict.get("architecture") or "standard"
-        try:
-            name = get_sae_class(arch)[0].__name__
-        except (ValueError, TypeError):
-            name = f"{arch!r} SAE"
+        name = label(arch) if label is not None else f"{arch!r} SAE"
         raise ValueError(
             f"weights in {source} do not fit a {name} with d_in={d_in}, d_sae={d_sae}"
             f"{f', d_out={d_out}' if 'd_out' in cfg_dict else ''}: expected {want}, found {bad}"
@@ -181,9 +191,16 @@ def read_sparsity(path: Union[str, Path], device: str = "cpu") -> Optional[Tenso
 
 
 def read_sae_lens_dir(
-    path: Union[str, Path], device: str = "cpu", cfg_overrides: Optional[dict[str, Any]] = None
+    path: Union[str, Path],
+    device: str = "cpu",
+    cfg_overrides: Optional[dict[str, Any]] = None,
+    *,
+    label: Optional[Label] = None,
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """(cfg_dict, state_dict) of a SAELens folder, like SAELens's ``sae_lens_disk_loader``."""
+    """(cfg_dict, state_dict) of a SAELens folder, like SAELens's ``sae_lens_disk_loader``.
+
+    ``label`` names the architecture in a shape-mismatch error (see :func:`check_shapes`).
+    """
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(
@@ -196,7 +213,7 @@ def read_sae_lens_dir(
     if cfg_overrides:
         cfg_dict.update(cfg_overrides)
     check_cfg(cfg_dict, cfg_path)  # before touching the weights: nothing is allocated for a bad config
-    check_shapes(cfg_dict, safetensors_shapes(weights_path), weights_path)
+    check_shapes(cfg_dict, safetensors_shapes(weights_path), weights_path, label)
     dtype = cfg_dict.get("dtype", "float32")
     state_dict = read_safetensors(weights_path, device, dtype)
     if "scaling_factor" in state_dict:  # pre-6 "finetuning scaling factor": SAELens drops it if all ones
@@ -209,8 +226,15 @@ def read_sae_lens_dir(
     return cfg_dict, state_dict
 
 
-def handle_config_defaulting(cfg_dict: dict[str, Any]) -> dict[str, Any]:
-    """Upgrade a pre-6.0 SAELens cfg dict (flat ``hook_name`` etc.) to the 6.x layout; 6.x passes through."""
+def handle_config_defaulting(
+    cfg_dict: dict[str, Any], config_fields: Optional[ConfigFields] = None
+) -> dict[str, Any]:
+    """Upgrade a pre-6.0 SAELens cfg dict (flat ``hook_name`` etc.) to the 6.x layout; 6.x passes through.
+
+    As SAELens, the upgraded dict keeps only the fields of the architecture's config class, named by
+    ``config_fields(architecture)``; without it every key is kept (the config classes ignore unknown
+    keys). ``sparsekern.saes.io.handle_config_defaulting`` passes the registry's classes.
+    """
     from packaging.version import InvalidVersion, Version
 
     version = cfg_dict.get("sae_lens_version") or (cfg_dict.get("metadata") or {}).get("sae_lens_version")
@@ -218,10 +242,10 @@ def handle_config_defaulting(cfg_dict: dict[str, Any]) -> dict[str, Any]:
         old = not version or Version(str(version)) < Version("6.0.0-rc.0")
     except InvalidVersion:
         old = True
-    return _pre_6_0_config(cfg_dict) if old else cfg_dict
+    return _pre_6_0_config(cfg_dict, config_fields) if old else cfg_dict
 
 
-def _pre_6_0_config(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+def _pre_6_0_config(cfg_dict: dict[str, Any], config_fields: Optional[ConfigFields]) -> dict[str, Any]:
     # mirrors sae_lens.loading.pretrained_sae_loaders.handle_pre_6_0_config
     rename = {
         "hook_point": "hook_name",
@@ -242,9 +266,8 @@ def _pre_6_0_config(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     if cfg.get("normalize_activations") is None:
         cfg["normalize_activations"] = "none"
     cfg.setdefault("device", "cpu")
-    cfg_cls = get_sae_class(cfg["architecture"])[1]
-    names = {f.name for f in fields(cfg_cls)}
-    out = {k: v for k, v in cfg.items() if k in names and k != "metadata"}
+    keep = set(config_fields(cfg["architecture"])) if config_fields is not None else None
+    out = {k: v for k, v in cfg.items() if (keep is None or k in keep) and k != "metadata"}
     # keep a metadata dict that is already there, so running this twice changes nothing
     out["metadata"] = {
         **(cfg.get("metadata") or {}),

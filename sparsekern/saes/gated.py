@@ -8,7 +8,8 @@ import torch
 
 from ..ops import threshold_encode
 from ..sparse_acts import SparseActs
-from .sae import SAE, SAEConfig
+from .config import SAEConfig
+from .sae import SAE
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""JumpReLU SAE: ``JumpReLUSAEConfig``, the ``_JumpReLU`` activation mixin (shared with the JumpReLU
+"""JumpReLU SAE: ``JumpReLUSAEConfig``, the :class:`JumpReLUMixin` activation (shared with the JumpReLU
 transcoders) and ``JumpReLUSAE`` (also BatchTopK / Matryoshka checkpoints saved for inference)."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from ..ops import threshold_encode
-from .sae import SAE, SAEConfig
+from .config import SAEConfig
+from .sae import SAE
 
 
 @dataclass
@@ -18,9 +19,12 @@ class JumpReLUSAEConfig(SAEConfig):
         return "jumprelu"
 
 
-class _JumpReLU:
-    """``relu(pre) * (pre > threshold)`` (SAELens); with ``cfg.apply_relu=False`` (circuit-tracer
-    transcoders) ``pre * (pre > threshold)``. Adds ``threshold [d_sae]``."""
+class JumpReLUMixin:
+    """The JumpReLU activation, mixed into an SAE class before it (``class JumpReLUSAE(JumpReLUMixin, SAE)``).
+
+    ``relu(pre) * (pre > threshold)`` (SAELens); with ``cfg.apply_relu=False`` (circuit-tracer
+    transcoders) ``pre * (pre > threshold)``. Adds the parameter ``threshold [d_sae]``.
+    """
 
     def _param_shapes(self):
         return {**super()._param_shapes(), "threshold": (self.cfg.d_sae,)}
@@ -44,7 +48,10 @@ class _JumpReLU:
             state_dict["threshold"] = torch.exp(state_dict.pop("log_threshold")).detach().contiguous()
 
 
-class JumpReLUSAE(_JumpReLU, SAE):
+_JumpReLU = JumpReLUMixin  # the old private name
+
+
+class JumpReLUSAE(JumpReLUMixin, SAE):
     """JumpReLU SAE (also BatchTopK / Matryoshka checkpoints, which SAELens saves as JumpReLU)."""
 
     cfg: JumpReLUSAEConfig

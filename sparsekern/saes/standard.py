@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .sae import SAE, SAEConfig
+from .config import SAEConfig
+from .sae import SAE
 
 
 @dataclass

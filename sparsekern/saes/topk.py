@@ -1,5 +1,5 @@
-"""TopK SAE: ``TopKSAEConfig``, the ``_TopK`` activation mixin (shared with the top-k transcoders) and
-``TopKSAE``."""
+"""TopK SAE: ``TopKSAEConfig``, the :class:`TopKMixin` activation (shared with the top-k transcoders and
+the sharded SAE) and ``TopKSAE``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from ..ops import topk_encode
-from .sae import SAE, SAEConfig
+from .config import SAEConfig
+from .sae import SAE
 
 
 @dataclass
@@ -28,8 +29,13 @@ class TopKSAEConfig(SAEConfig):
             raise ValueError(f"TopK k must be an int in [1, d_sae={self.d_sae}], got {self.k!r}")
 
 
-class _TopK:
-    """Top-``k`` of ``pre`` (times ``||W_dec[f]||`` if ``rescale_acts_by_decoder_norm``), then ReLU."""
+class TopKMixin:
+    """The top-k activation, mixed into an SAE class before it (``class TopKSAE(TopKMixin, SAE)``).
+
+    Top-``k`` of ``pre [..., d_sae]`` (times ``||W_dec[f]||`` if ``cfg.rescale_acts_by_decoder_norm``),
+    then ReLU unless ``cfg.apply_relu`` is False. Needs ``cfg.k``; ``isinstance(sae, TopKMixin)`` tells
+    a top-k code (exactly ``k`` selected slots per row) from a threshold code.
+    """
 
     def _dense_act(self, xc, pre):
         if self.cfg.rescale_acts_by_decoder_norm:
@@ -65,7 +71,10 @@ class _TopK:
         super().fold_W_dec_norm()
 
 
-class TopKSAE(_TopK, SAE):
+_TopK = TopKMixin  # the old private name
+
+
+class TopKSAE(TopKMixin, SAE):
     """TopK SAE (``cfg.k``; ``cfg.rescale_acts_by_decoder_norm`` as SAELens)."""
 
     cfg: TopKSAEConfig

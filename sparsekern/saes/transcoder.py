@@ -10,13 +10,16 @@ call ``hook_sae_output``, and decode skips the run-time de-normalisation.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 from jaxtyping import Float
 from torch import Tensor
-from .jumprelu import _JumpReLU
-from .sae import SAE, SAEConfig
-from .topk import _TopK
+
+from .config import SAEConfig
+from .jumprelu import JumpReLUMixin
+from .normalize import NormState
+from .sae import SAE
+from .topk import TopKMixin
 
 
 @dataclass
@@ -97,6 +100,7 @@ class Transcoder(SAE):
 
     cfg: TranscoderConfig
     _is_transcoder = True
+    _decode_undoes_norm = False
 
     @property
     def _d_out(self) -> int:
@@ -107,7 +111,7 @@ class Transcoder(SAE):
         """Output dimension."""
         return self.cfg.d_out
 
-    def _finish_decode(self, recon: Tensor, norm: Any, hooks: bool) -> tuple[Tensor, bool]:
+    def _finish_decode(self, recon: Tensor, norm: NormState, hooks: bool) -> tuple[Tensor, bool]:
         # SAELens: hook_sae_recons only (no de-normalisation, no hook_z reshape: d_out differs)
         return self._hook("hook_sae_recons", recon, hooks)
 
@@ -119,6 +123,7 @@ class Transcoder(SAE):
     ) -> tuple[Float[Tensor, "*batch d_out"], Float[Tensor, "*batch d_sae"]]:
         """``(output [..., d_out], dense feature activations [..., d_sae])``."""
         c = self._encode(x)
+        self._norm_state = c.norm  # kept, as SAELens's encode keeps them (its decode does not undo them)
         out = self._finish_decode(self._decode_raw(c.acts), c.norm, True)[0]
         skip = self._skip(x)
         dense = (
@@ -131,6 +136,7 @@ class Transcoder(SAE):
     def forward(self, x: Float[Tensor, "*batch d_in"]) -> Float[Tensor, "*batch d_out"]:
         """Output ``[..., d_out]`` (no error term / ``hook_sae_output``, as SAELens transcoders)."""
         c = self._encode(x)
+        self._norm_state = c.norm  # kept, as SAELens's encode keeps them (its decode does not undo them)
         out = self._finish_decode(self._decode_raw(c.acts), c.norm, True)[0]
         skip = self._skip(x)
         return out if skip is None else out + skip
@@ -148,7 +154,7 @@ class SkipTranscoder(Transcoder):
         return x.to(self.dtype) @ self.W_skip.T
 
 
-class JumpReLUTranscoder(_JumpReLU, Transcoder):
+class JumpReLUTranscoder(JumpReLUMixin, Transcoder):
     """JumpReLU transcoder (Gemma Scope / circuit-tracer)."""
 
     cfg: JumpReLUTranscoderConfig
@@ -163,7 +169,7 @@ class JumpReLUSkipTranscoder(JumpReLUTranscoder, SkipTranscoder):
     cfg: JumpReLUSkipTranscoderConfig
 
 
-class TopKTranscoder(_TopK, Transcoder):
+class TopKTranscoder(TopKMixin, Transcoder):
     """Top-k transcoder (sparsekern addition; sparsify / circuit-tracer)."""
 
     cfg: TopKTranscoderConfig
