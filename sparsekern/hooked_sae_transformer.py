@@ -164,6 +164,17 @@ class HookedSAETransformer(HookedTransformer):
         """Input hook name -> the SAE object attached there (as you passed it)."""
         return {name: w.original for name, w in self._acts_to_saes.items()}
 
+    @property
+    def attached_hooks(self) -> dict[str, str]:
+        """Every hook point an attached SAE occupies -> the input hook it is attached at (the key to pass to
+        :meth:`reset_saes`): the input hook itself and, for a transcoder, its output hook."""
+        return {**{h: h for h in self._acts_to_saes}, **{o: i for i, o in self._output_hooks.items()}}
+
+    @property
+    def sae_wrappers(self) -> dict[str, SAEWrapper]:
+        """Input hook name -> the :class:`SAEWrapper` running the attached SAE there."""
+        return dict(self._acts_to_saes)
+
     def _has_hook(self, name: str) -> bool:
         return (name in self.hook_dict or name in self._acts_to_saes
                 or name in self._output_hooks.values())

@@ -81,9 +81,7 @@ def _flat(t: Tensor) -> Tensor:
 
 
 def _check_hooks(model: Any, names: Sequence[str]) -> None:
-    attached = set(getattr(model, "_acts_to_saes", {}) or {}) | set(
-        (getattr(model, "_output_hooks", {}) or {}).values()
-    )
+    attached = set(getattr(model, "attached_hooks", {}))  # HookedSAETransformer: hooks its SAEs occupy
     for role, name in names:
         if name in attached:
             raise ValueError(
@@ -175,7 +173,7 @@ def reconstruction_sums(
     hook_in = hook_name or meta.get("hook_name")
     if not hook_in:
         raise ValueError("hook_name is required: the SAE's metadata names no hook_name")
-    hook_out = hook_name_out or (meta.get("hook_name_out") if sae._is_transcoder else None) or hook_in
+    hook_out = hook_name_out or (meta.get("hook_name_out") if sae.is_transcoder else None) or hook_in
     _check_hooks(model, [("hook_name", hook_in), ("hook_name_out", hook_out)])
     sums = ReconstructionSums(sae.cfg.d_sae, math.prod(sae.W_dec.shape[1:]), dense_threshold=dense_threshold,
                               compute_downstream=compute_downstream, device=sae.W_dec.device)
@@ -221,7 +219,7 @@ def reconstruction_sums(
 
         # ---- the SAE on the cached activations: sparse encode + sparse decode ----
         sae_in = x_in.to(sae_device)
-        if sae_in.dim() > 3 and (sae._is_transcoder or not sae.hook_z_reshaping_mode):
+        if sae_in.dim() > 3 and (sae.is_transcoder or not sae.hook_z_reshaping_mode):
             sae_in = sae_in.flatten(2)  # heads -> one vector, as SAELens's evals
         code = sae.encode_sparse(sae_in)
         x_hat = sae.decode(code)

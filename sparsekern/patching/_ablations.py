@@ -146,9 +146,7 @@ def check_features(features, d_sae: int, device) -> Tensor | None:
 
 
 def _check_hooks(model, hook_in: str | None, hook_out: str | None) -> None:
-    attached = {}
-    if hasattr(model, "_acts_to_saes"):  # HookedSAETransformer: an attached SAE replaces the hook point
-        attached = {**{h: h for h in model._acts_to_saes}, **{o: i for i, o in model._output_hooks.items()}}
+    attached = getattr(model, "attached_hooks", {})  # HookedSAETransformer: an SAE replaces the hook point
     for role, name in (("hook_name", hook_in), ("hook_name_out", hook_out)):
         if not isinstance(name, str) or not name:
             raise ValueError(f"sae.cfg.metadata.{role} must name a hook of the model, got {name!r}")
@@ -180,7 +178,7 @@ def _engine_reason(model, tokens: Tensor, layer: int | None) -> str | None:
         return reason
     if layer is None:
         return "the SAE's hook is not inside a transformer block"
-    wrappers = getattr(model, "_acts_to_saes", {})
+    wrappers = getattr(model, "sae_wrappers", {})
     if any(w.exclude_special_tokens is not False for w in wrappers.values()):
         return "an attached SAE uses exclude_special_tokens"
     return None
@@ -192,7 +190,7 @@ def setup(model, tokens: Tensor, sae, use_error_term: bool) -> tuple[Ablations, 
 
     sk = as_sparsekern_sae(sae)
     meta = sk.cfg.metadata
-    transcoder = bool(getattr(sk, "_is_transcoder", False))
+    transcoder = sk.is_transcoder
     hook_in = meta.hook_name
     hook_out = (getattr(meta, "hook_name_out", None) or hook_in) if transcoder else hook_in
     _check_hooks(model, hook_in, hook_out)
@@ -223,10 +221,10 @@ def setup(model, tokens: Tensor, sae, use_error_term: bool) -> tuple[Ablations, 
     x = act_in if reshape or act_in.dim() == 3 else act_in.flatten(2)
     with torch.no_grad():
         code = sk.encode_sparse(x)
-        norm_state = sk._norm_state
+        norm_state = sk.norm_state
         recon = None if use_error_term else sk.decode(code).reshape(act_out.shape)
-        sk._norm_state = None
-        scale = sk._code_scale()
+        sk.pop_norm_state()
+        scale = sk.code_scale()
     norm = None
     if norm_state is not None and not transcoder:  # transcoders' decode skips the de-normalisation
         norm = ("div", norm_state[1]) if norm_state[0] == "scale" else ("mul", norm_state[2])

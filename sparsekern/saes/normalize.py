@@ -122,6 +122,17 @@ class RunTimeNormalization:
         state, self._norm_state = self._norm_state, None
         return normalize_out(x, state)
 
+    @property
+    def norm_state(self) -> NormState:
+        """The :data:`NormState` kept by the last ``encode`` / ``run_time_activation_norm_fn_in`` (None:
+        none kept, or an identity mode), which the next ``decode`` undoes."""
+        return self.__dict__.get("_norm_state")
+
+    def pop_norm_state(self) -> NormState:
+        """:attr:`norm_state`, dropped from the SAE (a later ``decode`` then needs a new ``encode``)."""
+        state, self._norm_state = self.norm_state, None
+        return state
+
     # the statistics under SAELens's attribute names (absent, as in SAELens, once they are consumed)
     @property
     def x_norm_coeff(self) -> Float[Tensor, "*batch 1"]:

@@ -230,6 +230,17 @@ class SAEPipeline(RunTimeNormalization, HookedRootModule):
         """Per-feature factor applied to the code before decoding (TopK decoder-norm rescaling)."""
         return None
 
+    # ---- public seams for code that splices an SAE's code into a model (patching, ablation) ----------
+    @property
+    def is_transcoder(self) -> bool:
+        """Whether the SAE reads ``hook_name`` and writes ``hook_name_out`` (a transcoder)."""
+        return self._is_transcoder
+
+    def code_scale(self) -> Optional[Float[Tensor, "d_sae"]]:
+        """The per-feature factor ``decode`` multiplies the code by (TopK ``rescale_acts_by_decoder_norm``:
+        ``1 / ||W_dec[f]||``); None when the code is decoded as it is."""
+        return self._code_scale()
+
     # ---- shared pipeline -------------------------------------------------------------------------
     def _hook(self, name: str, t: Tensor, hooks: bool) -> tuple[Tensor, bool]:
         """Run a hook point; also report whether a hook replaced or edited the tensor in place."""
