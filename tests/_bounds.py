@@ -14,6 +14,7 @@ is computed in float64 from the test's own inputs (the same low-precision values
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 # unit roundoff u = 2^-p of round-to-nearest with p significand bits (implicit bit included)
@@ -52,10 +53,16 @@ def decoder_err(values: Tensor, indices: Tensor, W: Tensor, b: Tensor | None = N
     k products and k - 1 adds, plus the bias add: gamma(k + 1) times the sum of the absolute terms.
     """
     dt = acc(W.dtype)
-    terms = (values.double().abs()[..., None] * W.double().abs()[indices]).sum(-2)
+    k, d = values.shape[-1], W.shape[-1]
+    if values.numel():  # embedding_bag: no [N, k, d] temporary at realistic sizes
+        terms = F.embedding_bag(
+            indices.reshape(-1, k), W.double().abs(), per_sample_weights=values.double().abs().reshape(-1, k),
+            mode="sum").reshape(*values.shape[:-1], d)
+    else:
+        terms = torch.zeros(*values.shape[:-1], d, dtype=torch.float64, device=W.device)
     if b is not None:
         terms = terms + b.double().abs()
-    return gamma(values.shape[-1] + 1, dt) * terms
+    return gamma(k + 1, dt) * terms
 
 
 def rel(err: Tensor, exact: Tensor) -> float:
