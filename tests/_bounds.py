@@ -8,7 +8,9 @@ its dtype (``U``). A sum of ``n`` terms, or a dot product of length ``n``, evalu
 
 So a bound below depends on the data only, never on which kernel, CPU (AVX2 or AVX-512, whatever GEMM
 MKL picks) or GPU did the arithmetic: a test that passes with it passes on every machine. Every bound
-is computed in float64 from the test's own inputs (the same low-precision values the kernels see).
+is computed in float64 from the test's own inputs (the same low-precision values the kernels see). It
+assumes true fp32 arithmetic, i.e. torch's default ``float32_matmul_precision("highest")`` (no TF32 or
+bf16x3 GEMMs), which the test suite never changes.
 """
 
 from __future__ import annotations
