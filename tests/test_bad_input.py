@@ -81,7 +81,7 @@ def test_decoder_bias_and_meta_device(backend):
 
 def test_native_kernels_check_indices_themselves():
     """Even bypassing the Python checks, the C++ kernel refuses out-of-range indices."""
-    C = sk._backend.native()
+    C = sk.backends.native()
     if C is None:
         pytest.skip("C++ extension not built in this environment")
     v, i, W = dec()

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import sparsekern as sk
-from sparsekern import _backend
+from sparsekern import backends
 from sparsekern.ops import FeatureTopKState, SparseActs, feature_topk_update
 
 from conftest import cpu_backends
@@ -95,7 +95,9 @@ def test_ties_split_invariant_and_equal_to_ref(backend):
     ref = run("ref", FeatureTopKState.empty(d_sae, k), [(v, i, l)])
     for s in (many, ref):
         assert torch.equal(one.values, s.values) and torch.equal(one.locations, s.locations)
-    # rows sorted by value desc, then (seq, pos) asc
+    # rows sorted by value desc, then (seq, pos) asc. An exact lexicographic key in float64: values
+    # differ by >= 0.5 (5e5 > 50 seqs * 100 + 64 pos * 1e-3), seqs by >= 1 (100 > 0.064), positions by
+    # 1e-3, far above the ~1e-10 rounding of a key of magnitude <= 1.5e6 (no tolerance involved)
     key = one.values.double() * 1e6 - one.locations[..., 0] * 100 - one.locations[..., 1] * 1e-3
     filled = one.locations[..., 0] >= 0
     assert bool(((key[:, :-1] >= key[:, 1:]) | ~filled[:, 1:]).all())
@@ -178,11 +180,11 @@ def test_native_rechecks_indices():
     st_ = FeatureTopKState.empty(10, 3)
     v, i, l = stream(4, 3, 10)
     with pytest.raises(RuntimeError, match="indices must lie in"):
-        _backend.native().feature_topk_update(st_.values, st_.locations, v, i + 10, l)
+        backends.native().feature_topk_update(st_.values, st_.locations, v, i + 10, l)
     with pytest.raises(RuntimeError, match="locations must be int64"):
-        _backend.native().feature_topk_update(st_.values, st_.locations, v, i, l[:, :1])
+        backends.native().feature_topk_update(st_.values, st_.locations, v, i, l[:, :1])
     with pytest.raises(RuntimeError, match="values dtype"):
-        _backend.native().feature_topk_update(st_.values, st_.locations, v.double(), i, l)
+        backends.native().feature_topk_update(st_.values, st_.locations, v.double(), i, l)
 
 
 def test_opcheck():

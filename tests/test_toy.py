@@ -51,6 +51,8 @@ def test_load_offline_fast(loaded):
 def test_model_solves_ioi(loaded):
     model, _, _ = loaded
     tok = model.tokenizer
+    # task thresholds, not rounding tolerances: the model gets 152/152 pairs right with a logit
+    # difference of ~9.1 on both prompt sets (fp32 rounding moves logits by ~1e-6)
     m = E.ioi_metrics(model, tok, D.ioi_prompts("test", seed=777))
     assert m["accuracy"] >= 0.9 and m["logit_diff"] > 1.0, m
     m = E.ioi_metrics(model, tok, D.ioi_prompts("test", seed=778, held_out_template=True))
@@ -90,6 +92,10 @@ def test_sae_metrics_match_report(loaded):
                                 "mlp0_transcoder": ("blocks.0.ln2.hook_normalized",
                                                     "blocks.0.hook_mlp_out")}.items():
         got = E.sae_metrics(model, saes[name], tokens, h_in, h_out, tok)
+        # sampling tolerances, not rounding ones: REPORT.json was measured on another sample of prompts
+        # (train_toy.py's eval mix). The explained variance here is 0.950 / 0.937 against 0.954 / 0.941
+        # (|diff| ~5e-3, 10x inside 0.05; fp32 rounding of the sums is ~1e-6). L0 of a k = 16 top-k
+        # code is 16 but for kept values <= 0: the bound allows 2 of them per token on average.
         assert abs(got["explained_variance"] - rep[name]["explained_variance"]) < 0.05, (name, got)
         assert abs(got["l0"] - rep[name]["l0"]) <= 0.1 * rep[name]["l0"] + 0.5, (name, got)
         assert rep[name]["explained_variance"] > 0.5

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparsekern import _backend
+from sparsekern import backends
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-needs_triton = pytest.mark.skipif(not _backend.has_triton(), reason="triton is not installed")
+needs_triton = pytest.mark.skipif(not backends.has_triton(), reason="triton is not installed")
 
 
 def _run(args, env_extra=None, timeout=600):
@@ -55,8 +55,8 @@ def test_without_triton_the_backend_is_not_registered():
     code = (
         "import sys; sys.modules['triton'] = None\n"  # makes find_spec('triton') return None
         "import torch, sparsekern\n"
-        "from sparsekern import _backend, ops\n"
-        "assert all('triton' not in _backend._IMPLS[op] for op in _backend._IMPLS), _backend._IMPLS\n"
+        "from sparsekern import backends, ops\n"
+        "assert all('triton' not in backends._IMPLS[op] for op in backends._IMPLS), backends._IMPLS\n"
         "assert 'triton' not in sparsekern.backends()\n"
         "try:\n"
         "    with sparsekern.use_backend('triton'):\n"
@@ -73,24 +73,24 @@ def test_without_triton_the_backend_is_not_registered():
 def test_cpu_triton_needs_interpreter_and_is_never_auto(monkeypatch):
     monkeypatch.delenv("SPARSEKERN_BACKEND", raising=False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert "triton" not in _backend.implementations("topk_encode", "cpu")
+    assert "triton" not in backends.implementations("topk_encode", "cpu")
     with pytest.raises(RuntimeError, match="triton"):
-        with _backend.use_backend("triton"):
-            _backend.select("topk_encode", torch.device("cpu"))
+        with backends.use_backend("triton"):
+            backends.select("topk_encode", torch.device("cpu"))
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # select() itself never imports triton
-    assert "triton" in _backend.implementations("topk_encode", "cpu")
+    assert "triton" in backends.implementations("topk_encode", "cpu")
     for op in ("topk_encode", "threshold_encode", "sparse_decode", "sparse_decode_backward_weight"):
-        assert _backend.select(op, torch.device("cpu"))[0] != "triton"
-    with _backend.use_backend("triton"):
-        assert _backend.select("topk_encode", torch.device("cpu"))[0] == "triton"
+        assert backends.select(op, torch.device("cpu"))[0] != "triton"
+    with backends.use_backend("triton"):
+        assert backends.select("topk_encode", torch.device("cpu"))[0] == "triton"
 
 
 def _has_nvidia_backend() -> bool:
-    if not _backend.has_triton() or os.environ.get("TRITON_INTERPRET") == "1":
+    if not backends.has_triton() or os.environ.get("TRITON_INTERPRET") == "1":
         return False  # interpreted kernels cannot be lowered
-    from triton.backends import backends
+    from triton.backends import backends as triton_backends
 
-    return "nvidia" in backends
+    return "nvidia" in triton_backends
 
 
 needs_nvidia_compiler = pytest.mark.skipif(
