@@ -6,7 +6,7 @@
   feature-ablation sweeps split across ranks (``sweeps``, ``ablation``), reconstruction metrics over
   sharded token batches (``metrics``), data-parallel SAE training (``ddp``, global evaluation metrics).
 
-Launch lines: README, "Scale out (torch.distributed)".
+Launch lines and what is exact: docs/distributed.md.
 """
 
 from ._comm import check_agree, free_port, init_process_group, rank_world

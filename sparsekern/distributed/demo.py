@@ -1,4 +1,4 @@
-"""Launchable check of the feature-sharded SAE under ``torchrun`` (README: "Scale out").
+"""Launchable check of the feature-sharded SAE under ``torchrun`` (launch lines: docs/distributed.md).
 
     torchrun --nproc_per_node=8 -m sparsekern.distributed.demo --backend nccl --d-sae 1048576 --d-in 2304
     torchrun --nproc_per_node=2 -m sparsekern.distributed.demo --backend gloo --d-sae 65536 --d-in 256

@@ -24,7 +24,7 @@ The trainer is ``SAETrainer``'s own step: what is sharded is the training module
 step combines across ranks is :class:`ShardedReducer` (a :class:`~sparsekern.training.Reducer`).
 
 Launch: one process per (data replica, feature shard), e.g. ``torchrun --nproc_per_node=8`` with
-``group``/``data_group`` from ``torch.distributed.new_group`` (README: "Scale out").
+``group``/``data_group`` from ``torch.distributed.new_group`` (docs/distributed.md).
 """
 
 from __future__ import annotations
