@@ -207,7 +207,7 @@ SUITE = runner.Suite(
     description="the feature-sharded SAE on 2 CPU processes (gloo, localhost): weight memory per rank vs "
     "one process at d_sae 2^20, exact top-k merge time vs the local encode at N 4096, k 64",
     cpu_only="it runs on CPU processes (gloo); on GPUs launch `python -m sparsekern.distributed.demo` with "
-    "torchrun (README 'Scale out')",
+    "torchrun (docs/distributed.md)",
     footer=lambda opts, meta: ["times are wall clock on a possibly shared machine: approximate"],
     quick_note="quick shapes: targets are informational (they are set for d_sae 2^20, N 4096, k 64)",
 )
