@@ -102,7 +102,7 @@ def test_optional_imports_stay_lazy():
 
 def test_the_scan_sees_the_known_imports():
     """Guards the scan itself: the imports the issue named are found where they are."""
-    sae = _module_level_imports(PKG / "saes" / "sae.py")
+    sae = _module_level_imports(PKG / "saes" / "pipeline.py")  # the SAE base class (was saes/sae.py)
     assert any(n.startswith("transformer_lens") for n, _ in sae)
     assert any(n == "einops" for n, _ in _module_level_imports(PKG / "patching" / "attribution.py"))
 
