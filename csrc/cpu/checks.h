@@ -11,6 +11,8 @@
 
 #include "isa.h"
 
+// Internal to the extension (as the anonymous namespaces they replace): direct calls, no PLT.
+#pragma GCC visibility push(hidden)
 namespace sparsekern {
 
 // min and max of p[0, n) (n >= 1) into *lo, *hi: the scan of checked_indices, per ISA (checks.cpp).
@@ -74,3 +76,4 @@ inline void check_encoder_args(const char* fn, const at::Tensor& x, const at::Te
 }
 
 }  // namespace sparsekern
+#pragma GCC visibility pop

@@ -23,6 +23,8 @@
 
 #include "simd.h"
 
+// Internal to the extension (as the anonymous namespaces they replace): direct calls, no PLT.
+#pragma GCC visibility push(hidden)
 namespace sparsekern {
 
 constexpr int kNV = 8;  // accumulators per output tile: 8 ymm (+ broadcast + load) fit 16 regs
@@ -69,3 +71,4 @@ inline at::Tensor rows_unit_stride(const at::Tensor& W) {
 inline at::ScalarType acc_scalar(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 }  // namespace sparsekern
+#pragma GCC visibility pop

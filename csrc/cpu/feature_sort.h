@@ -10,6 +10,8 @@
 #include <type_traits>
 #include <vector>
 
+// Internal to the extension (as the anonymous namespaces they replace): direct calls, no PLT.
+#pragma GCC visibility push(hidden)
 namespace sparsekern {
 
 // Entry e (in sorted order) comes from row r0 + srow[e], at flat position spos[e] = row*k + j (if
@@ -93,3 +95,4 @@ void sort_by_feature(const int64_t* idx, const A* vals, int64_t r0, int64_t r1, 
 }
 
 }  // namespace sparsekern
+#pragma GCC visibility pop

@@ -12,6 +12,8 @@
 #include <sys/mman.h>
 #endif
 
+// Internal to the extension (as the anonymous namespaces they replace): direct calls, no PLT.
+#pragma GCC visibility push(hidden)
 namespace sparsekern {
 
 // Per-thread scratch of at least n elements that survives calls (OpenMP threads persist): no page
@@ -50,3 +52,4 @@ inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& o
 }
 
 }  // namespace sparsekern
+#pragma GCC visibility pop
