@@ -161,8 +161,9 @@ for flag in ("-march", "-mtune=native", "-mavx", "-mfma", "-mf16c"):
 newer = sorted(set(info["baseline_features"]) & {"avx", "avx2", "fma", "f16c", "avx512f"})
 if newer:
     errors.append(f"the objects outside the per-ISA kernels were compiled with {newer}")
-if platform.machine().lower() in ("x86_64", "amd64") and info["compiled_isas"] != ["baseline", "avx2", "avx512"]:
-    errors.append(f"no run-time dispatch: kernels compiled only for {info['compiled_isas']} (GCC >= 12 needed)")
+x86 = platform.machine().lower() in ("x86_64", "amd64")
+if x86 and info["compiled_isas"] != ["baseline", "avx2", "avx512"]:
+    errors.append(f"no run-time dispatch: kernels only for {info['compiled_isas']} (needs GCC >= 12)")
 if errors:
     sys.exit("the wheel is not portable: " + "; ".join(errors) + f"\nbuild_info: {info}")
 print(f"portable build: flags '{info['cxx_flags']}', kernels for {'/'.join(info['compiled_isas'])}, "

@@ -37,7 +37,8 @@ DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # unit roundoff of each dtype (half an ulp at 1)
 U = {torch.float32: 2.0**-24, torch.float64: 2.0**-53, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 # absolute rounding error below the normal range: half the smallest subnormal (float16's is 2^-24)
-ETA = {torch.float32: 2.0**-150, torch.float64: 2.0**-1075, torch.bfloat16: 2.0**-134, torch.float16: 2.0**-25}
+ETA = {torch.float32: 2.0**-150, torch.float64: 2.0**-1075, torch.bfloat16: 2.0**-134,
+       torch.float16: 2.0**-25}
 
 
 def _acc(dt: torch.dtype) -> torch.dtype:
