@@ -3,7 +3,11 @@
 - C++ CPU extension ``sparsekern._C`` always (OpenMP when torch was built with it);
 - CUDA sources join it only when torch has CUDA and ``nvcc`` is on the PATH;
 - ``SPARSEKERN_NO_EXT=1`` installs pure Python (every op runs the reference);
-- ``SPARSEKERN_NATIVE_ARCH=0`` drops ``-march=native`` (for wheels built for other machines).
+- portable by default: no ``-march`` flag; the SIMD kernels are compiled for baseline x86-64, AVX2 and
+  AVX-512 and chosen at run time (csrc/cpu/isa.h; ``sparsekern._C.build_info()`` says which), so every
+  build, editable or wheel, uses the same flags and objects;
+- ``SPARSEKERN_NATIVE_ARCH=1`` (developers only) compiles one copy with ``-march=native`` instead: such a
+  build runs only on CPUs like the one that built it.
 """
 
 import glob
@@ -25,24 +29,29 @@ def extensions():
 
     sources = sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/torch/bindings.cpp"]
     cxx = ["-O3", "-std=c++17", "-fno-math-errno"]
-    if os.environ.get("SPARSEKERN_NATIVE_ARCH", "1") != "0":
+    macros = []
+    if os.environ.get("SPARSEKERN_NATIVE_ARCH", "0") == "1":
         cxx.append("-march=native")
+        macros.append(("SPARSEKERN_NATIVE_ARCH", "1"))
     link = []
     if torch.backends.openmp.is_available():
         cxx.append("-fopenmp")
         link.append("-fopenmp")
+    # what build_info() reports, hex-encoded: one preprocessor number that no quoting or macro can change
+    macros.append(("SPARSEKERN_CXX_FLAGS_HEX", " ".join(cxx).encode().hex()))
     with_cuda = torch.version.cuda is not None and shutil.which("nvcc") is not None
     if with_cuda and os.environ.get("SPARSEKERN_NO_CUDA") != "1":
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + ["csrc/torch/cuda_bindings.cpp"]
         ext = CUDAExtension(
             "sparsekern._C",
             sources,
-            define_macros=[("SPARSEKERN_WITH_CUDA", "1")],
+            define_macros=[("SPARSEKERN_WITH_CUDA", "1"), *macros],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]},
             extra_link_args=link,
         )
     else:
-        ext = CppExtension("sparsekern._C", sources, extra_compile_args=cxx, extra_link_args=link)
+        ext = CppExtension("sparsekern._C", sources, define_macros=macros, extra_compile_args=cxx,
+                           extra_link_args=link)
 
     class BuildExt(BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)):
         """Editable installs compile into build/temp.<platform>-<python> too, where a wheel build does.

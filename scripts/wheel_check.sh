@@ -2,7 +2,8 @@
 # Issue 13 (pip-installable for real): build the wheel, install it NON-editable into a fresh virtual
 # environment that reuses the installed torch and other dependencies, and use it there from outside the
 # repository: import, SAE save/load round trip, sparsekern.toy.load() from the shipped weights,
-# `sparsekern demo --quick` and `sparsekern bench --quick`.
+# `sparsekern demo --quick` and `sparsekern bench --quick`; and that it was compiled portably (no
+# -march=native: it must run on any x86-64 CPU, see csrc/cpu/isa.h).
 #
 #   bash scripts/wheel_check.sh            # step lines as it goes, a summary line at the end
 #   bash scripts/wheel_check.sh --quiet    # only the summary on stdout (the steps go to stderr on failure)
@@ -139,6 +140,38 @@ say "$(tail -1 "$tmp/clean_venv.log")"
 run_logged install "$VPY" -m pip install --disable-pip-version-check --no-cache-dir --no-index --no-deps --ignore-installed "$whl"
 say "installed the wheel into a fresh venv (deps from: $(tr '\n' ' ' <"$tmp/site_dirs"))"
 
+# the wheel's compile flags (issue 19): portable, so that it runs on any x86-64 CPU torch supports. The
+# extension reports them (sparsekern._C.build_info(), csrc/cpu/isa.h): no -march/-mavx* flag, no AVX in the
+# objects outside the per-ISA kernels, and on x86-64 every ISA copy compiled for run-time dispatch.
+cat >"$tmp/flags.py" <<'EOF'
+import platform
+import sys
+
+import sparsekern
+
+C = sparsekern.backends.native()
+assert C is not None, "the wheel's C++ extension did not load"
+info = C.build_info()
+errors = []
+if info["native_arch"]:
+    errors.append("built with SPARSEKERN_NATIVE_ARCH=1 (-march=native)")
+for flag in ("-march", "-mtune=native", "-mavx", "-mfma", "-mf16c"):
+    if flag in info["cxx_flags"]:
+        errors.append(f"the compile flags hold {flag}")
+newer = sorted(set(info["baseline_features"]) & {"avx", "avx2", "fma", "f16c", "avx512f"})
+if newer:
+    errors.append(f"the objects outside the per-ISA kernels were compiled with {newer}")
+x86 = platform.machine().lower() in ("x86_64", "amd64")
+if x86 and info["compiled_isas"] != ["baseline", "avx2", "avx512"]:
+    errors.append(f"no run-time dispatch: kernels only for {info['compiled_isas']} (needs GCC >= 12)")
+if errors:
+    sys.exit("the wheel is not portable: " + "; ".join(errors) + f"\nbuild_info: {info}")
+print(f"portable build: flags '{info['cxx_flags']}', kernels for {'/'.join(info['compiled_isas'])}, "
+      f"this CPU runs {info['isa']}")
+EOF
+run_logged flags "$VPY" "$tmp/flags.py"
+say "$(tail -1 "$tmp/flags.log")"
+
 # ---- 3. use it there ---------------------------------------------------------------------------------
 SK="$venv/bin/sparsekern"
 [ -x "$SK" ] || fail "the wheel installed no sparsekern console script"
@@ -207,5 +240,5 @@ run_logged bench "$SK" bench --quick --ops topk_encode --no-progress --out "$tmp
 ls "$tmp"/bench/latest-*.json >/dev/null 2>&1 || fail "sparsekern bench --quick wrote no latest-*.json to $tmp/bench"
 say "bench --quick --ops topk_encode ok in $((SECONDS - t))s"
 
-summary="ok in $((SECONDS - start))s: $(basename "$whl") (built in ${build_s}s; $contents) installed non-editable in a fresh venv; import, SAE round trip, toy.load() (${api_s}s); ${demo_msg%% (*}; bench --quick"
+summary="ok in $((SECONDS - start))s: $(basename "$whl") (built in ${build_s}s; $contents; portable flags) installed non-editable in a fresh venv; import, SAE round trip, toy.load() (${api_s}s); ${demo_msg%% (*}; bench --quick"
 if [ "$QUIET" = 1 ]; then echo "$summary"; else echo "[wheel] $summary"; fi

@@ -10,6 +10,9 @@
 // (within noise) from N = 16 rows up and needs several times less scratch memory; the
 // multi-threaded form is kept only for tiny batches, where per-worker chunks would be too thin.
 // bf16/fp16 inputs are upcast per block (x rows / W columns) into fp32 buffers before the GEMM.
+// The scans and the centring of x are compiled once per instruction set (foreach_isa.h); the rest,
+// GEMMs (MKL) and the final sort included, is compiled once.
+#ifndef SK_ISA
 #include "kernels.h"
 
 #include <ATen/OpMathType.h>
@@ -21,9 +24,8 @@
 #include <limits>
 #include <vector>
 
-#if defined(__AVX2__)
-#include <immintrin.h>
-#endif
+#include "checks.h"
+#include "simd.h"
 
 namespace sparsekern {
 namespace {
@@ -80,129 +82,21 @@ struct TopKRow {
   }
 };
 
-// Scan one row of a tile: p = GEMM output, b = b_enc, both offset to column j0.
-template <typename acc_t>
-void scan_topk(const acc_t* p, const acc_t* b, int64_t len, int32_t j0, TopKRow<acc_t>& st) {
-  int64_t j = 0;
-  if (st.cnt < st.k) {  // first k features of the row: admitted unconditionally
-    for (; j < len && st.cnt < st.k; ++j) st.buf[st.cnt++] = {p[j] + b[j], int32_t(j0 + j)};
-    if (st.cnt < st.k) return;
-    st.thr = prune(st.buf, st.cnt, st.k);
-  }
-#if defined(__AVX2__)
-  if constexpr (std::is_same_v<acc_t, float>) {
-    __m256 t = _mm256_set1_ps(st.thr);
-    for (; j + 16 <= len; j += 16) {
-      const __m256 v0 = _mm256_add_ps(_mm256_loadu_ps(p + j), _mm256_loadu_ps(b + j));
-      const __m256 v1 = _mm256_add_ps(_mm256_loadu_ps(p + j + 8), _mm256_loadu_ps(b + j + 8));
-      unsigned m = unsigned(_mm256_movemask_ps(_mm256_cmp_ps(v0, t, _CMP_NLE_UQ))) |
-                   (unsigned(_mm256_movemask_ps(_mm256_cmp_ps(v1, t, _CMP_NLE_UQ))) << 8);
-      if (m) {
-        alignas(32) float tmp[16];
-        _mm256_store_ps(tmp, v0);
-        _mm256_store_ps(tmp + 8, v1);
-        do {
-          const int q = __builtin_ctz(m);
-          m &= m - 1;
-          st.push(tmp[q], int32_t(j0 + j + q));
-        } while (m);
-        t = _mm256_set1_ps(st.thr);
-      }
-    }
-  } else {
-    __m256d t = _mm256_set1_pd(st.thr);
-    for (; j + 8 <= len; j += 8) {
-      const __m256d v0 = _mm256_add_pd(_mm256_loadu_pd(p + j), _mm256_loadu_pd(b + j));
-      const __m256d v1 = _mm256_add_pd(_mm256_loadu_pd(p + j + 4), _mm256_loadu_pd(b + j + 4));
-      unsigned m = unsigned(_mm256_movemask_pd(_mm256_cmp_pd(v0, t, _CMP_NLE_UQ))) |
-                   (unsigned(_mm256_movemask_pd(_mm256_cmp_pd(v1, t, _CMP_NLE_UQ))) << 4);
-      if (m) {
-        alignas(32) double tmp[8];
-        _mm256_store_pd(tmp, v0);
-        _mm256_store_pd(tmp + 4, v1);
-        do {
-          const int q = __builtin_ctz(m);
-          m &= m - 1;
-          st.push(tmp[q], int32_t(j0 + j + q));
-        } while (m);
-        t = _mm256_set1_pd(st.thr);
-      }
-    }
-  }
-#else
-  // Portable path: branch-free "anything here?" test over 16 lanes, which gcc vectorises.
-  for (; j + 16 <= len; j += 16) {
-    const acc_t thr = st.thr;
-    int any = 0;
-    for (int q = 0; q < 16; ++q) any |= !(p[j + q] + b[j + q] <= thr);
-    if (any)
-      for (int q = 0; q < 16; ++q) st.push(p[j + q] + b[j + q], int32_t(j0 + j + q));
-  }
-#endif
-  for (; j < len; ++j) st.push(p[j] + b[j], int32_t(j0 + j));
-}
+}  // namespace
 
-// Append every feature with p + b > th (ascending index) to out.
-template <typename acc_t>
-void scan_threshold(const acc_t* p, const acc_t* b, const acc_t* th, int64_t len, int32_t j0,
-                    std::vector<Cand<acc_t>>& out) {
-  int64_t j = 0;
-#if defined(__AVX2__)
-  if constexpr (std::is_same_v<acc_t, float>) {
-    for (; j + 16 <= len; j += 16) {
-      const __m256 v0 = _mm256_add_ps(_mm256_loadu_ps(p + j), _mm256_loadu_ps(b + j));
-      const __m256 v1 = _mm256_add_ps(_mm256_loadu_ps(p + j + 8), _mm256_loadu_ps(b + j + 8));
-      unsigned m =
-          unsigned(_mm256_movemask_ps(_mm256_cmp_ps(v0, _mm256_loadu_ps(th + j), _CMP_GT_OQ))) |
-          (unsigned(_mm256_movemask_ps(_mm256_cmp_ps(v1, _mm256_loadu_ps(th + j + 8), _CMP_GT_OQ)))
-           << 8);
-      if (m) {
-        alignas(32) float tmp[16];
-        _mm256_store_ps(tmp, v0);
-        _mm256_store_ps(tmp + 8, v1);
-        do {
-          const int q = __builtin_ctz(m);
-          m &= m - 1;
-          out.push_back({tmp[q], int32_t(j0 + j + q)});
-        } while (m);
-      }
-    }
-  } else {
-    for (; j + 8 <= len; j += 8) {
-      const __m256d v0 = _mm256_add_pd(_mm256_loadu_pd(p + j), _mm256_loadu_pd(b + j));
-      const __m256d v1 = _mm256_add_pd(_mm256_loadu_pd(p + j + 4), _mm256_loadu_pd(b + j + 4));
-      unsigned m =
-          unsigned(_mm256_movemask_pd(_mm256_cmp_pd(v0, _mm256_loadu_pd(th + j), _CMP_GT_OQ))) |
-          (unsigned(_mm256_movemask_pd(_mm256_cmp_pd(v1, _mm256_loadu_pd(th + j + 4), _CMP_GT_OQ)))
-           << 4);
-      if (m) {
-        alignas(32) double tmp[8];
-        _mm256_store_pd(tmp, v0);
-        _mm256_store_pd(tmp + 4, v1);
-        do {
-          const int q = __builtin_ctz(m);
-          m &= m - 1;
-          out.push_back({tmp[q], int32_t(j0 + j + q)});
-        } while (m);
-      }
-    }
-  }
-#else
-  for (; j + 16 <= len; j += 16) {
-    int any = 0;
-    for (int q = 0; q < 16; ++q) any |= (p[j + q] + b[j + q] > th[j + q]);
-    if (any)
-      for (int q = 0; q < 16; ++q) {
-        const acc_t v = p[j + q] + b[j + q];
-        if (v > th[j + q]) out.push_back({v, int32_t(j0 + j + q)});
-      }
-  }
-#endif
-  for (; j < len; ++j) {
-    const acc_t v = p[j] + b[j];
-    if (v > th[j]) out.push_back({v, int32_t(j0 + j)});
-  }
-}
+// Scans of one tile row (below, per ISA): p = GEMM output, b = b_enc, th = threshold, each offset to
+// column j0; len columns. scan_topk feeds the row's running top-k, scan_threshold appends every
+// feature with p + b > th (ascending index). center_rows: out = x - b_dec (or x) in the acc dtype.
+SK_PER_ISA(template <typename acc_t> void scan_topk(const acc_t* p, const acc_t* b, int64_t len, int32_t j0,
+                                                    TopKRow<acc_t>& st))
+SK_PER_ISA(template <typename acc_t> void scan_threshold(const acc_t* p, const acc_t* b, const acc_t* th,
+                                                         int64_t len, int32_t j0,
+                                                         std::vector<Cand<acc_t>>& out))
+SK_PER_ISA(template <typename scalar_t> void center_rows(const scalar_t* x,
+                                                         const at::opmath_type<scalar_t>* bd, int64_t rows,
+                                                         int64_t d, at::opmath_type<scalar_t>* out))
+
+namespace {
 
 // Shared inputs of both encoders, already validated; b_enc / b_dec upcast to acc_t.
 template <typename scalar_t>
@@ -243,18 +137,9 @@ at::Tensor centered_rows(const Problem<scalar_t>& P, Scratch& s, int64_t r0, int
   acc_t* out = xr.template data_ptr<acc_t>();
   const acc_t* bd = P.bdec.defined() ? P.bdec.template data_ptr<acc_t>() : nullptr;
   const int64_t d = P.d_in;
+  const auto center = SK_ISA_FN(center_rows<scalar_t>);
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, d)),
-                   [&](int64_t a, int64_t e) {
-                     for (int64_t r = a; r < e; ++r) {
-                       const scalar_t* xi = xp + r * d;
-                       acc_t* o = out + r * d;
-                       if (bd) {
-                         for (int64_t c = 0; c < d; ++c) o[c] = acc_t(xi[c]) - bd[c];
-                       } else {
-                         for (int64_t c = 0; c < d; ++c) o[c] = acc_t(xi[c]);
-                       }
-                     }
-                   });
+                   [&](int64_t a, int64_t e) { center(xp + a * d, bd, e - a, d, out + a * d); });
   return xr;
 }
 
@@ -322,30 +207,6 @@ void run_tiles(const Problem<scalar_t>& P, const Begin& begin, const Scan& scan,
   });
 }
 
-void check_inputs(const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_enc,
-                  const std::optional<at::Tensor>& b_dec, const char* name) {
-  TORCH_CHECK(x.dim() == 2, name, ": x must be 2-D [N, d_in], got ", x.sizes());
-  TORCH_CHECK(W_enc.dim() == 2, name, ": W_enc must be 2-D [d_in, d_sae], got ", W_enc.sizes());
-  TORCH_CHECK(x.size(1) == W_enc.size(0), name, ": x is ", x.sizes(), " but W_enc is ",
-              W_enc.sizes());
-  TORCH_CHECK(b_enc.dim() == 1 && b_enc.size(0) == W_enc.size(1), name, ": b_enc must be [",
-              W_enc.size(1), "], got ", b_enc.sizes());
-  const auto st = x.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
-              name, ": unsupported dtype ", st);
-  TORCH_CHECK(W_enc.scalar_type() == st && b_enc.scalar_type() == st, name,
-              ": x, W_enc, b_enc must share a dtype");
-  TORCH_CHECK(x.device().is_cpu() && W_enc.device().is_cpu() && b_enc.device().is_cpu(), name,
-              ": CPU tensors expected");
-  if (b_dec.has_value() && b_dec->defined()) {
-    TORCH_CHECK(b_dec->dim() == 1 && b_dec->size(0) == x.size(1), name, ": b_dec must be [",
-                x.size(1), "], got ", b_dec->sizes());
-    TORCH_CHECK(b_dec->scalar_type() == st, name, ": b_dec must have x's dtype");
-    TORCH_CHECK(b_dec->device().is_cpu(), name, ": CPU tensors expected");
-  }
-  TORCH_CHECK(W_enc.size(1) < std::numeric_limits<int32_t>::max(), name, ": d_sae too large");
-}
-
 template <typename scalar_t>
 Problem<scalar_t> make_problem(const at::Tensor& x, const at::Tensor& W_enc,
                                const at::Tensor& b_enc, const std::optional<at::Tensor>& b_dec) {
@@ -394,8 +255,9 @@ void topk_impl(const Problem<scalar_t>& P, int64_t k, bool relu, at::Tensor& val
                    int32_t(k), int32_t(cap)};
     return c;
   };
+  const auto scan_row = SK_ISA_FN(scan_topk<acc_t>);
   auto scan = [&](Chunk& c, int64_t r, const acc_t* tile_row, int64_t j0, int64_t cols) {
-    scan_topk(tile_row, benc + j0, cols, int32_t(j0), c.rows[r]);
+    scan_row(tile_row, benc + j0, cols, int32_t(j0), c.rows[r]);
   };
   auto end = [&](Chunk& c, int64_t r0, int64_t rows) {
     at::parallel_for(0, rows, 8, [&](int64_t a, int64_t e) {
@@ -425,11 +287,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> threshold_impl(const Problem<scal
   // Per-row (value, index) lists, filled in ascending feature order since column blocks are
   // visited left to right; the output is written once K = max L0 is known.
   std::vector<std::vector<Cand<acc_t>>> lists(P.N);
+  const auto scan_row = SK_ISA_FN(scan_threshold<acc_t>);
 
   run_tiles(
       P, [](int64_t r0, int64_t) { return r0; },
       [&](int64_t r0, int64_t r, const acc_t* tile_row, int64_t j0, int64_t cols) {
-        scan_threshold(tile_row, benc + j0, thr + j0, cols, int32_t(j0), lists[r0 + r]);
+        scan_row(tile_row, benc + j0, thr + j0, cols, int32_t(j0), lists[r0 + r]);
       },
       [](int64_t, int64_t, int64_t) {});
 
@@ -464,7 +327,7 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x, const at
                                                    const at::Tensor& b_enc,
                                                    const std::optional<at::Tensor>& b_dec,
                                                    int64_t k, bool relu) {
-  check_inputs(x, W_enc, b_enc, b_dec, "topk_encode_cpu");
+  check_encoder_args("topk_encode_cpu", x, W_enc, b_enc, b_dec);
   TORCH_CHECK(k >= 1 && k <= W_enc.size(1), "topk_encode_cpu: k must be in [1, d_sae=",
               W_enc.size(1), "], got ", k);
   const int64_t N = x.size(0);
@@ -481,7 +344,7 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x, const at
 std::tuple<at::Tensor, at::Tensor, at::Tensor> threshold_encode_cpu(
     const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_enc,
     const at::Tensor& threshold, const std::optional<at::Tensor>& b_dec) {
-  check_inputs(x, W_enc, b_enc, b_dec, "threshold_encode_cpu");
+  check_encoder_args("threshold_encode_cpu", x, W_enc, b_enc, b_dec);
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(threshold.dim() == 1 && threshold.size(0) == W_enc.size(1),
               "threshold_encode_cpu: threshold must be [", W_enc.size(1), "], got ",
@@ -500,3 +363,109 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> threshold_encode_cpu(
 }
 
 }  // namespace sparsekern
+
+#define SK_ISA_FILE "encode.cpp"
+#include "foreach_isa.h"
+
+#else  // ---- per-ISA scans --------------------------------------------------------------------------
+SK_ISA_BEGIN
+using simd::SK_ISA_SIMD::Simd;
+
+template <typename acc_t>
+void scan_topk(const acc_t* p, const acc_t* b, int64_t len, int32_t j0, TopKRow<acc_t>& st) {
+  using S = Simd<acc_t>;
+  constexpr int L = S::L;
+  int64_t j = 0;
+  if (st.cnt < st.k) {  // first k features of the row: admitted unconditionally
+    for (; j < len && st.cnt < st.k; ++j) st.buf[st.cnt++] = {p[j] + b[j], int32_t(j0 + j)};
+    if (st.cnt < st.k) return;
+    st.thr = prune(st.buf, st.cnt, st.k);
+  }
+  if constexpr (L > 1) {
+    // two vectors a step; one mask test, then the lanes above the threshold in index order
+    typename S::V t = S::set1(st.thr);
+    for (; j + 2 * L <= len; j += 2 * L) {
+      const typename S::V v0 = S::add(S::load(p + j), S::load(b + j));
+      const typename S::V v1 = S::add(S::load(p + j + L), S::load(b + j + L));
+      unsigned m = S::mask_nle(v0, t) | (S::mask_nle(v1, t) << L);  // !(v <= thr): NaN admitted
+      if (m) {
+        alignas(64) acc_t tmp[2 * L];
+        S::store(tmp, v0);
+        S::store(tmp + L, v1);
+        do {
+          const int q = __builtin_ctz(m);
+          m &= m - 1;
+          st.push(tmp[q], int32_t(j0 + j + q));
+        } while (m);
+        t = S::set1(st.thr);
+      }
+    }
+  } else {
+    // Portable path: branch-free "anything here?" test over 16 lanes, which gcc vectorises.
+    for (; j + 16 <= len; j += 16) {
+      const acc_t thr = st.thr;
+      int any = 0;
+      for (int q = 0; q < 16; ++q) any |= !(p[j + q] + b[j + q] <= thr);
+      if (any)
+        for (int q = 0; q < 16; ++q) st.push(p[j + q] + b[j + q], int32_t(j0 + j + q));
+    }
+  }
+  for (; j < len; ++j) st.push(p[j] + b[j], int32_t(j0 + j));
+}
+
+template <typename acc_t>
+void scan_threshold(const acc_t* p, const acc_t* b, const acc_t* th, int64_t len, int32_t j0,
+                    std::vector<Cand<acc_t>>& out) {
+  using S = Simd<acc_t>;
+  constexpr int L = S::L;
+  int64_t j = 0;
+  if constexpr (L > 1) {
+    for (; j + 2 * L <= len; j += 2 * L) {
+      const typename S::V v0 = S::add(S::load(p + j), S::load(b + j));
+      const typename S::V v1 = S::add(S::load(p + j + L), S::load(b + j + L));
+      unsigned m = S::mask_gt(v0, S::load(th + j)) | (S::mask_gt(v1, S::load(th + j + L)) << L);
+      if (m) {
+        alignas(64) acc_t tmp[2 * L];
+        S::store(tmp, v0);
+        S::store(tmp + L, v1);
+        do {
+          const int q = __builtin_ctz(m);
+          m &= m - 1;
+          out.push_back({tmp[q], int32_t(j0 + j + q)});
+        } while (m);
+      }
+    }
+  } else {
+    for (; j + 16 <= len; j += 16) {
+      int any = 0;
+      for (int q = 0; q < 16; ++q) any |= (p[j + q] + b[j + q] > th[j + q]);
+      if (any)
+        for (int q = 0; q < 16; ++q) {
+          const acc_t v = p[j + q] + b[j + q];
+          if (v > th[j + q]) out.push_back({v, int32_t(j0 + j + q)});
+        }
+    }
+  }
+  for (; j < len; ++j) {
+    const acc_t v = p[j] + b[j];
+    if (v > th[j]) out.push_back({v, int32_t(j0 + j)});
+  }
+}
+
+template <typename scalar_t>
+void center_rows(const scalar_t* x, const at::opmath_type<scalar_t>* bd, int64_t rows, int64_t d,
+                 at::opmath_type<scalar_t>* out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* xi = x + r * d;
+    acc_t* o = out + r * d;
+    if (bd) {
+      for (int64_t c = 0; c < d; ++c) o[c] = acc_t(xi[c]) - bd[c];
+    } else {
+      for (int64_t c = 0; c < d; ++c) o[c] = acc_t(xi[c]);
+    }
+  }
+}
+
+SK_ISA_END
+#endif

@@ -13,6 +13,7 @@
 #include <limits>
 #include <vector>
 
+#include "checks.h"
 #include "kernels.h"
 #include "../torch/feature_topk_args.h"
 
@@ -108,9 +109,7 @@ void feature_topk_update_cpu(const at::Tensor& state_values, const at::Tensor& s
   TORCH_CHECK(indices.scalar_type() == at::kLong, fn, ": indices must be int64, got ", indices.scalar_type());
   at::Tensor V = values.contiguous(), I = indices.contiguous(), L = locations.contiguous();
   const int64_t* ip = I.const_data_ptr<int64_t>();
-  for (int64_t p = 0, M = I.numel(); p < M; ++p)
-    TORCH_CHECK(ip[p] >= 0 && ip[p] < d_sae, fn, ": indices must lie in [0, d_sae=", d_sae,
-                "), found ", ip[p]);
+  check_index_range(fn, ip, I.numel(), d_sae);
   if (R == 0 || kc == 0 || k == 0) return;
   AT_DISPATCH_FLOATING_TYPES(state_values.scalar_type(), fn, [&] {
     merge_impl<scalar_t>(state_values.mutable_data_ptr<scalar_t>(), state_locations.mutable_data_ptr<int64_t>(),

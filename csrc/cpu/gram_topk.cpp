@@ -14,6 +14,8 @@
 // Running top-k per row: up to `cap` candidates in the state row, admitted when they beat the row's
 // k-th best so far (key desc, index asc); a full row is pruned to k with nth_element. Rows see their
 // columns in no particular order, so an equal key is admitted when its index is lower than the k-th's.
+// The tile scan is compiled once per instruction set (foreach_isa.h); the rest once.
+#ifndef SK_ISA
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -26,6 +28,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "simd.h"
 
 namespace sparsekern {
 namespace {
@@ -73,33 +76,14 @@ struct Rows {
   }
 };
 
-// Scan a tile row: columns [c0, c1) of `t` belong to rows j0 + c; the tile row is row i.
-template <typename T>
-inline void scan_row(Rows<T>& S, const T* t, int64_t i, int64_t j0, int64_t c0, int64_t c1) {
-  constexpr int64_t kStrip = 16;
-  const T* thr = S.thr.data();
-  int64_t c = c0;
-  for (; c + kStrip <= c1; c += kStrip) {
-    // branch-free prefilter over a strip (vectorised by the compiler); almost every strip is skipped
-    const T ti = thr[i];
-    bool any = false;
-    for (int64_t u = 0; u < kStrip; ++u) {
-      const T kg = S.key(t[c + u]);
-      any |= (kg >= ti) | (kg >= thr[j0 + c + u]);
-    }
-    if (!any) continue;
-    for (int64_t u = 0; u < kStrip; ++u) {
-      const T g = t[c + u], kg = S.key(g);
-      if (kg >= thr[i]) S.offer(i, g, j0 + c + u);
-      if (kg >= thr[j0 + c + u]) S.offer(j0 + c + u, g, i);
-    }
-  }
-  for (; c < c1; ++c) {
-    const T g = t[c], kg = S.key(g);
-    if (kg >= thr[i]) S.offer(i, g, j0 + c);
-    if (kg >= thr[j0 + c]) S.offer(j0 + c, g, i);
-  }
-}
+}  // namespace
+
+// Scans the [bi, bj] tile t = W[i0:i0+bi] @ W[j0:j0+bj]^T into S's rows (both directions; a diagonal
+// tile, i0 == j0, only its strict upper triangle). Per ISA, below.
+SK_PER_ISA(template <typename T> void gram_scan_tile(Rows<T>& S, const T* t, int64_t i0, int64_t j0,
+                                                     int64_t bi, int64_t bj))
+
+namespace {
 
 // Disjoint block pairs of round r (see the file comment); blocks >= nb (the odd dummy) are skipped.
 void round_pairs(int64_t nb, int64_t r, std::vector<std::pair<int64_t, int64_t>>& out) {
@@ -141,6 +125,7 @@ void gram_impl(const at::Tensor& W, at::Tensor& values, at::Tensor& indices, int
   });
 
   const int64_t nb = at::divup(n, block);
+  const auto scan_tile = SK_ISA_FN(gram_scan_tile<T>);
   std::vector<std::pair<int64_t, int64_t>> pairs;
   for (int64_t r = r_begin; r < r_end; ++r) {
     round_pairs(nb, r, pairs);
@@ -157,10 +142,7 @@ void gram_impl(const at::Tensor& W, at::Tensor& values, at::Tensor& indices, int
         at::Tensor t = tile.view({-1}).narrow(0, 0, bi * bj).view({bi, bj});
         // runs single-threaded inside a parallel region (as the encoders' per-worker GEMMs)
         at::mm_out(t, W.narrow(0, i0, bi), W.narrow(0, j0, bj).t());
-        const T* tp = t.data_ptr<T>();
-        const bool diag = i0 == j0;
-        // diagonal tile: the strict upper triangle only (each pair once, the row itself never)
-        for (int64_t r = 0; r < bi; ++r) scan_row(S, tp + r * bj, i0 + r, j0, diag ? r + 1 : 0, bj);
+        scan_tile(S, t.data_ptr<T>(), i0, j0, bi, bj);
       }
     });
   }
@@ -216,3 +198,50 @@ void gram_topk_update_cpu(const at::Tensor& W, const at::Tensor& values, const a
 }
 
 }  // namespace sparsekern
+
+#define SK_ISA_FILE "gram_topk.cpp"
+#include "foreach_isa.h"
+
+#else  // ---- per-ISA tile scan ----------------------------------------------------------------------
+SK_ISA_BEGIN
+namespace {
+
+// Scan a tile row: columns [c0, c1) of `t` belong to rows j0 + c; the tile row is row i.
+template <typename T>
+inline void scan_row(Rows<T>& S, const T* t, int64_t i, int64_t j0, int64_t c0, int64_t c1) {
+  constexpr int64_t kStrip = 16;
+  const T* thr = S.thr.data();
+  int64_t c = c0;
+  for (; c + kStrip <= c1; c += kStrip) {
+    // branch-free prefilter over a strip (vectorised by the compiler); almost every strip is skipped
+    const T ti = thr[i];
+    bool any = false;
+    for (int64_t u = 0; u < kStrip; ++u) {
+      const T kg = S.key(t[c + u]);
+      any |= (kg >= ti) | (kg >= thr[j0 + c + u]);
+    }
+    if (!any) continue;
+    for (int64_t u = 0; u < kStrip; ++u) {
+      const T g = t[c + u], kg = S.key(g);
+      if (kg >= thr[i]) S.offer(i, g, j0 + c + u);
+      if (kg >= thr[j0 + c + u]) S.offer(j0 + c + u, g, i);
+    }
+  }
+  for (; c < c1; ++c) {
+    const T g = t[c], kg = S.key(g);
+    if (kg >= thr[i]) S.offer(i, g, j0 + c);
+    if (kg >= thr[j0 + c]) S.offer(j0 + c, g, i);
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void gram_scan_tile(Rows<T>& S, const T* t, int64_t i0, int64_t j0, int64_t bi, int64_t bj) {
+  const bool diag = i0 == j0;
+  // diagonal tile: the strict upper triangle only (each pair once, the row itself never)
+  for (int64_t r = 0; r < bi; ++r) scan_row(S, t + r * bj, i0 + r, j0, diag ? r + 1 : 0, bj);
+}
+
+SK_ISA_END
+#endif

@@ -1,7 +1,8 @@
 // CPU kernels of sparsekern (ATen + at::parallel_for). Bound to Python in csrc/torch/bindings.cpp.
 // All take 2-D inputs ([N, ...]); Python validates first, these re-check shapes and index ranges
 // (TORCH_CHECK) before reading anything. float32/float64/bfloat16/float16, fp32 accumulation
-// (fp64 for float64).
+// (fp64 for float64). The SIMD loops are compiled once per instruction set and the copy for this CPU is
+// chosen at run time (isa.h).
 #pragma once
 #include <ATen/ATen.h>
 #include <optional>
