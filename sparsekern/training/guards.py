@@ -49,18 +49,6 @@ def check_float(t: Tensor, name: str, shape: str) -> None:
     raise TypeError(f"{name} must hold float activations {shape}, got a {t.dtype} tensor{hint}")
 
 
-def nonfinite_counts(tensors: Sequence[Optional[Tensor]]) -> list[int]:
-    """Number of NaN / inf entries of each tensor (0 for None)."""
-    return [0 if t is None else int(t.numel() - torch.isfinite(t).sum()) for t in tensors]
-
-
-def all_finite(tensors: Sequence[Tensor]) -> list[bool]:
-    """Whether each tensor is finite everywhere, read back with one device synchronisation."""
-    if not tensors:
-        return []
-    return [bool(v) for v in torch.stack([torch.isfinite(t.detach()).all() for t in tensors]).tolist()]
-
-
 def refusal(step: int, what: Sequence[str], detail: str, skip: bool) -> str:
     """The message of a refused (or, with ``skip``, skipped) step."""
     if skip:
@@ -69,29 +57,40 @@ def refusal(step: int, what: Sequence[str], detail: str, skip: bool) -> str:
             f"are unchanged. Look for NaN / inf in the activations (or lower lr), or {SKIP_HINT}")
 
 
-def nonfinite_inputs(reducer: Reducer, x: Tensor, y: Optional[Tensor]) -> Optional[tuple[list[str], str]]:
-    """``(names, detail)`` if ``x [N, d_in]`` / ``y [N, d_out]`` (None: not checked) hold NaN / inf on
-    any process (the flags go through ``reducer.sum``, so every process agrees), else None."""
-    tensors = [x] if y is None else [x, y]
-    flags = reducer.sum([0.0 if ok else 1.0 for ok in all_finite(tensors)], "finite inputs")
-    if not any(flags):
-        return None
-    counts = reducer.sum(nonfinite_counts(tensors), "non-finite inputs")
-    label = {"x": "the input activations x", "y": "the targets y"}
-    bad = [(n, int(c)) for n, c in zip(("x", "y"), counts) if c]
-    return [n for n, _ in bad], "; ".join(f"{label[n]} hold {c} NaN / inf value(s)" for n, c in bad)
+def count_nonfinite(x: Tensor, y: Optional[Tensor]) -> list[Tensor]:
+    """The number of NaN / inf entries of ``x [N, d_in]`` (and ``y [N, d_out]``; None: not counted), as
+    0-d int64 tensors on their device: queued, not read back (:func:`nonfinite` reads them)."""
+    return [torch.isfinite(t).logical_not().sum() for t in ([x] if y is None else [x, y])]
 
 
-def nonfinite_results(reducer: Reducer, out: StepOutput, norm: Any) -> Optional[tuple[list[str], str]]:
-    """``(names, detail)`` if the loss, a loss term of ``out.losses`` or the gradient ``norm`` (a tensor,
-    a float, or None: not checked) is NaN / inf on any process, else None."""
-    names = ["loss", *out.losses]
-    values = [out.loss, *out.losses.values()]
-    ok = all_finite(values)
+def nonfinite(reducer: Reducer, input_counts: Sequence[Tensor], out: Optional[StepOutput] = None,
+              norm: Any = None) -> Optional[tuple[list[str], str]]:
+    """``(names, detail)`` if, on any process, the inputs hold NaN / inf (``input_counts`` from
+    :func:`count_nonfinite`, for ``x`` then ``y``), or the loss, a loss term of ``out.losses`` or the
+    gradient ``norm`` (a tensor, a float, or None: not checked) are not finite; else None. The inputs
+    are named first: a non-finite input makes the loss non-finite too.
+
+    All of it is read back from the device at once and goes through one ``reducer.sum`` (so every
+    process agrees): a step pays one host synchronisation for its checks.
+    """
+    names = ["loss", *out.losses] if out is not None else []
+    values = [out.loss, *out.losses.values()] if out is not None else []
+    queued = [c.to(torch.float64) for c in input_counts]
+    queued += [torch.isfinite(v.detach()).all().logical_not().to(torch.float64) for v in values]
+    on_host: list[float] = []
     if norm is not None:
         names.append("gradient")
-        ok.append(math.isfinite(norm) if isinstance(norm, (int, float)) else all_finite([norm])[0])
-    flags = reducer.sum([0.0 if f else 1.0 for f in ok], "finite loss")
+        if isinstance(norm, Tensor):
+            queued.append(torch.isfinite(norm.detach()).all().logical_not().to(torch.float64))
+        else:
+            on_host.append(0.0 if math.isfinite(norm) else 1.0)
+    local = (torch.stack(queued).tolist() if queued else []) + on_host
+    total = reducer.sum(local, "non-finite checks")
+    counts, flags = total[: len(input_counts)], total[len(input_counts):]
+    if any(counts):
+        label = {"x": "the input activations x", "y": "the targets y"}
+        bad_in = [(n, int(c)) for n, c in zip(("x", "y"), counts) if c]
+        return [n for n, _ in bad_in], "; ".join(f"{label[n]} hold {c} NaN / inf value(s)" for n, c in bad_in)
     if not any(flags):
         return None
     bad = [n for n, f in zip(names, flags) if f]

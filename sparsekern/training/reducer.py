@@ -4,14 +4,17 @@ One training step runs the same code on every process; the reducer is called at 
 in the same order everywhere (so a reducer may use collectives in any method):
 
 1. :meth:`Reducer.start_step` with this process's row count -> the rows of the whole step;
-2. :meth:`Reducer.sum` (float64 scalars) for the non-finite checks, the activation-scaling estimate
-   and the evaluation sums; :meth:`Reducer.gather_rows` for the first batch's ``b_dec`` initialisation;
+2. :meth:`Reducer.sum` (float64 scalars) for the activation-scaling estimate (and, on that step, the
+   inputs' non-finite check); :meth:`Reducer.gather_rows` for the first batch's ``b_dec``
+   initialisation;
 3. :meth:`Reducer.loss_for_backward` -> backward -> :meth:`Reducer.reduce_gradients` ->
-   :meth:`Reducer.clip_gradients` (the norm of the whole model's gradient) -> Adam;
+   :meth:`Reducer.clip_gradients` (the norm of the whole model's gradient) -> :meth:`Reducer.sum` of
+   the step's non-finite checks (inputs, loss terms, gradient norm) -> Adam;
 4. :meth:`Reducer.fire_counts` (dead-feature counters, feature sparsity), :meth:`Reducer.step_metrics`
    and :meth:`Reducer.dead_fraction` (the returned metrics).
 
-``fit`` iterates :meth:`Reducer.batches`; ``evaluate`` adds :meth:`Reducer.reconstruction_metrics`.
+``fit`` iterates :meth:`Reducer.batches`; ``evaluate`` sums through :meth:`Reducer.sum` and adds
+:meth:`Reducer.reconstruction_metrics`.
 :meth:`Reducer.attach` runs once, when the trainer is built.
 
 This base class is the single-process reducer: no communication, every method returns its input (or

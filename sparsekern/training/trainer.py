@@ -40,7 +40,7 @@ from . import checkpoint as ckpt
 from .base import TrainingModule
 from .config import TrainingConfig
 from .export import to_inference
-from .guards import NonFiniteError, check_float, nonfinite_inputs, nonfinite_results, refusal
+from .guards import NonFiniteError, check_float, count_nonfinite, nonfinite, refusal
 from .reducer import LOCAL, Reducer
 from .schedule import coefficient, lr_factor
 
@@ -246,9 +246,15 @@ class SAETrainer:
         n_rows = int(x.shape[0])
         n_total = red.start_step(n_rows)
         x, y = self._to_device(x, y)
-        bad = nonfinite_inputs(red, x, y if cfg.transcoder else None)
-        if bad:
-            return self._refuse(*bad)
+        # NaN / inf in the inputs are counted here, on the unscaled batch, but read back together with the
+        # loss's and the gradient's after the backward: the checks cost one host synchronisation per step
+        # (the snapshot undoes what the forward changed). A step that estimates the scaling factor reads
+        # them at once: the estimate would otherwise meet them first and blame the norm.
+        in_counts = count_nonfinite(x, y if cfg.transcoder else None)
+        if cfg.normalize_activations == "expected_average_only_in" and self.scaling_factor is None:
+            bad, in_counts = nonfinite(red, in_counts), []
+            if bad:
+                return self._refuse(*bad)
         saved = self._snapshot()
         x, y = self._scale(x, y)
         if not self.b_dec_initialized:
@@ -258,7 +264,7 @@ class SAETrainer:
         red.loss_for_backward(out.loss, n_rows, n_total).backward()
         red.reduce_gradients(sae)  # before clipping: the norm is the whole batch's
         norm = red.clip_gradients(sae, cfg.max_grad_norm) if cfg.max_grad_norm is not None else None
-        bad = nonfinite_results(red, out, norm)
+        bad = nonfinite(red, in_counts, out, norm)
         if bad:
             self.optimizer.zero_grad(set_to_none=True)
             self._restore(saved)
