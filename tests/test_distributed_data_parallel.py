@@ -251,6 +251,11 @@ def _ddp(rank):
     diff = max(float((a - b).abs().max()) for a, b in zip(one.sae.state_dict().values(),
                                                             ddp.sae.state_dict().values()))
     steps, scale = (one.n_training_steps, ddp.n_training_steps), (one.scaling_factor, ddp.scaling_factor)
+    # what the ranks estimate the scale from (the first bare step's batch): each rank's float32 norms summed
+    # in float32, the two sums then added in float64 (exact for two values, whatever the order)
+    first = batches[0][:24]
+    rank_sums = [first[r.start:r.stop].float().norm(dim=-1).sum().item() for r in (range(0, 12), range(12, 24))]
+    scale_from_rank_sums = math.sqrt(8) / ((rank_sums[0] + rank_sums[1]) / 24)
     dead = (one.dead_neurons.sum().item(), ddp.dead_neurons.sum().item())
     tokens = ddp.n_training_tokens
     keys = ("loss", "mse", "l0", "explained_variance")
@@ -272,6 +277,7 @@ def _ddp(rank):
         diff = max(diff, *(float((a - b).abs().max()) for a, b in zip(one.sae.state_dict().values(),
                                                                       ddp.sae.state_dict().values())))
     return dict(param_diff=diff, metric_diff=mdiff, steps=steps, dead=dead, scale=scale, tokens=tokens,
+                scale_from_rank_sums=scale_from_rank_sums,
                 evaluate=(ev_one, ev_ddp, ev_local))
 
 
@@ -420,7 +426,10 @@ def test_ddp_matches_full_batch(results):
     for res in results:
         d = res["ddp"]
         assert d["steps"] == (6, 6) and d["tokens"] == 6 * 24
-        assert d["scale"][0] == pytest.approx(d["scale"][1], rel=1e-6)  # float32 vs float64 norm sums
+        # one process sums its 24 float32 norms in float32, each rank its 12 (then float64 over the ranks):
+        # two roundings of one sum
+        assert d["scale"][0] == pytest.approx(d["scale"][1], rel=1e-6)
+        assert d["scale"][1] == d["scale_from_rank_sums"]  # exactly the float32 per-rank sums
         assert d["dead"][0] == d["dead"][1]
         assert d["param_diff"] <= 1e-6, d
         assert d["metric_diff"] <= 1e-6, d  # step metrics: global sums, relative to max(1, |value|)

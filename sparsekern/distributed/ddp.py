@@ -7,7 +7,9 @@ rounding of the gradient sums, ~1e-7 relative in float32):
 * the losses are means over rows, so the full-batch gradient is ``sum_r (n_r / N) grad_r``: each rank
   scales its gradients by ``n_r / N`` and they are summed (all-reduce) before clipping and Adam;
 * the firing counts (dead-feature mask, AuxK, feature sparsity) are summed (exact integers);
-* the activation scaling factor and the ``b_dec`` initialisation use every rank's rows;
+* the activation scaling factor and the ``b_dec`` initialisation use every rank's rows (for the
+  scale each rank sums its float32 norms in float32, as one process does, and the ranks' sums are
+  added in float64);
 * parameters are broadcast from rank 0 at start, checkpoints are written by rank 0 only;
 * the NaN / inf checks of a step are summed too, so every rank refuses (or, with ``skip_nonfinite``,
   skips) the same step.
@@ -32,7 +34,7 @@ from torch import Tensor, nn
 from ..training import Reducer, SAETrainer, StepOutput, TrainingConfig
 from ..training.trainer import Batch
 from . import _comm
-from .data_parallel import rank_and_world, sharded_range
+from .data_parallel import _collective, rank_and_world, sharded_range
 
 __all__ = ["DataParallelReducer", "DistributedSAETrainer", "shard_rows", "train_sae_ddp"]
 
@@ -52,11 +54,6 @@ def _refuse_batchtopk(cfg: TrainingConfig) -> None:
             "DistributedSAETrainer: architecture='batchtopk' selects over the whole batch and cannot be "
             "split across ranks exactly; use 'topk' (or train BatchTopK on one process)"
         )
-
-
-def _collective(what: str, fn, *args, **kwargs):
-    """One collective; a failure (a peer raised, exited or timed out) names the operation and the rank."""
-    return _comm.collective(f"collective {what!r}", lambda: fn(*args, **kwargs))
 
 
 class DataParallelReducer(Reducer):

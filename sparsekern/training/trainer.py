@@ -158,8 +158,9 @@ class SAETrainer:
     @torch.no_grad()
     def estimate_scaling_factor(self, batches: Iterable[Batch]) -> float:
         """``sqrt(d_in) / E||x||`` over ``batches`` (SAELens's ``ActivationScaler``) of every process;
-        sets and returns it. A batch with NaN / inf norms raises :class:`NonFiniteError` (with
-        ``skip_nonfinite``: is left out of the estimate)."""
+        sets and returns it. Each batch's float32 norms are summed in float32; those sums are added in
+        float64, over batches and then (``reducer.sum``) over processes. A batch with NaN / inf norms
+        raises :class:`NonFiniteError` (with ``skip_nonfinite``: is left out of the estimate)."""
         total, count, bad = 0.0, 0, 0
         for b in batches:
             x = split_batch(b)[0]
