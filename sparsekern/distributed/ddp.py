@@ -75,7 +75,6 @@ class DataParallelReducer(Reducer):
     def attach(self, cfg: TrainingConfig, module: nn.Module) -> None:
         _refuse_batchtopk(cfg)
         self.device = torch.device(cfg.device)
-        self.d_out = cfg.d_out
         src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
         with torch.no_grad():  # same start everywhere, whatever each rank was given
             for t in itertools.chain(module.parameters(), module.buffers()):

@@ -34,6 +34,18 @@ def make_df_from_ranges(column_max_ranges: Sequence[int], column_names: Sequence
     return pd.DataFrame(rows, columns=column_names)
 
 
+def axis_sizes(cfg, pos: int, activation_name: str) -> dict[str, int]:
+    """The size of each index axis name of a sweep over ``activation_name`` (TransformerLens's
+    ``max_range``): ``layer`` (``cfg.n_layers``), ``pos`` / ``src_pos`` / ``dest_pos`` (``pos``, the
+    sequence length) and ``head_index`` / ``head`` (``cfg.n_heads``; ``cfg.n_key_value_heads`` for
+    ``k`` / ``v`` under grouped-query attention)."""
+    n_heads = cfg.n_heads
+    if activation_name in ("k", "v") and cfg.n_key_value_heads is not None:
+        n_heads = cfg.n_key_value_heads  # GQA: keys/values have fewer heads (TransformerLens rule)
+    return {"layer": cfg.n_layers, "pos": pos, "src_pos": pos, "dest_pos": pos,
+            "head_index": n_heads, "head": n_heads}
+
+
 def layer_pos_patch_setter(corrupted_activation: torch.Tensor, index, clean_activation: torch.Tensor):
     """index = [layer, pos]; activation ``[batch, pos, ...]``: copy ``clean[:, pos]``."""
     assert len(index) == 2

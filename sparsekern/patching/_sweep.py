@@ -9,7 +9,7 @@ import pandas as pd
 import torch
 
 from ._patches import Patch, is_pattern_hook, is_position_local_hook
-from ._setters import INDEX_AXES, INDEX_LEN, make_df_from_ranges, setter_kind
+from ._setters import INDEX_AXES, INDEX_LEN, axis_sizes, make_df_from_ranges, setter_kind
 
 
 class Sweep:
@@ -22,11 +22,7 @@ class Sweep:
         if index_df is None:
             if index_axis_names is None:
                 raise ValueError("generic_activation_patch: give index_axis_names or index_df")
-            n_heads = cfg.n_heads
-            if activation_name in ["k", "v"] and cfg.n_key_value_heads is not None:
-                n_heads = cfg.n_key_value_heads  # GQA: keys/values have fewer heads (TransformerLens rule)
-            max_range = {"layer": cfg.n_layers, "pos": tokens.shape[-1], "head_index": n_heads}
-            max_range.update(src_pos=max_range["pos"], dest_pos=max_range["pos"], head=n_heads)
+            max_range = axis_sizes(cfg, tokens.shape[-1], activation_name)
             bad = [a for a in index_axis_names if a not in max_range]
             if bad:
                 raise ValueError(

@@ -34,7 +34,6 @@ plus memory for the autograd graph of one corrupted run. A user-supplied ``patch
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -50,30 +49,15 @@ import transformer_lens.utilities as _tl_utils
 from sparsekern.patching import _attribution_qk as _qk
 from sparsekern.patching._api import _stack_heads
 from sparsekern.patching._common import Metric, check_tokens
+from sparsekern.patching._setters import INDEX_AXES, axis_sizes, setter_kind
 make_df_from_ranges = _tlp.make_df_from_ranges
-
-# Indexed axes of each TL setter (after the batch axis is dropped: index positions 1.. of the row).
-# "layer_pos": act[:, pos]; "pos_head": act[:, pos, head]; "head": act[:, :, head];
-# "head_pattern": act[:, head]; "head_dest": act[:, head, dest]; "head_dest_src": act[:, head, dest, src].
-_SETTER_DIMS: Dict[str, Tuple[int, ...]] = {
-    "layer_pos_patch_setter": (1,),
-    "layer_pos_head_vector_patch_setter": (1, 2),
-    "layer_head_vector_patch_setter": (2,),
-    "layer_head_pattern_patch_setter": (1,),
-    "layer_head_pos_pattern_patch_setter": (1, 2),
-    "layer_head_dest_src_pos_pattern_patch_setter": (1, 2, 3),
-}
 
 
 def _setter_dims(patch_setter: Callable) -> Optional[Tuple[int, ...]]:
-    """Indexed axes of a known (TL or sparsekern) setter; None for a user-supplied one."""
-    name = getattr(patch_setter, "__name__", None)
-    if name not in _SETTER_DIMS:
-        return None
-    for mod in (_tlp, sys.modules.get("sparsekern.patching")):
-        if mod is not None and getattr(mod, name, None) is patch_setter:
-            return _SETTER_DIMS[name]
-    return None
+    """Indexed axes of a known (TransformerLens or sparsekern) setter (``_setters.INDEX_AXES``, e.g.
+    ``(1, 2)`` for ``act[:, pos, head]``); None for a user-supplied one."""
+    kind = setter_kind(patch_setter)
+    return INDEX_AXES[kind] if kind is not None else None
 
 
 @dataclass
@@ -92,11 +76,7 @@ def _make_spec(model, pos: int, patch_setter, activation_name, index_axis_names,
     if index_df is None:
         if index_axis_names is None:
             raise ValueError("give index_axis_names or index_df")
-        n_heads = model.cfg.n_heads
-        if activation_name in ("k", "v") and model.cfg.n_key_value_heads is not None:
-            n_heads = model.cfg.n_key_value_heads
-        max_range = {"layer": model.cfg.n_layers, "pos": pos, "src_pos": pos, "dest_pos": pos,
-                     "head_index": n_heads, "head": n_heads}
+        max_range = axis_sizes(model.cfg, pos, activation_name)
         ranges = [max_range[a] for a in index_axis_names]
         df = make_df_from_ranges(ranges, index_axis_names)
         return _Spec(patch_setter, activation_name, df, ranges, False)
