@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sparsekern.training import ActivationStore, NonFiniteError, SAETrainer, TrainingConfig, train_sae
+from sparsekern.training import (ActivationStore, NonFiniteError, Reducer, SAETrainer, TrainingConfig,
+                                 train_sae)
 
 D_IN, D_SAE, N = 8, 32, 24
 ARCHS = ["topk", "batchtopk", "jumprelu", "standard", "gated"]
@@ -185,6 +186,32 @@ def test_scaling_estimate_refuses_or_leaves_out_nonfinite_batches():
     want = SAETrainer(_cfg("topk")).estimate_scaling_factor(good)
     got = SAETrainer(_cfg("topk", skip_nonfinite=True)).estimate_scaling_factor(good[:1] + [bad] + good[1:])
     assert got == want
+
+
+def test_a_step_combines_its_nonfinite_checks_once():
+    # the inputs', losses' and gradient's checks go through one reducer.sum (one collective under data
+    # parallelism, one host sync on a GPU); only a step that estimates the scale checks its inputs first
+    calls = []
+
+    class Counting(Reducer):
+        def sum(self, values, what):
+            calls.append(what)
+            return super().sum(values, what)
+
+    tr = SAETrainer(_cfg("topk"), reducer=Counting())
+    tr.step(_batch(0))
+    tr.step(_batch(1))
+    assert calls == ["non-finite checks"] * 2
+    calls.clear()
+    tr = SAETrainer(_cfg("topk", normalize_activations="expected_average_only_in"), reducer=Counting())
+    tr.step(_batch(0))
+    tr.step(_batch(1))
+    assert calls == ["non-finite checks", "scaling factor", "non-finite checks", "non-finite checks"]
+    x = _batch(2)
+    x[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="the input activations x hold 1 NaN") as e:
+        tr.step(x)  # found by the one check after the backward, and named as an input
+    assert e.value.what == ["x"]
 
 
 def test_skip_nonfinite_must_be_a_bool():
