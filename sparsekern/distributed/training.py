@@ -35,9 +35,7 @@ from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
-
-from torch import nn
+from torch import Tensor, nn
 
 from ..ops import sparse_decode, threshold_encode, topk_encode
 from ..training import Reducer, SAETrainer, TrainingConfig, build_module
@@ -419,11 +417,9 @@ class ShardedTrainer(SAETrainer):
             raise FileNotFoundError(
                 f"no checkpoint for this rank at {folder} (saved with another world size?)")
         tensors, meta = ckpt.load_state(folder)
-        cfg_d = dict(meta["cfg"])
-        if device is not None:
-            cfg_d["device"] = device
-        tr = cls(TrainingConfig.from_dict(cfg_d), group, data_group)
-        if (tr.sae.feature_offset, tr.sae.d_sae_local) != (meta["feature_offset"], meta["d_sae_local"]):
+        tr = cls(ckpt.saved_config(folder, meta, device), group, data_group)
+        saved = ckpt.checked(folder, lambda: (meta["feature_offset"], meta["d_sae_local"]))
+        if (tr.sae.feature_offset, tr.sae.d_sae_local) != saved:
             raise ValueError(f"{folder} holds features at offset {meta['feature_offset']} "
                              f"(x{meta['d_sae_local']}); this rank's group gives {tr.sae.feature_offset} "
                              f"(x{tr.sae.d_sae_local}): resume with the groups of the saved run")

@@ -21,6 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from .config import TrainingConfig
+
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
 
@@ -160,6 +162,16 @@ def read_state_tensors(path: Path) -> dict[str, Tensor]:
             f"{path}: cannot read the trainer state tensors ({type(e).__name__}: {e}); the file is truncated "
             "or corrupted"
         ) from e
+
+
+def saved_config(folder: Path, meta: dict[str, Any], device: Any = None) -> TrainingConfig:
+    """The ``TrainingConfig`` of the trainer state ``meta`` read from ``folder`` (``device``, when given,
+    replaces the saved one); a config that cannot be built raises a ``ValueError`` naming
+    ``folder / trainer_state.json``."""
+    cfg_d = dict(meta["cfg"])
+    if device is not None:
+        cfg_d["device"] = device
+    return checked(Path(folder) / STATE_JSON, lambda: TrainingConfig.from_dict(cfg_d))
 
 
 def checked(folder: Path, fn: Callable[[], Any]) -> Any:

@@ -459,10 +459,7 @@ class SAETrainer:
         that cannot be read, or a state that does not fit, raises an error naming it."""
         path = Path(path)
         tensors, meta = ckpt.load_state(path)
-        cfg_d = dict(meta["cfg"])
-        if device is not None:
-            cfg_d["device"] = device
-        tr = cls(ckpt.checked(path / ckpt.STATE_JSON, lambda: TrainingConfig.from_dict(cfg_d)))
+        tr = cls(ckpt.saved_config(path, meta, device))
         ckpt.checked(path, lambda: tr.load_trainer_state(tensors, meta))
         return tr
 
