@@ -75,15 +75,16 @@ def nonfinite(reducer: Reducer, input_counts: Sequence[Tensor], out: Optional[St
     """
     names = ["loss", *out.losses] if out is not None else []
     values = [out.loss, *out.losses.values()] if out is not None else []
-    queued = [c.to(torch.float64) for c in input_counts]
-    queued += [torch.isfinite(v.detach()).all().logical_not().to(torch.float64) for v in values]
-    on_host: list[float] = []
+    # int64 on the device (not float64: MPS has none); 1 = not finite for the loss terms and the norm
+    queued = [c.to(torch.int64) for c in input_counts]
+    queued += [torch.isfinite(v.detach()).all().logical_not().to(torch.int64) for v in values]
+    on_host: list[int] = []
     if norm is not None:
         names.append("gradient")
         if isinstance(norm, Tensor):
-            queued.append(torch.isfinite(norm.detach()).all().logical_not().to(torch.float64))
+            queued.append(torch.isfinite(norm.detach()).all().logical_not().to(torch.int64))
         else:
-            on_host.append(0.0 if math.isfinite(norm) else 1.0)
+            on_host.append(0 if math.isfinite(norm) else 1)
     local = (torch.stack(queued).tolist() if queued else []) + on_host
     total = reducer.sum(local, "non-finite checks")
     counts, flags = total[: len(input_counts)], total[len(input_counts):]
