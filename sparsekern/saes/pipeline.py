@@ -219,7 +219,7 @@ class SAEPipeline(RunTimeNormalization, HookedRootModule):
             self.cfg.dtype = dtype_to_str(dtype)
         return super().to(*args, **kwargs)
 
-    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> "SAE":
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> "SAEPipeline":
         """Every cast / move (``.to``, ``.double()``, ``.half()``, ``.cuda()``, a parent module's ``.to``)
         goes through here: afterwards ``dtype`` / ``device`` and ``cfg.dtype`` / ``cfg.device`` follow the
         parameters, as in SAELens, so the SAE keeps casting its input to the dtype its weights have."""
