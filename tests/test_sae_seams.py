@@ -65,3 +65,39 @@ def test_attached_hooks_and_wrappers():
     assert wrappers["blocks.0.hook_resid_pre"].original is sae
     model.reset_saes()
     assert model.attached_hooks == {}
+
+
+def _private_methods(cls) -> set[str]:
+    return {k for k in vars(cls) if k.startswith("_") and not k.startswith("__")}
+
+
+def test_subclasses_outside_saes_override_only_the_subclass_api():
+    """ShardedSAE (distributed/) changes the pipeline only through its documented subclass API (plus the
+    public ``reconstruct``), not through any other private method of the SAE base."""
+    from sparsekern.distributed.sharded_sae import ShardedSAE
+    from sparsekern.saes.pipeline import SUBCLASS_API, SAEPipeline
+
+    base = set().union(*(_private_methods(c) for c in sk.SAE.__mro__ if issubclass(c, SAEPipeline)))
+    assert set(SUBCLASS_API) <= base  # every documented name is a method of the base
+    overridden = _private_methods(ShardedSAE) & base
+    assert overridden and overridden <= set(SUBCLASS_API), sorted(overridden - set(SUBCLASS_API))
+    assert "reconstruct" in vars(ShardedSAE)
+
+
+def test_forward_runs_the_public_reconstruct():
+    """The override point a subclass gets for "the code is only decoded": forward goes through it."""
+    calls = []
+
+    class Counting(sk.StandardSAE):
+        def reconstruct(self, x, *args, **kwargs):
+            calls.append(args)
+            return super().reconstruct(x, *args, **kwargs)
+
+    sae = _sae(Counting, sk.StandardSAEConfig)
+    x = torch.randn(3, D)
+    with torch.no_grad():
+        # the same sparse code and kernel as decode(encode_sparse(x)): bitwise equal
+        torch.testing.assert_close(sae(x), sae.decode(sae.encode_sparse(x)), rtol=0, atol=0)
+        sae.use_error_term = True
+        sae(x)  # its value: tests/test_sae_error_term.py
+    assert len(calls) == 2 and calls[0][0] is None and calls[1][0] is x  # error_target: None, then x

@@ -286,7 +286,7 @@ class ShardedSAE(SAE):
 
         return Path(path) / SAE_WEIGHTS_FILENAME, Path(path) / SAE_CFG_FILENAME
 
-    # ---- the sharded pipeline ---------------------------------------------------------------------
+    # ---- the sharded pipeline: overrides of the pipeline's subclass API (saes.pipeline.SUBCLASS_API) ------
     def _sizes(self) -> tuple[int, ...]:
         return tuple(b - a for a, b in (shard_range(self.cfg.d_sae, r, self.world_size)
                                         for r in range(self.world_size)))
@@ -337,13 +337,14 @@ class ShardedSAE(SAE):
 
     _decode_only = False
 
-    def _reconstruct(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        # forward / HookedSAETransformer: if nothing looks at the code (no hook on acts_post, no sparse
-        # capture), a threshold code stays local (global indices, this rank's features only): the
-        # encode then needs no communication at all, the decode's all-reduce sums the ranks' parts
+    def reconstruct(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """As :meth:`SAE.reconstruct` (what ``forward`` and ``HookedSAETransformer`` run). If nothing looks
+        at the code (no hook on ``hook_sae_acts_post``, no ``sparse_sink``), a threshold code stays local
+        (global indices, this rank's features only): the encode then needs no communication at all, and
+        the decode's all-reduce sums the ranks' parts."""
         self._decode_only = not has_hooks(self.hook_sae_acts_post) and self.sparse_sink is None
         try:
-            return super()._reconstruct(x, *args, **kwargs)
+            return super().reconstruct(x, *args, **kwargs)
         finally:
             self._decode_only = False
 
@@ -375,11 +376,7 @@ class ShardedSAE(SAE):
                 values = values * scale[loc]
             part = sparse_decode(values, loc, self.W_dec)
         else:
-            if not isinstance(f, Tensor) or f.dim() == 0 or f.shape[-1] != self.cfg.d_sae:
-                shape = tuple(f.shape) if isinstance(f, Tensor) else type(f).__name__
-                raise ValueError(
-                    f"decode expects a dense code [..., d_sae={self.cfg.d_sae}] or SparseActs, got {shape}")
-            f = f.to(self.dtype)[..., self.feature_offset: self.feature_offset + self.d_sae_local]
+            f = self._dense_code(f)[..., self.feature_offset: self.feature_offset + self.d_sae_local]
             part = (f * scale if scale is not None else f) @ self.W_dec
         return reduce_from_group(part, self.group) + self.b_dec
 

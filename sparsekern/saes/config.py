@@ -74,7 +74,6 @@ class SAEMetadata:
 
 
 SPARSEKERN_ONLY_FIELDS = ("apply_relu",)  # not in SAELens: omitted from to_dict() at their default
-_SPARSEKERN_ONLY_FIELDS = SPARSEKERN_ONLY_FIELDS  # the old private name
 
 
 @dataclass

@@ -5,9 +5,9 @@ With no hook on ``hook_sae_acts_pre`` / ``hook_sae_acts_post`` the encoder goes 
 shape ``[..., d_sae]`` is built except the dense code that ``encode()`` returns. Hooks on those two points get
 the dense tensors SAELens gives them.
 
-Architectures differ only in four small methods: ``_dense_pre`` / ``_dense_act`` (SAELens's own dense
-expressions, used when ``hook_sae_acts_pre`` is hooked), ``_sparse_act`` (the op call) and ``_code_scale``.
-Run-time normalisation is :mod:`.normalize`'s.
+Architectures (and ``sparsekern.distributed.ShardedSAE``) differ only in the methods of
+:data:`SUBCLASS_API`, the pipeline's subclass API: see :class:`SAEPipeline`. Run-time normalisation is
+:mod:`.normalize`'s.
 """
 
 from __future__ import annotations
@@ -27,6 +27,14 @@ from .normalize import NormState, RunTimeNormalization
 
 T = TypeVar("T", bound="SAEPipeline")
 
+# The methods a subclass overrides to change how the code is computed (documented on SAEPipeline). They
+# keep their underscore because they are not for callers; a subclass in another package (ShardedSAE)
+# overrides these and no other private method of the pipeline (tests/test_sae_seams.py checks).
+SUBCLASS_API = (
+    "_param_shapes", "_dense_pre", "_dense_act", "_sparse_act", "_code_scale", "_code_slots", "_pre_at",
+    "_decode_raw", "_finish_decode",
+)
+
 
 # ---- helpers -------------------------------------------------------------------------------------
 def has_hooks(hp: nn.Module) -> bool:
@@ -44,8 +52,6 @@ def has_hooks(hp: nn.Module) -> bool:
         or _m._global_backward_hooks
     )
 
-
-_has_hooks = has_hooks  # the old private name
 
 
 def _version(t: Tensor) -> Optional[int]:
@@ -81,6 +87,27 @@ class SAEPipeline(RunTimeNormalization, HookedRootModule):
     ``hook_sae_acts_pre``, ``hook_sae_acts_post``, ``hook_sae_output``, ``hook_sae_recons``,
     ``hook_sae_error``. Subclass :class:`~sparsekern.saes.sae.SAE` (which adds weight surgery and the
     build / load / save classmethods), not this class.
+
+    Subclass API (:data:`SUBCLASS_API`): the methods an architecture overrides, calling ``super()`` for
+    the base's behaviour (this base is the ReLU / "standard" SAE). ``xc`` is the input less ``b_dec`` when
+    ``cfg.apply_b_dec_to_input``.
+
+    - ``_param_shapes() -> {name: shape}``: every parameter, made by ``initialize_weights`` and checked
+      when a state dict is loaded.
+    - ``_sparse_act(sae_in [..., d_in], b_in [d_in] | None) -> SparseActs [..., k]``: the code via the
+      sparse ops (no hook on ``hook_sae_acts_pre``); ``b_in`` is the bias to subtract from the input.
+    - ``_dense_pre(xc [..., d_in]) -> [..., d_sae]`` and ``_dense_act(xc, pre [..., d_sae]) -> [..., d_sae]``:
+      SAELens's dense expressions, used only when ``hook_sae_acts_pre`` is hooked (``pre`` may be edited).
+    - ``_code_scale() -> [d_sae] | None``: the factor ``decode`` multiplies the code by.
+    - ``_code_slots(code) -> bool [..., k]`` (which slots hold a selected feature) and
+      ``_pre_at(xc, code) -> [..., k]`` (pre-activations at the code's features): for ``sparse_sink``.
+    - ``_decode_raw(f: [..., d_sae] | SparseActs) -> [..., d_out]``: ``f @ W_dec + b_dec``, no hooks.
+    - ``_finish_decode(recon, norm, hooks) -> (out, edited)``: ``hook_sae_recons``, de-normalisation,
+      hook_z reshape.
+
+    ``_dense_code(f)`` checks a dense code for a ``_decode_raw`` override. A subclass that must know
+    whether the code leaves the SAE (``encode`` returns it) or is only decoded (``forward``,
+    ``HookedSAETransformer``) overrides the public :meth:`reconstruct`, which both of the latter run.
     """
 
     cfg: SAEConfig
@@ -192,7 +219,7 @@ class SAEPipeline(RunTimeNormalization, HookedRootModule):
             self.cfg.dtype = dtype_to_str(dtype)
         return super().to(*args, **kwargs)
 
-    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> "SAE":
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> "SAEPipeline":
         """Every cast / move (``.to``, ``.double()``, ``.half()``, ``.cuda()``, a parent module's ``.to``)
         goes through here: afterwards ``dtype`` / ``device`` and ``cfg.dtype`` / ``cfg.device`` follow the
         parameters, as in SAELens, so the SAE keeps casting its input to the dtype its weights have."""
@@ -213,7 +240,7 @@ class SAEPipeline(RunTimeNormalization, HookedRootModule):
             self.device = p.device
             self.cfg.device = str(p.device)
 
-    # ---- the four architecture-specific pieces (this base is the ReLU / "standard" SAE) ---------
+    # ---- the subclass API's encode pieces (SUBCLASS_API; this base is the ReLU / "standard" SAE) --
     def _dense_pre(self, xc: Tensor) -> Tensor:
         """Dense pre-activations exactly as SAELens computes them (only when acts_pre is hooked)."""
         return xc @ self.W_enc + self.b_enc
@@ -371,15 +398,19 @@ class SAEPipeline(RunTimeNormalization, HookedRootModule):
             if scale is not None:
                 values = values * scale[f.indices]
             return sparse_decode(values, f.indices, self.W_dec, self.b_dec)
+        f = self._dense_code(f)
+        if scale is not None:
+            f = f * scale
+        return f @ self.W_dec + self.b_dec
+
+    def _dense_code(self, f: Any) -> Tensor:
+        """``f`` checked to be a dense code ``[..., d_sae]`` (ValueError otherwise), in the SAE's dtype."""
         if not isinstance(f, Tensor) or f.dim() == 0 or f.shape[-1] != self.cfg.d_sae:
             shape = tuple(f.shape) if isinstance(f, Tensor) else type(f).__name__
             raise ValueError(
                 f"decode expects a dense code [..., d_sae={self.cfg.d_sae}] or SparseActs, got {shape}"
             )
-        f = f.to(self.dtype)
-        if scale is not None:
-            f = f * scale
-        return f @ self.W_dec + self.b_dec
+        return f.to(self.dtype)
 
     def _finish_decode(self, recon: Tensor, norm: NormState, hooks: bool) -> tuple[Tensor, bool]:
         out, edited = self._hook("hook_sae_recons", recon, hooks)
@@ -430,7 +461,7 @@ class SAEPipeline(RunTimeNormalization, HookedRootModule):
         here it comes from the same encode, taken before any hook edit (a second hook-free pass happens
         only if a hook edited ``hook_sae_input``/``hook_sae_acts_pre`` or a dense code in place).
         """
-        out = self._reconstruct(x, x if self.use_error_term else None, self.hook_sae_error)
+        out = self.reconstruct(x, x if self.use_error_term else None, self.hook_sae_error)
         return self._hook("hook_sae_output", out, True)[0]
 
     def reconstruct(
@@ -444,28 +475,13 @@ class SAEPipeline(RunTimeNormalization, HookedRootModule):
         when ``error_target`` is given (``error_mask``, broadcast over the last dim: no error where true).
 
         What ``forward`` (``error_target=x``) and ``HookedSAETransformer`` (the activation at the output
-        hook) run; without hook edits the result is ``error_target`` up to one rounding. No
-        ``hook_sae_output`` and no transcoder skip connection.
-        """
-        return self._reconstruct(x, error_target, error_hook, error_mask)
+        hook) run. No ``hook_sae_output`` and no transcoder skip connection.
 
-    def _reconstruct(
-        self,
-        x: Tensor,
-        error_target: Optional[Tensor] = None,
-        error_hook: Optional[Callable[[Tensor], Tensor]] = None,
-        error_mask: Optional[Tensor] = None,
-    ) -> Tensor:
-        """``decode(encode(x))`` with hooks; plus ``error_hook(error_target - clean reconstruction)``.
-
-        The clean (hook-free) reconstruction is taken from the same encode when no hook edited the
-        code on its way (SAELens always runs a second, hook-free pass). ``error_mask`` (broadcast over
-        the last dim) zeroes the error where true. Shared by ``forward`` and HookedSAETransformer.
-
-        When no hook edited anything, the clean reconstruction *is* the returned ``out`` tensor, so the
-        result is ``out + (error_target - out)``: ``error_target`` up to the rounding of that one sum, on
-        any machine (a second decode, even of the same code, may take another kernel and round
-        differently).
+        The clean (hook-free) reconstruction is taken from the same encode when no hook edited the code on
+        its way (SAELens always runs a second, hook-free pass). When no hook edited anything it *is* the
+        returned tensor, so the result is ``out + (error_target - out)``: ``error_target`` up to the
+        rounding of that one sum, on any machine (a second decode, even of the same code, may take another
+        kernel and round differently).
         """
         c = self._encode(x)
         self._norm_state = None if self._decode_undoes_norm else c.norm  # where SAELens's forward leaves it
