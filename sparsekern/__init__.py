@@ -42,9 +42,24 @@ def _load_shard(path, device="cpu", dtype=None, *, group=None, fold_W_dec_norm=F
     return ShardedSAE.load_from_disk(path, device, dtype, group=group, fold_W_dec_norm=fold_W_dec_norm)
 
 
+def _class_label(architecture: str) -> str:
+    from .saes.io import class_label
+
+    return class_label(architecture)
+
+
+def _config_fields(architecture: str) -> set[str]:
+    from .saes.io import config_fields
+
+    return config_fields(architecture)
+
+
 from . import registry as _registry  # noqa: E402  (a leaf: imports no SAE class)
+from .loading import sae_lens_format as _sae_lens_format  # noqa: E402  (readers: no SAE class either)
 
 _registry.register_shard_loader(_load_shard, replace=True)  # the default; a plug-in may replace it
+# the readers' class names and pre-6.0 config fields come from the registry (saes imported on first use)
+_sae_lens_format.set_class_info(_class_label, _config_fields)
 
 
 # import the native extension now so a missing build is reported once, at import

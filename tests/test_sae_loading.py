@@ -156,13 +156,20 @@ def test_pre_6_config_is_upgraded_like_sae_lens(tmp_path):
     torch.testing.assert_close(ours(x), ref(x), **TOL)
 
 
-def test_pre_6_config_dict_is_sae_lens_and_loading_needs_no_class():
-    """loading's upgrade keeps every key (it knows no config class); saes' trims to the architecture's
-    config fields as SAELens does; both build the same config."""
+def test_pre_6_config_dict_is_sae_lens_and_loading_needs_no_class(monkeypatch):
+    """loading's upgrade without class info keeps every key (loading/ knows no config class); saes'
+    trims to the architecture's config fields as SAELens does, and so does the public
+    sparsekern.loading.handle_config_defaulting with the root's class info; all build the same config."""
     from sae_lens.loading.pretrained_sae_loaders import handle_config_defaulting as sl_upgrade
 
+    import sparsekern.loading.sae_lens_format as slf
     import sparsekern.saes as saes
-    from sparsekern.loading import handle_config_defaulting as raw_upgrade
+    from sparsekern.loading import handle_config_defaulting as public_upgrade
+
+    def raw_upgrade(cfg):
+        with monkeypatch.context() as m:
+            m.setitem(slf._DEFAULTS, "config_fields", None)
+            return public_upgrade(cfg)
 
     old = {"d_in": 8, "d_sae": 16, "model_name": "gpt2", "hook_point": "blocks.2.hook_z", "lr": 3e-4,
            "activation_fn_str": "topk", "activation_fn_kwargs": {"k": 7}, "normalize_activations": True,
@@ -177,6 +184,7 @@ def test_pre_6_config_dict_is_sae_lens_and_loading_needs_no_class():
     assert ours["normalize_activations"] == "expected_average_only_in"
     assert {"lr", "activation_fn", "hook_name"} <= set(raw) - set(ours)
     assert saes.config_from_dict(old) == saes.SAEConfig.from_dict(raw) == saes.SAEConfig.from_dict(ours)
+    assert public_upgrade(dict(old)) == ours  # as before loading/ lost the classes: SAELens's trimming
 
 
 def test_disk_converter_is_accepted(tmp_path):

@@ -8,7 +8,9 @@ upgrades pre-6.0 SAELens configs as SAELens does.
 
 Nothing here knows the SAE classes: where a step needs them (the class name in an error, the fields of an
 architecture's config) the caller passes a function (``label``, ``config_fields``);
-:mod:`sparsekern.saes.io` passes the registry's.
+:mod:`sparsekern.saes.io` passes the registry's. A caller that passes neither gets the defaults set by
+:func:`set_class_info`: the package root sets the registry's there (looked up on first use), so the public
+readers name classes and trim old configs as SAELens does, while ``loading/`` imports no SAE module.
 """
 
 from __future__ import annotations
@@ -26,6 +28,18 @@ from ..constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, str_to_dtype
 Label = Callable[[str], str]
 # architecture name -> the field names of its config class
 ConfigFields = Callable[[str], Collection[str]]
+
+_DEFAULTS: dict[str, Optional[Callable[[str], Any]]] = {"label": None, "config_fields": None}
+
+
+def set_class_info(label: Optional[Label], config_fields: Optional[ConfigFields]) -> None:
+    """Set what the readers use when a caller passes no ``label`` / ``config_fields`` (None: the
+    class-free behaviour: ``'<architecture>' SAE`` in errors, every key of an old config kept)."""
+    for name, fn in (("label", label), ("config_fields", config_fields)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"set_class_info: {name} must be callable or None, got {type(fn).__name__}")
+    _DEFAULTS.update(label=label, config_fields=config_fields)
+
 
 # top-level keys of a pre-6.0 cfg.json that SAELens moves into ``metadata``
 LLM_METADATA_KEYS = {
@@ -148,6 +162,7 @@ def check_shapes(
     bad = {k: v for k, v in shapes.items() if k in want and tuple(v) != want[k]}
     if bad:
         arch = cfg_dict.get("architecture") or "standard"
+        label = label if label is not None else _DEFAULTS["label"]
         name = label(arch) if label is not None else f"{arch!r} SAE"
         raise ValueError(
             f"weights in {source} do not fit a {name} with d_in={d_in}, d_sae={d_sae}"
@@ -232,8 +247,8 @@ def handle_config_defaulting(
     """Upgrade a pre-6.0 SAELens cfg dict (flat ``hook_name`` etc.) to the 6.x layout; 6.x passes through.
 
     As SAELens, the upgraded dict keeps only the fields of the architecture's config class, named by
-    ``config_fields(architecture)``; without it every key is kept (the config classes ignore unknown
-    keys). ``sparsekern.saes.io.handle_config_defaulting`` passes the registry's classes.
+    ``config_fields(architecture)`` (default: :func:`set_class_info`'s, the registry's after
+    ``import sparsekern``); with neither, every key is kept (the config classes ignore unknown keys).
     """
     from packaging.version import InvalidVersion, Version
 
@@ -242,6 +257,7 @@ def handle_config_defaulting(
         old = not version or Version(str(version)) < Version("6.0.0-rc.0")
     except InvalidVersion:
         old = True
+    config_fields = config_fields if config_fields is not None else _DEFAULTS["config_fields"]
     return _pre_6_0_config(cfg_dict, config_fields) if old else cfg_dict
 
 
