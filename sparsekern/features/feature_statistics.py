@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 import torch
 from torch import Tensor
 
+from ..ops.validate import int_arg
 from ..sparse_acts import SparseActs
 from . import _checks
 from .accumulators import (
@@ -374,10 +375,10 @@ class FeatureStats:
             raise ValueError(
                 f"a FeatureStats state_dict needs the keys {list(STATE_KEYS)}; missing {missing}")
         cfg = FeatureStatsConfig.from_dict(state["config"])
-        n_tokens = _checks.int_arg("state['n_tokens']", state["n_tokens"], 0)
+        n_tokens = int_arg("state['n_tokens']", state["n_tokens"], 0)
         obj = cls.__new__(cls)
-        obj._setup(cfg, _checks.int_arg("state['memory_budget']", state.get("memory_budget", 4 * _GiB), 0),
-                   _checks.int_arg("state['top_partners']", state.get("top_partners", 10), 1))
+        obj._setup(cfg, int_arg("state['memory_budget']", state.get("memory_budget", 4 * _GiB), 0),
+                   int_arg("state['top_partners']", state.get("top_partners", 10), 1))
         tensors = dict(state["tensors"])
         if device is None:
             device = next(iter(tensors.values())).device if tensors else torch.device("cpu")
