@@ -80,8 +80,9 @@ def collective(name: str, fn: Callable[[], R], group: Group = None) -> R:
 def all_gather(t: Tensor, group: Group = None, name: str = "all_gather") -> list[Tensor]:
     """Every rank's ``t`` (same shape/dtype on all ranks), in rank order. Not differentiable."""
     _, world = rank_world(group)
+    t = t.contiguous()  # the outputs take its layout: contiguous, as the backends want
     out = [torch.empty_like(t) for _ in range(world)]
-    collective(name, lambda: dist.all_gather(out, t.contiguous(), group=group), group)
+    collective(name, lambda: dist.all_gather(out, t, group=group), group)
     return out
 
 
