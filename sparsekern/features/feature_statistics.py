@@ -159,17 +159,25 @@ class FeatureStats:
         self.memory_budget = memory_budget
         self._top_n = top_n or 10  # the default n of top_partners()
 
+    def _kinds(self) -> list[tuple[str, type, dict[str, Any]]]:
+        """``(attribute, accumulator class, its options)`` of each part this configuration keeps."""
+        cfg = self._cfg
+        kinds: list[tuple[str, type, dict[str, Any]]] = [("_moments", MomentsAccumulator, {})]
+        if cfg.cooccurrence in ("dense", "subset"):
+            kinds.append(("_co", PairTableAccumulator, {"memory_budget": self.memory_budget,
+                                                        "default_n": self._top_n}))
+        elif cfg.cooccurrence == "sketch":
+            kinds.append(("_co", PartnerSketchAccumulator, {"default_n": self._top_n}))
+        if cfg.conditioned_on is not None:
+            kinds.append(("_cond", ConditionedAccumulator, {}))
+        return kinds
+
     def _build(self, device: torch.device) -> None:
         """Empty accumulators on ``device``."""
-        cfg = self._cfg
-        self._moments = MomentsAccumulator(cfg, device)
         self._co: Optional[Accumulator] = None
-        if cfg.cooccurrence in ("dense", "subset"):
-            self._co = PairTableAccumulator(cfg, device, memory_budget=self.memory_budget,
-                                            default_n=self._top_n)
-        elif cfg.cooccurrence == "sketch":
-            self._co = PartnerSketchAccumulator(cfg, device, default_n=self._top_n)
-        self._cond = ConditionedAccumulator(cfg, device) if cfg.conditioned_on is not None else None
+        self._cond: Optional[ConditionedAccumulator] = None
+        for attr, kind, options in self._kinds():
+            setattr(self, attr, kind(self._cfg, device, **options))
 
     @property
     def accumulators(self) -> dict[str, Accumulator]:
@@ -382,14 +390,7 @@ class FeatureStats:
         tensors = dict(state["tensors"])
         if device is None:
             device = next(iter(tensors.values())).device if tensors else torch.device("cpu")
-        kinds: list[tuple[str, type, dict]] = [("_moments", MomentsAccumulator, {})]
-        if cfg.cooccurrence in ("dense", "subset"):
-            kinds.append(("_co", PairTableAccumulator, {"memory_budget": obj.memory_budget,
-                                                        "default_n": obj._top_n}))
-        elif cfg.cooccurrence == "sketch":
-            kinds.append(("_co", PartnerSketchAccumulator, {"default_n": obj._top_n}))
-        if cfg.conditioned_on is not None:
-            kinds.append(("_cond", ConditionedAccumulator, {}))
+        kinds = obj._kinds()
         known = {k for _, kind, _ in kinds for k in kind.layout(cfg)}
         if set(tensors) - known:
             extra = sorted(set(tensors) - known)
