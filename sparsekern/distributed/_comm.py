@@ -92,8 +92,9 @@ def all_reduce_(t: Tensor, group: Group = None, name: str = "all_reduce") -> Ten
     return t
 
 
-def _device_for(group: Group) -> torch.device:
-    # NCCL moves only CUDA tensors; gloo only CPU ones
+def device_for(group: Group) -> torch.device:
+    """Where ``group``'s collectives take their tensors: NCCL moves only CUDA tensors (the current device),
+    gloo only CPU ones."""
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -104,7 +105,7 @@ def gather_json(obj: Any, group: Group = None, name: str = "gather") -> list:
 
     Sent as JSON bytes in a uint8 tensor, never pickled (``all_gather_object`` would unpickle what the
     other ranks send)."""
-    dev = _device_for(group)
+    dev = device_for(group)
     blob = torch.tensor(list(json.dumps(obj, sort_keys=True, default=str).encode()), dtype=torch.uint8)
     n = torch.tensor([blob.numel()], dtype=torch.int64, device=dev)
     sizes = all_gather(n, group, f"{name} (sizes)")
