@@ -146,8 +146,8 @@ def written_out(model, hook_in, hook_out, toks_list, encode_decode, splice, igno
 # value *is* the float32 mean of the very per-token losses whose float64 mean we report.
 #
 # Model. EPS = 2^-23 (twice the float32 unit roundoff u: a factor 2 of margin everywhere). A float32 sum
-# of m terms, in the blocked / tree order of torch's and MKL's CPU reductions, is off by at most
-# L(m) * EPS * (sum of |terms|), L(m) = ceil(log2 m) + 1 (pairwise summation, Higham 4.2); one
+# of m terms, in the blocked / tree order of torch's CPU reductions (sum, mean, norm, logsumexp), is off by
+# at most L(m) * EPS * (sum of |terms|), L(m) = ceil(log2 m) + 1 (pairwise summation, Higham 4.2); one
 # elementwise op (subtract, divide, sqrt, exp/log) costs EPS of its result. Inputs both sides read from
 # the same forward (the cached activations x) are identical; where the two sides evaluate an expression
 # independently we count the error of both as if they did not cancel. Both sides fire the same features
@@ -155,8 +155,11 @@ def written_out(model, hook_in, hook_out, toks_list, encode_decode, splice, igno
 # L0 and the densities are integer counts, exact.
 #
 # Per stage: x_hat is a sum over d_sae decoder rows (LF = L(d_sae)) of weights that are float32 dot
-# products over d_in (Ld): relative error (LF + Ld) * EPS of |x_hat|. A per-token reduction over d dims:
-# Ld. The mean over the n tokens: Ln = L(n) (its division included). CE losses: the clean and the
+# products over d_in (Ld): relative error e_dec = (LF + Ld) * EPS of |x_hat|. (These two accumulate in
+# order, in a GEMM or the sparse decode kernel, so their worst case is ~(d_sae + d_in) u: L() is their
+# typical size, and every e_dec term below is a model, not a worst case. Measured, the spliced run's CE
+# losses differ from the peer's no more than the clean run's, <= 4e-7.) A per-token reduction over d
+# dims: Ld. The mean over the n tokens: Ln = L(n) (its division included). CE losses: the clean and the
 # zero-ablated runs are the same float32 forward on both sides (the same tokens and weights; the ablated
 # run from the cached residual computes the same blocks on the same inputs), so their per-token losses are
 # equal and only the peer's mean differs: Ln * EPS of the loss. The spliced run reads each side's own
