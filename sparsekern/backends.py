@@ -66,15 +66,23 @@ def native():
 
 
 def prefer(op: str, device_type: str, order: tuple[str, ...]) -> None:
-    """Set ``op``'s ``auto`` order on ``device_type`` (instead of the device's default order)."""
+    """Set ``op``'s ``auto`` order on ``device_type`` (``"cpu"``, ``"cuda"``, ``"mps"``) instead of the
+    device's default order; ``order`` names backends of :data:`BACKEND_NAMES` (ValueError otherwise)."""
     bad = [b for b in order if b not in BACKEND_NAMES]
     if bad:
         raise ValueError(f"unknown backend(s) {bad}; expected names from {BACKEND_NAMES}")
     _OP_PRIORITY.setdefault(op, {})[device_type] = tuple(order)
 
 
-def register(op: str, backend: str, devices: tuple[str, ...] | None = None):
-    """Decorator: register ``fn`` as ``backend``'s implementation of ``op``."""
+def register(op: str, backend: str, devices: tuple[str, ...] | None = None) -> Callable[[Callable], Callable]:
+    """Decorator: register ``fn`` as ``backend``'s implementation of ``op`` and return ``fn`` unchanged.
+
+    Args:
+        op: the op's registry name (e.g. ``"sparse_decode"``, ``"sparse_decode_backward_weight"``); ``fn``
+            takes the arguments the op's custom-op body passes (see ``sparsekern/ops/<op>.py``).
+        backend: one of :data:`BACKEND_NAMES` (ValueError otherwise); registering again replaces it.
+        devices: the device types ``fn`` accepts (e.g. ``("cuda",)``); None: any device.
+    """
     if backend not in BACKEND_NAMES:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKEND_NAMES}")
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import sparsekern.ops._validate as V
+import sparsekern.ops.validate as V
 import sparsekern.ops.feature_topk as feature_topk_mod
 from sparsekern.ops import (
     FeatureTopKState,

@@ -80,8 +80,9 @@ def collective(name: str, fn: Callable[[], R], group: Group = None) -> R:
 def all_gather(t: Tensor, group: Group = None, name: str = "all_gather") -> list[Tensor]:
     """Every rank's ``t`` (same shape/dtype on all ranks), in rank order. Not differentiable."""
     _, world = rank_world(group)
+    t = t.contiguous()  # the outputs take its layout: contiguous, as the backends want
     out = [torch.empty_like(t) for _ in range(world)]
-    collective(name, lambda: dist.all_gather(out, t.contiguous(), group=group), group)
+    collective(name, lambda: dist.all_gather(out, t, group=group), group)
     return out
 
 
@@ -91,8 +92,9 @@ def all_reduce_(t: Tensor, group: Group = None, name: str = "all_reduce") -> Ten
     return t
 
 
-def _device_for(group: Group) -> torch.device:
-    # NCCL moves only CUDA tensors; gloo only CPU ones
+def device_for(group: Group) -> torch.device:
+    """Where ``group``'s collectives take their tensors: NCCL moves only CUDA tensors (the current device),
+    gloo only CPU ones."""
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -103,7 +105,7 @@ def gather_json(obj: Any, group: Group = None, name: str = "gather") -> list:
 
     Sent as JSON bytes in a uint8 tensor, never pickled (``all_gather_object`` would unpickle what the
     other ranks send)."""
-    dev = _device_for(group)
+    dev = device_for(group)
     blob = torch.tensor(list(json.dumps(obj, sort_keys=True, default=str).encode()), dtype=torch.uint8)
     n = torch.tensor([blob.numel()], dtype=torch.int64, device=dev)
     sizes = all_gather(n, group, f"{name} (sizes)")

@@ -22,7 +22,6 @@ import json
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from ..features.stats import FeatureStats, feature_stats
@@ -43,7 +42,7 @@ __all__ = [
 ]
 
 
-# ---- process-group helpers (shared by sweeps.py and ddp.py) ------------------------------------------
+# ---- process-group helpers (shared by sweeps.py, ablation.py and ddp.py) ------------------------------------------
 def rank_and_world(group: Optional[Any] = None) -> tuple[int, int]:
     """``(rank, world_size)`` in ``group``; RuntimeError if ``torch.distributed`` is not initialised."""
     return _comm.rank_world(group)
@@ -100,11 +99,8 @@ def run_collectively(fn, what: str, group: Optional[Any] = None):
 
 
 def _all_gather(t: Tensor, what: str, group: Optional[Any]) -> list[Tensor]:
-    _, world = rank_and_world(group)
-    t = t.contiguous()
-    out = [torch.empty_like(t) for _ in range(world)]
-    _collective(what, dist.all_gather, out, t, group=group)
-    return out
+    """Every rank's ``t`` in rank order (:func:`._comm.all_gather`), a failure named as :func:`_collective`."""
+    return _comm.all_gather(t, group, f"collective {what!r}")
 
 
 # ---- top activating examples -----------------------------------------------------------------------

@@ -33,8 +33,7 @@ from torch import Tensor, nn
 
 from ..training import Reducer, SAETrainer, StepOutput, TrainingConfig
 from ..training.trainer import Batch
-from . import _comm
-from .data_parallel import _collective, rank_and_world, sharded_range
+from .data_parallel import _all_gather, _collective, rank_and_world, sharded_range
 
 __all__ = ["DataParallelReducer", "DistributedSAETrainer", "shard_rows", "train_sae_ddp"]
 
@@ -107,7 +106,7 @@ class DataParallelReducer(Reducer):
         n = self.rows_per_rank(y.shape[0])
         pad = y.new_zeros(max(n), y.shape[1])
         pad[: y.shape[0]] = y
-        parts = _comm.all_gather(pad.to(self.comm_device), self.group, "collective 'b_dec init rows'")
+        parts = _all_gather(pad.to(self.comm_device), "b_dec init rows", self.group)
         return torch.cat([p[:k].to(y.device) for p, k in zip(parts, n)])
 
     def loss_for_backward(self, loss: Tensor, n_rows: int, n_total: int) -> Tensor:

@@ -23,7 +23,7 @@ __all__ = ["distributed_reconstruction_metrics"]
 
 def _all_reduce_sums(sums: ReconstructionSums, group: Optional[Any]) -> ReconstructionSums:
     """The ranks' sums added up (the same on every rank), through the group's device."""
-    dev = _comm._device_for(group)
+    dev = _comm.device_for(group)
 
     def reduce_sum(t: Tensor) -> Tensor:
         return _comm.all_reduce_(t.to(dev), group, "reconstruction metrics: sums")

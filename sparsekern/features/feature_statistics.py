@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 import torch
 from torch import Tensor
 
+from ..ops.validate import int_arg
 from ..sparse_acts import SparseActs
 from . import _checks
 from .accumulators import (
@@ -158,17 +159,25 @@ class FeatureStats:
         self.memory_budget = memory_budget
         self._top_n = top_n or 10  # the default n of top_partners()
 
+    def _kinds(self) -> list[tuple[str, type, dict[str, Any]]]:
+        """``(attribute, accumulator class, its options)`` of each part this configuration keeps."""
+        cfg = self._cfg
+        kinds: list[tuple[str, type, dict[str, Any]]] = [("_moments", MomentsAccumulator, {})]
+        if cfg.cooccurrence in ("dense", "subset"):
+            kinds.append(("_co", PairTableAccumulator, {"memory_budget": self.memory_budget,
+                                                        "default_n": self._top_n}))
+        elif cfg.cooccurrence == "sketch":
+            kinds.append(("_co", PartnerSketchAccumulator, {"default_n": self._top_n}))
+        if cfg.conditioned_on is not None:
+            kinds.append(("_cond", ConditionedAccumulator, {}))
+        return kinds
+
     def _build(self, device: torch.device) -> None:
         """Empty accumulators on ``device``."""
-        cfg = self._cfg
-        self._moments = MomentsAccumulator(cfg, device)
         self._co: Optional[Accumulator] = None
-        if cfg.cooccurrence in ("dense", "subset"):
-            self._co = PairTableAccumulator(cfg, device, memory_budget=self.memory_budget,
-                                            default_n=self._top_n)
-        elif cfg.cooccurrence == "sketch":
-            self._co = PartnerSketchAccumulator(cfg, device, default_n=self._top_n)
-        self._cond = ConditionedAccumulator(cfg, device) if cfg.conditioned_on is not None else None
+        self._cond: Optional[ConditionedAccumulator] = None
+        for attr, kind, options in self._kinds():
+            setattr(self, attr, kind(self._cfg, device, **options))
 
     @property
     def accumulators(self) -> dict[str, Accumulator]:
@@ -374,21 +383,14 @@ class FeatureStats:
             raise ValueError(
                 f"a FeatureStats state_dict needs the keys {list(STATE_KEYS)}; missing {missing}")
         cfg = FeatureStatsConfig.from_dict(state["config"])
-        n_tokens = _checks.int_arg("state['n_tokens']", state["n_tokens"], 0)
+        n_tokens = int_arg("state['n_tokens']", state["n_tokens"], 0)
         obj = cls.__new__(cls)
-        obj._setup(cfg, _checks.int_arg("state['memory_budget']", state.get("memory_budget", 4 * _GiB), 0),
-                   _checks.int_arg("state['top_partners']", state.get("top_partners", 10), 1))
+        obj._setup(cfg, int_arg("state['memory_budget']", state.get("memory_budget", 4 * _GiB), 0),
+                   int_arg("state['top_partners']", state.get("top_partners", 10), 1))
         tensors = dict(state["tensors"])
         if device is None:
             device = next(iter(tensors.values())).device if tensors else torch.device("cpu")
-        kinds: list[tuple[str, type, dict]] = [("_moments", MomentsAccumulator, {})]
-        if cfg.cooccurrence in ("dense", "subset"):
-            kinds.append(("_co", PairTableAccumulator, {"memory_budget": obj.memory_budget,
-                                                        "default_n": obj._top_n}))
-        elif cfg.cooccurrence == "sketch":
-            kinds.append(("_co", PartnerSketchAccumulator, {"default_n": obj._top_n}))
-        if cfg.conditioned_on is not None:
-            kinds.append(("_cond", ConditionedAccumulator, {}))
+        kinds = obj._kinds()
         known = {k for _, kind, _ in kinds for k in kind.layout(cfg)}
         if set(tensors) - known:
             extra = sorted(set(tensors) - known)

@@ -25,10 +25,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..ops import validate as V
 from ..ops.gram_topk import DEFAULT_BLOCK as GRAM_BLOCK
 from ..ops.gram_topk import gram_topk, gram_topk_backend
 from ..ops.topk_encode import topk_encode
-from . import _checks as V
 
 __all__ = [
     "FeatureLogits",

@@ -56,7 +56,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..hook_names import layer_of
+from ..hook_names import layer_of, stop_layer
 from .reconstruction import ReconstructionMetrics, ReconstructionSums
 
 __all__ = ["ReconstructionMetrics", "ReconstructionSums", "reconstruction_metrics", "reconstruction_sums"]
@@ -193,10 +193,8 @@ def reconstruction_sums(
         names.add(_resid_key(start, n_layers))
         if shortformer:
             names.add("hook_pos_embed")
-    stop = None
-    if not compute_downstream:  # only the hooks are needed: stop after the last block that computes them
-        layers = [layer_of(h, n_layers) for h in (hook_in, hook_out)]
-        stop = None if any(x is None or x >= n_layers for x in layers) else max(layers) + 1
+    # only the hooks are needed: stop after the last block that computes them
+    stop = None if compute_downstream else stop_layer((hook_in, hook_out))
 
     sae_device = sae.W_dec.device
     if total is None and hasattr(tokens_batches, "__len__"):

@@ -37,8 +37,6 @@ from .feature_statistics import FeatureStats
 
 __all__ = ["FeatureStats", "FeatureStatsConfig", "PartnerCounts", "feature_stats", "sae_fingerprint"]
 
-_Config = FeatureStatsConfig  # the name before the accumulators
-
 
 # ---- driver ----------------------------------------------------------------------------------------------
 def sae_fingerprint(sae: Any) -> str:

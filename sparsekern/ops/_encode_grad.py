@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from . import _validate as V
+from . import validate as V
 from .sparse_decode import _backward_weight, _sparse_decode
 
 IN, WEIGHT = "encode_backward_input", "encode_backward_weight"

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .. import backends, ref
 from ..sparse_acts import SparseActs
-from . import _validate as V
+from . import validate as V
 
 STATE_DTYPES = (torch.float32, torch.float64)
 CUDA_MAX_K = 2048  # the CUDA kernel stages a state row in 48 KiB of shared memory

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .. import backends
 from ..ref import gram as ref_gram
-from . import _validate as V
+from . import validate as V
 
 __all__ = ["gram_rounds", "gram_topk", "gram_topk_backend"]
 

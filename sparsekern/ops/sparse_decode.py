@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .. import backends, ref
 from ..sparse_acts import SparseActs
-from . import _validate as V
+from . import validate as V
 
 # ---- backend implementations -------------------------------------------------------------
 backends.register("sparse_decode", "ref")(ref.sparse_decode)

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .. import backends, ref
 from ..sparse_acts import SparseActs
-from . import _validate as V
+from . import validate as V
 from ._encode_grad import encoder_backward, save_encoder_inputs
 
 backends.register("threshold_encode", "ref")(ref.threshold_encode)

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .. import backends, ref
 from ..sparse_acts import SparseActs
-from . import _validate as V
+from . import validate as V
 from ._encode_grad import encoder_backward, save_encoder_inputs
 
 backends.register("topk_encode", "ref")(ref.topk_encode)

@@ -20,7 +20,6 @@ from .batch import FiringBatch
 from .config import FeatureStatsConfig
 
 Device = Union[str, torch.device, None]
-MERGES = ("sum", "max", "min", "custom")
 
 
 @dataclass(frozen=True)

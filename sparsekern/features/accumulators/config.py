@@ -11,6 +11,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping, Optional
 
+from ...ops.validate import int_arg
 from .. import _checks as C
 
 GiB = C.GiB
@@ -106,21 +107,21 @@ class FeatureStatsConfig:
     ) -> tuple["FeatureStatsConfig", int, int]:
         """Check ``FeatureStats(...)``'s arguments; returns ``(config, memory_budget, top_partners n)``
         (n = 0 when no sketch is kept). Raises TypeError/ValueError naming the argument."""
-        d_sae = C.int_arg("d_sae", d_sae, 1)
-        memory_budget = C.int_arg("memory_budget", memory_budget, 0)
+        d_sae = int_arg("d_sae", d_sae, 1)
+        memory_budget = int_arg("memory_budget", memory_budget, 0)
         lo, hi = (float(x) for x in hist_range)
         if not 0 < lo < hi < math.inf:
             raise ValueError(f"hist_range must be (lo, hi) with 0 < lo < hi < inf, got {hist_range}")
-        hist_bins = C.int_arg("hist_bins", hist_bins, 1, 1 << 16)
+        hist_bins = int_arg("hist_bins", hist_bins, 1, 1 << 16)
         co_feats = C.feature_tuple("cooccurrence_features", cooccurrence_features, d_sae)
         if co_feats is not None and top_partners is not None:
             raise ValueError("pass cooccurrence_features (a subset table) or top_partners (a sketch), "
                              "not both")
         mode, capacity = "none", 0
         if top_partners is not None:
-            top_partners = C.int_arg("top_partners", top_partners, 1)
+            top_partners = int_arg("top_partners", top_partners, 1)
             capacity = 4 * top_partners if partner_capacity is None else partner_capacity
-            capacity = C.int_arg("partner_capacity", capacity, top_partners)
+            capacity = int_arg("partner_capacity", capacity, top_partners)
             mode = "sketch"
             C.memory(f"a partner sketch [F={d_sae}, m={capacity}] (3 int64 each)", 24 * d_sae * capacity,
                      memory_budget, "lower top_partners/partner_capacity or raise memory_budget")
@@ -139,7 +140,7 @@ class FeatureStatsConfig:
         elif partner_capacity is not None:
             raise ValueError("partner_capacity needs top_partners")
         if conditioned_on is not None:
-            conditioned_on = C.int_arg("conditioned_on", conditioned_on, 1)
+            conditioned_on = int_arg("conditioned_on", conditioned_on, 1)
         elif conditioned_sum or y_moments or second_moment_features is not None:
             raise ValueError("conditioned_sum, y_moments and second_moment_features need conditioned_on=d_y")
         if second_moment_weighting not in ("activation", "indicator"):

@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .._checks import int_arg
+from ...ops.validate import int_arg
 from .._pairs import MIRROR_BLOCK, mirror_upper, pair_ids, sorted_live
 from .base import Accumulator, Field
 from .batch import FiringBatch

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._checks import int_arg
+from ...ops.validate import int_arg
 from .._pairs import Sketch, pair_ids, sketch_combine, sketch_entries
 from .base import Accumulator, Field
 from .batch import FiringBatch

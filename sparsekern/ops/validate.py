@@ -1,4 +1,11 @@
-"""Argument checks shared by the public ops: clear ValueError/TypeError, never a native crash."""
+"""Argument checks shared by the public ops and the analysis on top of them (``sparsekern.features``):
+each raises a clear TypeError/ValueError naming the argument and what was expected, never a native crash.
+
+Generic checks: :func:`tensor` (type, optional rank), :func:`floating`, :func:`same_dtype`,
+:func:`same_device`, :func:`shape`, :func:`companion`, :func:`int_arg`. The ops' own: :func:`indices`,
+:func:`index_range` (called in op bodies, skipped under :func:`own_indices`), :func:`threshold`,
+:func:`finite_threshold`, :func:`encoder_args`.
+"""
 
 from __future__ import annotations
 
@@ -55,7 +62,8 @@ def companion(name: str, t, ref_name: str, ref: Tensor, expected: tuple[int, ...
     return t
 
 
-def int_arg(name: str, v, lo: int, hi: int) -> int:
+def int_arg(name: str, v, lo: int, hi: int = 2**62) -> int:
+    """``int(v)``; TypeError unless an int (bools refused), ValueError unless ``lo <= v <= hi``."""
     if isinstance(v, bool) or not isinstance(v, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(v).__name__}")
     v = int(v)
